@@ -1,0 +1,1 @@
+"""In-process engines: llama.cpp on the CPU (default) and vLLM on a GPU."""

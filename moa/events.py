@@ -1,0 +1,118 @@
+"""The typed event stream of a mixture run.
+
+One stream feeds the CLI, the OpenAI surfaces, tracing, the router and the tests.
+Agents are identified by `AgentId`: layer index (0-based; the final aggregator has the
+last index), slot index within the layer, and the model reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from moa.providers.base import Usage
+
+if TYPE_CHECKING:
+    from moa.result import MixtureResult
+
+
+@dataclass(frozen=True)
+class AgentId:
+    layer: int
+    index: int
+    model: str
+    name: str = ""
+    final: bool = False
+    """True for the final aggregator, whose deltas are the answer."""
+
+    @property
+    def key(self) -> str:
+        return "final" if self.final else f"L{self.layer + 1}.{self.index + 1}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.key} {self.name or self.model}"
+
+
+@dataclass(frozen=True)
+class Event:
+    """Base class; `t` is seconds since the run started."""
+
+    t: float
+
+
+@dataclass(frozen=True)
+class RunStarted(Event):
+    mixture: str
+    mode: str
+    agents: list[AgentId]
+
+
+@dataclass(frozen=True)
+class Notice(Event):
+    """Something the user should know, e.g. a fallback from staircase to layered mode."""
+
+    message: str
+    kind: str = "info"
+
+
+@dataclass(frozen=True)
+class AgentStarted(Event):
+    agent: AgentId
+
+
+@dataclass(frozen=True)
+class AgentDelta(Event):
+    agent: AgentId
+    text: str
+
+
+@dataclass(frozen=True)
+class AgentFinished(Event):
+    agent: AgentId
+    text: str
+    finish_reason: str | None
+    ttft_s: float | None
+    latency_s: float
+
+
+@dataclass(frozen=True)
+class AgentFailed(Event):
+    agent: AgentId
+    error: str
+    partial_text: str = ""
+
+
+@dataclass(frozen=True)
+class UsageReport(Event):
+    agent: AgentId
+    usage: Usage
+    cost_usd: float | None
+
+
+@dataclass(frozen=True)
+class FinalDelta(Event):
+    """A piece of the final answer (the final aggregator's output), in order."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class RouteDecision(Event):
+    """The router chose a tier (or a skip) for a stage; `signals` say why."""
+
+    stage: str
+    choice: str
+    reason: str
+    signals: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunFinished(Event):
+    result: MixtureResult
+
+
+@dataclass(frozen=True)
+class RunFailed(Event):
+    error: str
+    result: MixtureResult | None = None

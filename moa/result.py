@@ -1,0 +1,87 @@
+"""What a mixture run returns: the answer, every agent's output, usage, cost and timings."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from moa.events import AgentId
+from moa.providers.base import Usage
+
+
+@dataclass
+class AgentOutput:
+    agent: AgentId
+    text: str = ""
+    ok: bool = False
+    error: str | None = None
+    truncated: bool = False
+    """The agent failed mid-stream; `text` is what arrived before."""
+    finish_reason: str | None = None
+    usage: Usage = field(default_factory=Usage)
+    cost_usd: float | None = None
+    ttft_s: float | None = None
+    latency_s: float | None = None
+    calls: int = 0
+    """Provider calls this agent made (staircase aggregators make one per step)."""
+
+
+@dataclass
+class MixtureResult:
+    text: str
+    outputs: list[AgentOutput]
+    mixture: str = ""
+    mode: str = "layered"
+    ttft_s: float | None = None
+    """Seconds from the start of the run to the first token of the final answer."""
+    latency_s: float = 0.0
+    notices: list[str] = field(default_factory=list)
+
+    @property
+    def usage(self) -> Usage:
+        total = Usage()
+        for out in self.outputs:
+            total = total + out.usage
+        return total
+
+    @property
+    def cost_usd(self) -> float | None:
+        """Total cost, or None when no agent had a known price."""
+        costs = [o.cost_usd for o in self.outputs if o.cost_usd is not None]
+        return sum(costs) if costs else None
+
+    @property
+    def calls(self) -> int:
+        return sum(o.calls for o in self.outputs)
+
+    @property
+    def failed(self) -> list[AgentOutput]:
+        return [o for o in self.outputs if not o.ok]
+
+    def proposals(self, layer: int = 0) -> list[AgentOutput]:
+        return [o for o in self.outputs if o.agent.layer == layer and not o.agent.final]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary (used by `moa chat --json` and the server's trace)."""
+        usage = self.usage
+        return {
+            "mixture": self.mixture,
+            "mode": self.mode,
+            "text": self.text,
+            "ttft_s": self.ttft_s,
+            "latency_s": self.latency_s,
+            "calls": self.calls,
+            "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens},
+            "cost_usd": self.cost_usd,
+            "notices": list(self.notices),
+            "agents": [
+                {
+                    "id": o.agent.key,
+                    "model": o.agent.model,
+                    "name": o.agent.name,
+                    **{k: v for k, v in asdict(o).items() if k not in ("agent", "usage")},
+                    "usage": asdict(o.usage),
+                }
+                for o in self.outputs
+            ],
+        }

@@ -1,0 +1,1 @@
+"""Remote backends (OpenAI-compatible, Anthropic) behind one async interface."""

@@ -1,0 +1,134 @@
+"""The one async provider interface every backend implements, remote or embedded.
+
+A backend implements `stream()`; `complete()` is built on it, so streaming and
+non-streaming calls share one code path (retries, limits, accounting).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+Message = dict[str, Any]
+"""An OpenAI-style chat message: {"role": "system"|"user"|"assistant", "content": str}."""
+
+
+@dataclass
+class ChatRequest:
+    """One chat call. `model` is the model name *without* the provider prefix."""
+
+    model: str
+    messages: list[Message]
+    temperature: float | None = None
+    max_tokens: int | None = None
+    top_p: float | None = None
+    stop: list[str] | None = None
+    seed: int | None = None
+    n: int = 1
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    continue_final: bool = False
+    """The last message is an assistant prefix that the model must continue (not restart)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Provider-specific body fields passed through unchanged."""
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+        )
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: list[tuple[str, float]] = field(default_factory=list)
+    """The top-k alternatives (token, logprob) at this position, when asked for."""
+
+
+@dataclass
+class Delta:
+    """One increment of a streamed reply.
+
+    `index` is the choice index (n > 1). A delta may carry only text, only a finish
+    reason, or only usage (the final usage chunk of a stream).
+    """
+
+    text: str = ""
+    index: int = 0
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class Completion:
+    """A finished reply for one choice."""
+
+    text: str
+    finish_reason: str | None = None
+    usage: Usage = field(default_factory=Usage)
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do beyond plain chat."""
+
+    continuation: bool = False
+    """Can continue a final assistant message (needed by staircase streaming)."""
+    logprobs: bool = False
+    multi_sample: bool = False
+    """Serves n > 1 in one request sharing the prompt's cache."""
+
+
+class Provider(abc.ABC):
+    """A backend that serves chat calls. Instances are shared and safe to use concurrently."""
+
+    name: str = "provider"
+    capabilities: Capabilities = Capabilities()
+
+    @abc.abstractmethod
+    def stream(self, request: ChatRequest) -> AsyncIterator[Delta]:
+        """Yield deltas as they arrive; raise a `moa.errors.ProviderError` on failure."""
+
+    async def complete(self, request: ChatRequest) -> list[Completion]:
+        """Run a call to the end and return one completion per choice (len == request.n)."""
+        texts: dict[int, list[str]] = {i: [] for i in range(request.n)}
+        finish: dict[int, str | None] = {}
+        logprobs: dict[int, list[TokenLogprob]] = {}
+        usage = Usage()
+        async for delta in self.stream(request):
+            if delta.text:
+                texts.setdefault(delta.index, []).append(delta.text)
+            if delta.finish_reason:
+                finish[delta.index] = delta.finish_reason
+            if delta.logprobs:
+                logprobs.setdefault(delta.index, []).extend(delta.logprobs)
+            if delta.usage:
+                usage = usage + delta.usage
+        return [
+            Completion(
+                text="".join(texts[i]),
+                finish_reason=finish.get(i),
+                usage=usage if i == 0 else Usage(),
+                logprobs=logprobs.get(i),
+            )
+            for i in sorted(texts)
+        ]
+
+    async def aclose(self) -> None:
+        """Release connections or engine resources."""
