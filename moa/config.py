@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -64,15 +64,24 @@ class StaircaseConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    chunk_tokens: list[int] = Field(default_factory=lambda: [16, 32, 64], min_length=1)
+    chunk_tokens: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [16, 32, 64], min_length=1)
     """Chunk sizes in tokens, small first; the last repeats."""
-    step_tokens: list[int] = Field(default_factory=lambda: [16, 32, 64], min_length=1)
+    step_tokens: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [16, 32, 64], min_length=1)
     """Aggregator tokens per step, small first; the last repeats."""
     start_k: int | None = Field(None, ge=1, description="Start after the first chunk of k proposers (default: all live).")
     grace_s: float = Field(0.25, ge=0, description="Longest wait for slower first chunks once k arrived.")
+    stall_s: float = Field(2.0, gt=0, description="Silence after which an unfinished reference no longer holds an aggregator back.")
     layout: Literal["readable", "prefix_cache"] = "readable"
     keep_truncated: bool = True
     """Keep (labelled) the text of a proposer that failed mid-stream."""
+
+    def chunk_size(self, index: int) -> int:
+        """Tokens in chunk `index` (0-based) of a streamed reference."""
+        return self.chunk_tokens[min(index, len(self.chunk_tokens) - 1)]
+
+    def step_size(self, index: int) -> int:
+        """Tokens the aggregator generates in step `index` (0-based) before it looks again."""
+        return self.step_tokens[min(index, len(self.step_tokens) - 1)]
 
 
 class MixtureConfig(BaseModel):
@@ -88,11 +97,17 @@ class MixtureConfig(BaseModel):
     deadline_s: float | None = Field(None, gt=0, description="Whole-request deadline.")
     aggregator_context_tokens: int | None = Field(None, gt=0)
     """Context window of aggregators; references are trimmed or windowed to fit."""
+    long_references: Literal["trim", "window"] = "trim"
+    """When references overflow the context: trim each one, or aggregate them in windows
+    carrying the running synthesis forward (Self-MoA-Seq)."""
     staircase: StaircaseConfig = Field(default_factory=StaircaseConfig)
     providers: dict[str, ProviderSpec] = Field(default_factory=dict)
     """Extra or overriding provider prefixes."""
     prices: dict[str, tuple[float, float]] = Field(default_factory=dict)
     """Model reference -> (input, output) US dollars per million tokens."""
+    routing: dict[str, Any] | None = None
+    """A routed strategy over this file's models (`moa.routing.RoutingConfig`); `moa eval`
+    and `moa calibrate` use it, the layered executor ignores it."""
 
     @model_validator(mode="before")
     @classmethod
@@ -122,11 +137,23 @@ class MixtureConfig(BaseModel):
             registry.register(spec)
         return registry
 
+    def agent_fields(self) -> list[tuple[str, AgentConfig]]:
+        """Every agent with the config path that names it, e.g. 'layers.0.agents.2'."""
+        fields = [
+            (f"layers.{i}.agents.{j}", agent)
+            for i, layer in enumerate(self.layers)
+            for j, agent in enumerate(layer.agents)
+        ]
+        return [*fields, ("aggregator", self.aggregator)]
+
     def check_models(self, registry: Registry | None = None) -> None:
-        """Fail now if an agent names an unknown provider prefix."""
+        """Fail now, naming the field, if an agent names an unknown provider prefix."""
         registry = self.registry(registry)
-        for agent in self.agents():
-            registry.check(agent.model)
+        for where, agent in self.agent_fields():
+            try:
+                registry.check(agent.model)
+            except ConfigError as err:
+                raise ConfigError(f"Invalid config: field '{where}.model': {err}") from None
 
 
 def _agents(models: list[str], **kw: Any) -> list[AgentConfig]:
@@ -192,7 +219,19 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
 
 
 def from_dict(data: dict[str, Any], *, source: str = "object", registry: Registry | None = None) -> MixtureConfig:
-    """Validate a plain dict (parsed TOML / JSON) into a `MixtureConfig`."""
+    """Validate a plain dict (parsed TOML / JSON) into a `MixtureConfig`.
+
+    A `preset` key starts from that preset; the other keys replace its top-level fields.
+    """
+    if "preset" in data:
+        data = dict(data)
+        name = data.pop("preset")
+        if name not in PRESETS:
+            raise ConfigError(
+                f"Invalid config {source}: field 'preset': unknown preset {name!r}; "
+                f"presets: {', '.join(PRESETS)}."
+            )
+        data = {**preset(name).model_dump(exclude_unset=False), **data}
     try:
         config = MixtureConfig.model_validate(data)
     except ValidationError as err:
@@ -201,8 +240,8 @@ def from_dict(data: dict[str, Any], *, source: str = "object", registry: Registr
     return config
 
 
-def load_file(path: str | Path, *, registry: Registry | None = None) -> MixtureConfig:
-    """Load a mixture from a `.toml` or `.json` file."""
+def read_file(path: str | Path) -> dict[str, Any]:
+    """Parse a `.toml` or `.json` config file into a plain dict, not yet validated."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -217,21 +256,25 @@ def load_file(path: str | Path, *, registry: Registry | None = None) -> MixtureC
         raise ConfigError(f"Config file {str(path)!r} is malformed: {err}.") from None
     if not isinstance(data, dict):
         raise ConfigError(f"Config file {str(path)!r} must hold a table / object at the top level.")
-    if "preset" in data:
-        base = preset(data.pop("preset")).model_dump(exclude_unset=False)
-        data = {**base, **data}
-    return from_dict(data, source=repr(str(path)), registry=registry)
+    return data
 
 
-def load(source: str | Path | MixtureConfig | dict[str, Any]) -> MixtureConfig:
+def load_file(path: str | Path, *, registry: Registry | None = None) -> MixtureConfig:
+    """Load a mixture from a `.toml` or `.json` file."""
+    return from_dict(read_file(path), source=repr(str(path)), registry=registry)
+
+
+def load(
+    source: str | Path | MixtureConfig | dict[str, Any], *, registry: Registry | None = None
+) -> MixtureConfig:
     """A preset name, a file path, a dict or a `MixtureConfig` -> `MixtureConfig`."""
     if isinstance(source, MixtureConfig):
         return source
     if isinstance(source, dict):
-        return from_dict(source)
+        return from_dict(source, registry=registry)
     text = str(source)
     if text in PRESETS:
         return preset(text)
     if isinstance(source, Path) or text.endswith((".toml", ".json")) or "/" in text:
-        return load_file(source)
+        return load_file(source, registry=registry)
     raise ConfigError(f"Unknown preset {text!r}; presets: {', '.join(PRESETS)}.")

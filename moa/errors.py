@@ -70,6 +70,10 @@ class StreamInterrupted(ProviderError):
         super().__init__(message, **kwargs)
 
 
+class StreamTimeout(StreamInterrupted, ProviderTimeout):
+    """A stream went silent (read timeout) or hit its deadline after it had delivered text."""
+
+
 class BudgetExceeded(MoaError):
     """A call would certainly exceed a hard budget, so it was not started."""
 
@@ -84,6 +88,10 @@ class MixtureError(MoaError):
 
 class AggregatorFailed(MixtureError):
     """The final aggregator failed; the proposers' answers stay in `partial`."""
+
+
+class DeadlineExceeded(MixtureError):
+    """The whole mixture did not finish within its `deadline_s`."""
 
 
 class NotEnoughProposers(MixtureError):

@@ -1,0 +1,5 @@
+"""`python -m moa.cli` runs the `moa` command."""
+
+from moa.cli import main
+
+raise SystemExit(main())

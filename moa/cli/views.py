@@ -1,0 +1,93 @@
+"""How `moa chat` shows a run: plain text for pipes and `--quiet`, JSON, or the rich live view.
+
+A view gets every event of a run (`on_event`, called from the event-loop thread), then
+`finish(result)` or `abort()` from the main thread.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import TYPE_CHECKING, Protocol
+
+from moa.events import Event, FinalDelta
+
+if TYPE_CHECKING:
+    from moa.result import MixtureResult
+
+
+class View(Protocol):
+    def start(self) -> None: ...
+    def on_event(self, event: Event) -> None: ...
+    def finish(self, result: MixtureResult) -> None: ...
+    def abort(self) -> None: ...
+
+
+def summary_line(result: MixtureResult) -> str:
+    """Calls, tokens, cost, TTFT and total time of a run, on one line."""
+    usage = result.usage
+    cost = "cost n/a" if result.cost_usd is None else f"${result.cost_usd:.4f}"
+    ttft = "n/a" if result.ttft_s is None else f"{result.ttft_s:.2f} s"
+    return (
+        f"{result.calls} calls · {usage.total_tokens:,} tokens "
+        f"({usage.prompt_tokens:,} in / {usage.completion_tokens:,} out) · {cost} · "
+        f"TTFT {ttft} · total {result.latency_s:.2f} s"
+    )
+
+
+class PlainView:
+    """Streams the answer as plain text to stdout; after it, failed agents, notices and the
+    summary go to stderr. No control codes, so it suits pipes and files. `quiet` keeps
+    stderr silent. A failed run adds nothing: the caller prints its one error line.
+    """
+
+    def __init__(self, *, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self._last = "\n"
+
+    def start(self) -> None:
+        self._last = "\n"
+
+    def on_event(self, event: Event) -> None:
+        if isinstance(event, FinalDelta) and event.text:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+            self._last = event.text[-1]
+
+    def finish(self, result: MixtureResult) -> None:
+        self._end_line()
+        if self.quiet:
+            return
+        for out in result.failed:
+            _note(f"{out.agent.label} failed: {out.error}")
+        for notice in result.notices:
+            _note(notice)
+        _note(summary_line(result))
+
+    def abort(self) -> None:
+        self._end_line()
+
+    def _end_line(self) -> None:
+        if self._last != "\n":
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            self._last = "\n"
+
+
+class JsonView:
+    """Prints `result.to_dict()` as one JSON object once the run is done."""
+
+    def start(self) -> None: ...
+
+    def on_event(self, event: Event) -> None: ...
+
+    def finish(self, result: MixtureResult) -> None:
+        json.dump(result.to_dict(), sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+    def abort(self) -> None: ...
+
+
+def _note(text: str) -> None:
+    print(f"moa: {text}", file=sys.stderr, flush=True)

@@ -1,0 +1,193 @@
+"""`Mixture`: the public API — async first, with sync wrappers for scripts and notebooks.
+
+    m = Mixture("moa-lite")
+    result = await m.run("Why is the sky blue?")
+    async for event in m.stream(messages): ...
+    result = m.run_sync("Why is the sky blue?")     # also inside a running event loop
+
+`stream()` yields `RunStarted` first and `RunFinished` last; on failure it yields `RunFailed`
+and raises the `MixtureError`, whose `.partial` holds the result assembled so far. Closing
+the generator early cancels the run (use `contextlib.aclosing` when breaking out of it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import queue
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import aclosing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+
+from moa.config import MixtureConfig, Mode, load
+from moa.events import Event, RunFinished
+from moa.executor import Execution, Overrides
+from moa.prompts import as_messages
+from moa.providers.base import Message
+from moa.providers.registry import Registry
+from moa.result import MixtureResult
+
+T = TypeVar("T")
+
+
+class Mixture:
+    """A configured mixture of agents, ready to answer."""
+
+    def __init__(
+        self,
+        config: str | Path | dict[str, Any] | MixtureConfig = "local",
+        *,
+        registry: Registry | None = None,
+        mode: Mode | None = None,
+    ) -> None:
+        base = load(config, registry=registry)
+        self.config = base.model_copy(update={"mode": mode}) if mode else base
+        self.registry = self.config.registry(registry)
+        self.config.check_models(self.registry)
+
+    def __repr__(self) -> str:
+        return f"Mixture({self.config.name!r}, mode={self.config.mode!r}, calls={self.config.call_count})"
+
+    async def stream(
+        self,
+        messages: str | list[Message],
+        *,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+    ) -> AsyncIterator[Event]:
+        """Run the mixture and yield its events; the overrides apply to the final aggregator."""
+        send, receive = anyio.create_memory_object_stream[Event](math.inf)
+        execution = Execution(
+            self.config, self.registry, as_messages(messages), send.send_nowait,
+            Overrides(temperature, max_tokens, stop, seed),
+        )
+
+        async def drive() -> None:
+            async with send:
+                await execution.drive()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(drive)
+            try:
+                async with receive:
+                    async for event in receive:
+                        yield event
+            finally:
+                tg.cancel_scope.cancel()
+        if execution.fatal is not None:
+            raise execution.fatal
+
+    async def run(
+        self,
+        messages: str | list[Message],
+        *,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+    ) -> MixtureResult:
+        """Run the mixture to the end and return its result (raises `MixtureError` on failure)."""
+        result: MixtureResult | None = None
+        events = self.stream(
+            messages, temperature=temperature, max_tokens=max_tokens, stop=stop, seed=seed
+        )
+        async with aclosing(events):
+            async for event in events:
+                if isinstance(event, RunFinished):
+                    result = event.result
+        assert result is not None
+        return result
+
+    def run_sync(self, messages: str | list[Message], **overrides: Any) -> MixtureResult:
+        """`run()` for synchronous code; inside a running loop it runs in a worker thread."""
+        return _blocking(lambda: self._released(self.run(messages, **overrides)))
+
+    def stream_sync(self, messages: str | list[Message], **overrides: Any) -> Iterator[Event]:
+        """`stream()` for synchronous code: events arrive from a worker thread's event loop.
+
+        Closing the iterator (or breaking out of a `for` loop over it) cancels the run.
+        """
+        items: queue.Queue[tuple[str, Any]] = queue.Queue()
+        ready = threading.Event()
+        task: dict[str, Any] = {}
+
+        async def pump() -> None:
+            task["loop"], task["task"] = asyncio.get_running_loop(), asyncio.current_task()
+            ready.set()
+            try:
+                events = self.stream(messages, **overrides)
+                async with aclosing(events):
+                    async for event in events:
+                        items.put(("event", event))
+            except BaseException as err:  # handed to the consuming thread
+                items.put(("error", err))
+            finally:
+                await self.registry.aclose()
+                items.put(("end", None))
+
+        thread = threading.Thread(target=asyncio.run, args=(pump(),), daemon=True)
+        thread.start()
+        ready.wait()
+        try:
+            while True:
+                kind, value = items.get()
+                if kind == "event":
+                    yield value
+                elif kind == "error":
+                    if not isinstance(value, asyncio.CancelledError):
+                        raise value
+                else:
+                    return
+        finally:
+            if thread.is_alive():
+                task["loop"].call_soon_threadsafe(task["task"].cancel)
+            thread.join()
+
+    async def aclose(self) -> None:
+        """Close the provider connections this mixture opened."""
+        await self.registry.aclose()
+
+    async def _released(self, work: Awaitable[T]) -> T:
+        """Await `work`, then close providers: their connections belong to this event loop."""
+        try:
+            return await work
+        finally:
+            await self.registry.aclose()
+
+    async def __aenter__(self) -> Mixture:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+def _blocking(make: Callable[[], Awaitable[T]]) -> T:
+    """Run a coroutine to completion from sync code, in a worker thread if a loop is running."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(_awaited(make))
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            box["value"] = asyncio.run(_awaited(make))
+        except BaseException as err:  # re-raised in the caller's thread
+            box["error"] = err
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+async def _awaited(make: Callable[[], Awaitable[T]]) -> T:
+    return await make()

@@ -1,0 +1,68 @@
+"""Model prices and the cost of a call.
+
+`PRICES` maps a model reference to (input, output) US dollars per million tokens: approximate
+public list prices, to be overridden per mixture with `MixtureConfig.prices`. Embedded engines
+(`local/…`, `vllm/…`) cost nothing; any other model without an entry has an unknown cost (None).
+"""
+
+from __future__ import annotations
+
+from moa.providers.base import Usage
+
+Price = tuple[float, float]
+"""(input, output) US dollars per million tokens."""
+
+PRICES: dict[str, Price] = {
+    "openai/gpt-4o": (2.50, 10.00),
+    "openai/gpt-4o-mini": (0.15, 0.60),
+    "openai/gpt-4.1": (2.00, 8.00),
+    "openai/gpt-4.1-mini": (0.40, 1.60),
+    "openai/gpt-4.1-nano": (0.10, 0.40),
+    "openai/o3-mini": (1.10, 4.40),
+    "openai/o4-mini": (1.10, 4.40),
+    "anthropic/claude-opus-4-0": (15.00, 75.00),
+    "anthropic/claude-sonnet-4-0": (3.00, 15.00),
+    "anthropic/claude-3-7-sonnet-latest": (3.00, 15.00),
+    "anthropic/claude-3-5-haiku-latest": (0.80, 4.00),
+    "anthropic/claude-3-haiku-20240307": (0.25, 1.25),
+    "together/Qwen/Qwen2.5-72B-Instruct-Turbo": (1.20, 1.20),
+    "together/Qwen/Qwen2.5-7B-Instruct-Turbo": (0.30, 0.30),
+    "together/meta-llama/Llama-3.3-70B-Instruct-Turbo": (0.88, 0.88),
+    "together/meta-llama/Meta-Llama-3.1-8B-Instruct-Turbo": (0.18, 0.18),
+    "together/deepseek-ai/DeepSeek-V3": (1.25, 1.25),
+    "together/mistralai/Mixtral-8x22B-Instruct-v0.1": (1.20, 1.20),
+    "together/google/gemma-2-27b-it": (0.80, 0.80),
+    "groq/llama-3.3-70b-versatile": (0.59, 0.79),
+    "groq/llama-3.1-8b-instant": (0.05, 0.08),
+    "deepseek/deepseek-chat": (0.27, 1.10),
+    "deepseek/deepseek-reasoner": (0.55, 2.19),
+    "mistral/mistral-large-latest": (2.00, 6.00),
+    "mistral/mistral-small-latest": (0.20, 0.60),
+}
+
+FREE_PREFIXES: frozenset[str] = frozenset({"local", "vllm"})
+"""Embedded engines: no per-token price."""
+
+
+def with_overrides(prices: dict[str, Price] | None = None) -> dict[str, Price]:
+    """The built-in table with `prices` (model reference -> price) added or replacing entries."""
+    return {**PRICES, **(prices or {})}
+
+
+def price_of(model: str, table: dict[str, Price] | None = None) -> Price | None:
+    """The price of a model reference; a router's `prefix/vendor/model` also matches `vendor/model`."""
+    table = PRICES if table is None else table
+    if model in table:
+        return table[model]
+    prefix, _, rest = model.partition("/")
+    if prefix in FREE_PREFIXES:
+        return (0.0, 0.0)
+    return table.get(rest) if "/" in rest else None
+
+
+def cost(model: str, usage: Usage, table: dict[str, Price] | None = None) -> float | None:
+    """US dollars of `usage` on `model`, or None when its price is unknown."""
+    price = price_of(model, table)
+    if price is None:
+        return None
+    return (usage.prompt_tokens * price[0] + usage.completion_tokens * price[1]) / 1_000_000

@@ -1,0 +1,214 @@
+"""The Aggregate-and-Synthesize prompt (arXiv 2406.04692) and its staircase layouts.
+
+An aggregating agent gets the conversation unchanged plus, appended to the system message (a
+new one when there is none), the instruction and the earlier layer's responses numbered 1..n.
+Only the latest user turn is answered from references; earlier turns stay plain history.
+
+Staircase streaming (docs/staircase.md) feeds the references while they are still being
+written, in one of two layouts: `readable` (each response contiguous, rewritten every step)
+and `prefix_cache` (the chunks that arrived since the previous step are appended as a new
+round, so every earlier step's prompt is a prefix of the next one).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, replace
+from typing import Any
+
+from moa.errors import ConfigError
+from moa.providers.base import Message
+from moa.tokens import count_tokens, truncate
+
+AGGREGATE_PROMPT = (
+    "You have been provided with a set of responses from various models to the latest user "
+    "query. Your task is to synthesize these responses into a single, high-quality response. "
+    "It is crucial to critically evaluate the information provided in these responses, "
+    "recognizing that some of it may be biased or incorrect. Your response should not simply "
+    "replicate the given answers but should offer a refined, accurate, and comprehensive reply "
+    "to the instruction. Ensure your response is well-structured, coherent, and adheres to the "
+    "highest standards of accuracy and reliability.\n\nResponses from models:"
+)
+TRUNCATED_LABEL = " [truncated: this model stopped before finishing]"
+TRIMMED_LABEL = " [trimmed to fit the context]"
+IN_PROGRESS_LABEL = " …"
+STREAMING_NOTE = (
+    "\n\n(Some responses are still being written and more of them will follow. Continue your "
+    "answer from what is known so far.)"
+)
+ROUND_HEADER = "\n\n[More of the responses, part {n}]"
+NEAR_IDENTICAL = 0.97
+"""Similarity ratio at and above which two long texts count as the same response."""
+NEAR_IDENTICAL_MIN_CHARS = 200
+"""Shorter texts count as the same only when equal up to case and whitespace."""
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+
+
+@dataclass(frozen=True)
+class Reference:
+    """One earlier agent's response as an aggregator sees it."""
+
+    text: str
+    complete: bool = True
+    truncated: bool = False
+    """The agent failed mid-stream; `text` is what it wrote before."""
+    trimmed: bool = False
+    same_as: int | None = None
+    """Number (1-based) of an earlier reference this one repeats; its text is not fed again."""
+    continued: bool = False
+    """More text of a response begun in an earlier round (prefix_cache layout)."""
+
+
+def as_messages(messages: str | list[Message]) -> list[Message]:
+    """A user string or a list of message dicts -> a fresh list of message dicts, checked."""
+    if isinstance(messages, str):
+        return [{"role": "user", "content": messages}]
+    if not isinstance(messages, list) or not messages:
+        raise ConfigError("messages must be a string or a non-empty list of message dicts.")
+    out: list[Message] = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message:
+            raise ConfigError(
+                f"messages[{i}] must be a dict with 'role' and 'content', "
+                f"not {type(message).__name__}."
+            )
+        out.append(dict(message))
+    if out[-1]["role"] != "user":
+        raise ConfigError("The last message must be the user's turn.")
+    return out
+
+
+def content_text(content: Any) -> str:
+    """Text of a message content: a string, or the text parts of a content-part list."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return "" if content is None else str(content)
+
+
+def with_system(messages: list[Message], system: str | None) -> list[Message]:
+    """Put an agent's own system prompt in front of the conversation's system message."""
+    if not system:
+        return list(messages)
+    if messages and messages[0]["role"] == "system":
+        first = content_text(messages[0].get("content"))
+        return [{**messages[0], "content": f"{system}\n\n{first}"}, *messages[1:]]
+    return [{"role": "system", "content": system}, *messages]
+
+
+def append_to_system(messages: list[Message], block: str) -> list[Message]:
+    """Append `block` to the existing system message (blank line between), or add one."""
+    if messages and messages[0]["role"] == "system":
+        first = content_text(messages[0].get("content"))
+        return [{**messages[0], "content": f"{first}\n\n{block}"}, *messages[1:]]
+    return [{"role": "system", "content": block}, *messages]
+
+
+def entry(number: int, ref: Reference) -> str:
+    """One numbered line of the references list."""
+    if ref.same_as is not None:
+        body = f"(same as response {ref.same_as})"
+    else:
+        body = f"…{ref.text}" if ref.continued else ref.text
+        if ref.trimmed:
+            body += TRIMMED_LABEL
+        if ref.truncated:
+            body += TRUNCATED_LABEL
+        elif not ref.complete:
+            body += IN_PROGRESS_LABEL
+    return f"\n{number}. {body}"
+
+
+def readable_block(refs: list[Reference], instruction: str = AGGREGATE_PROMPT) -> str:
+    """Instruction plus every response contiguous, numbered 1..n (the paper's layout)."""
+    block = instruction + "".join(entry(i, ref) for i, ref in enumerate(refs, 1))
+    if any(not r.complete for r in refs):
+        block += STREAMING_NOTE
+    return block
+
+
+def rounds_block(
+    rounds: list[list[tuple[int, Reference]]], streaming: bool, instruction: str = AGGREGATE_PROMPT
+) -> str:
+    """Instruction plus the chunks fed round by round: round r holds (number, new text) pairs.
+
+    With one round of complete responses this is exactly `readable_block`; later rounds are
+    appended, so each step's block begins with the previous step's (minus the trailing note).
+    """
+    block = instruction
+    for n, entries in enumerate(rounds):
+        if n:
+            block += ROUND_HEADER.format(n=n + 1)
+        block += "".join(entry(number, ref) for number, ref in entries)
+    return block + (STREAMING_NOTE if streaming else "")
+
+
+def aggregate_messages(
+    messages: list[Message], block: str, *, system: str | None = None, own: str = ""
+) -> list[Message]:
+    """The aggregator's chat: its system prompt, the conversation with `block` appended to the
+    system message, and its own output so far as a final assistant turn to continue."""
+    out = append_to_system(with_system(messages, system), block)
+    if own:
+        out.append({"role": "assistant", "content": own})
+    return out
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def near_identical(a: str, b: str) -> bool:
+    """Whether two texts are the same response up to whitespace, case and small edits.
+
+    Small edits count only in long texts, and never when the numbers differ ("4" vs "5").
+    """
+    a, b = _normal(a), _normal(b)
+    if a == b:
+        return True
+    if min(len(a), len(b)) < max(NEAR_IDENTICAL_MIN_CHARS, NEAR_IDENTICAL * max(len(a), len(b))):
+        return False
+    if _NUMBER.findall(a) != _NUMBER.findall(b):
+        return False
+    matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
+    return matcher.quick_ratio() >= NEAR_IDENTICAL and matcher.ratio() >= NEAR_IDENTICAL
+
+
+def mark_duplicates(refs: list[Reference]) -> list[Reference]:
+    """Replace each reference that repeats an earlier one by a pointer to it."""
+    out: list[Reference] = []
+    for ref in refs:
+        match = next(
+            (
+                i
+                for i, earlier in enumerate(out, 1)
+                if earlier.same_as is None and ref.text and near_identical(ref.text, earlier.text)
+            ),
+            None,
+        )
+        out.append(replace(ref, same_as=match) if match else ref)
+    return out
+
+
+def fit_references(refs: list[Reference], budget: int) -> list[Reference]:
+    """Trim the longest references (water-filling) so their texts total at most `budget` tokens."""
+    sizes = [0 if r.same_as else count_tokens(r.text) for r in refs]
+    if sum(sizes) <= budget:
+        return refs
+    share, left, pending = 0, max(budget, 0), sorted(range(len(refs)), key=lambda i: sizes[i])
+    caps = dict.fromkeys(range(len(refs)), 0)
+    while pending:
+        share = left // len(pending)
+        if sizes[pending[0]] > share:
+            break
+        i = pending.pop(0)
+        caps[i] = sizes[i]
+        left -= sizes[i]
+    for i in pending:
+        caps[i] = share
+    return [
+        ref if caps[i] >= sizes[i] else replace(ref, text=truncate(ref.text, caps[i]), trimmed=True)
+        for i, ref in enumerate(refs)
+    ]

@@ -1,0 +1,382 @@
+"""What every HTTP provider shares: connection pool, limits, retries, deadlines, SSE.
+
+`HttpTransport.stream()` sends one streaming POST and turns its server-sent events into
+`Delta`s through a wire-specific `EventDecoder`. Until the first delta arrives, a failed
+attempt is retried (connection errors, 408, 409, 429, 5xx) with exponential backoff and
+jitter, honouring `Retry-After` / `retry-after-ms`. After it, a failure is never retried:
+the caller gets `StreamInterrupted` with the text received so far.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from typing import Any, Protocol
+
+import anyio
+import anyio.lowlevel
+import httpx
+from httpx_sse import EventSource, ServerSentEvent, SSEError
+from pydantic import SecretStr
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+)
+
+from moa.errors import ProviderError, ProviderTimeout, StreamInterrupted, StreamTimeout
+
+from .base import Delta
+from .registry import Limits
+
+log = logging.getLogger("moa.providers")
+
+RETRY_STATUSES = frozenset({408, 409, 429})
+"""Retried besides every 5xx status."""
+MAX_ERROR_BODY = 4096
+
+
+class EventDecoder(Protocol):
+    """Turns one stream's server-sent events into deltas (one instance per attempt)."""
+
+    @property
+    def complete(self) -> bool:
+        """The stream said it is over (a finish reason, `[DONE]`, `message_stop`)."""
+        ...
+
+    def feed(self, event: ServerSentEvent) -> list[Delta]:
+        """Deltas carried by `event`; raise `ProviderError` for an error event or bad data."""
+        ...
+
+    def end(self) -> list[Delta]:
+        """Deltas still held back when the stream closes (e.g. the final usage)."""
+        ...
+
+
+def retryable_status(status: int) -> bool:
+    return status in RETRY_STATUSES or status >= 500
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """The server's requested wait: `retry-after-ms`, or `Retry-After` (seconds or a date)."""
+    lowered = {k.lower(): v for k, v in headers.items()}
+    try:
+        if "retry-after-ms" in lowered:
+            return max(0.0, float(lowered["retry-after-ms"]) / 1000)
+        if "retry-after" in lowered:
+            return max(0.0, float(lowered["retry-after"]))
+    except ValueError:
+        pass
+    value = lowered.get("retry-after")
+    if value:
+        try:
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+def redact(text: str, secret: SecretStr | None) -> str:
+    """`text` with the secret (if it occurs) replaced by `***`."""
+    value = secret.get_secret_value() if secret is not None else ""
+    return text.replace(value, "***") if value else text
+
+
+def error_detail(raw: bytes) -> str:
+    """The human part of an error body: `error.message` of a JSON error, else the text."""
+    text = raw[:MAX_ERROR_BODY].decode("utf-8", "replace").strip()
+    try:
+        payload = json.loads(text)
+    except ValueError:
+        return text[:200]
+    if isinstance(payload, dict):
+        error = payload.get("error", payload)
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])[:300]
+        if isinstance(error, str):
+            return error[:300]
+    return text[:200]
+
+
+@dataclass
+class StreamCall:
+    """One streaming POST: where, what, and how to read the reply."""
+
+    url: str
+    model: str
+    body: dict[str, Any]
+    headers: dict[str, str]
+    decoder: Callable[[], EventDecoder]
+    secret: SecretStr | None = None
+    """The API key inside `headers`, scrubbed from every error message."""
+
+
+@dataclass
+class _OpenStream:
+    stack: AsyncExitStack
+    events: AsyncIterator[ServerSentEvent]
+    decoder: EventDecoder
+    first: list[Delta] = field(default_factory=list)
+
+
+class _LoopState:
+    """The client and semaphores of one event loop (they cannot cross loops)."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.token = anyio.lowlevel.current_token()
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(
+                connect=limits.connect_timeout,
+                read=limits.read_timeout,
+                write=limits.read_timeout,
+                pool=None,
+            ),
+            limits=httpx.Limits(
+                max_connections=limits.max_concurrency,
+                max_keepalive_connections=limits.max_concurrency,
+            ),
+        )
+        self.provider_slots = anyio.Semaphore(limits.max_concurrency)
+        self.model_slots: dict[str, anyio.Semaphore] = {}
+
+
+class HttpTransport:
+    """One provider's shared connection pool, concurrency limits, retry policy and deadlines.
+
+    `sleep` is the coroutine used between attempts (tests may inject a recorder).
+    """
+
+    def __init__(self, provider: str, limits: Limits, *, key_variable: str | None = None) -> None:
+        self.provider = provider
+        self.limits = limits
+        self.key_variable = key_variable
+        self.sleep: Callable[[float], Any] = anyio.sleep
+        self._state: _LoopState | None = None
+
+    def __repr__(self) -> str:
+        return f"HttpTransport(provider={self.provider!r})"
+
+    def _loop_state(self) -> _LoopState:
+        token = anyio.lowlevel.current_token()
+        if self._state is None or self._state.token != token:
+            self._state = _LoopState(self.limits)
+        return self._state
+
+    @asynccontextmanager
+    async def _slot(self, model: str) -> AsyncIterator[None]:
+        state = self._loop_state()
+        per_model = self.limits.max_concurrency_per_model
+        async with AsyncExitStack() as stack:
+            if per_model is not None:
+                slots = state.model_slots.setdefault(model, anyio.Semaphore(per_model))
+                await stack.enter_async_context(slots)
+            await stack.enter_async_context(state.provider_slots)
+            yield
+
+    async def aclose(self) -> None:
+        state, self._state = self._state, None
+        if state is not None and state.token == anyio.lowlevel.current_token():
+            await state.client.aclose()
+
+    def backoff(self, attempt: int) -> float:
+        """Exponential backoff with jitter after failed attempt number `attempt` (from 1)."""
+        initial = self.limits.backoff_initial
+        delay = initial * 2 ** (attempt - 1) + random.uniform(0, initial)
+        return min(delay, self.limits.backoff_max)
+
+    # -- streaming ------------------------------------------------------------------
+
+    async def stream(self, call: StreamCall) -> AsyncIterator[Delta]:
+        """Yield the call's deltas; retry before the first one, never after it."""
+        who = f"{self.provider}/{call.model}"
+        async with self._slot(call.model):
+            total = self.limits.total_timeout
+            deadline = anyio.current_time() + total if total else math.inf
+            opened = await self._open(call, who, deadline)
+            received: dict[int, list[str]] = {}
+            try:
+                pending = list(opened.first)
+                while True:
+                    for delta in pending:
+                        if delta.text:
+                            received.setdefault(delta.index, []).append(delta.text)
+                        yield delta
+                    event = await self._next_event(opened.events, who, deadline, call.secret)
+                    if event is None:
+                        break
+                    pending = opened.decoder.feed(event)
+                for delta in opened.decoder.end():
+                    yield delta
+                if not opened.decoder.complete:
+                    raise ProviderError(
+                        f"{who}: the stream ended before the reply was complete.",
+                        provider=self.provider, model=call.model, retryable=False,
+                    )
+            except ProviderError as exc:
+                if not received:
+                    raise
+                first_choice = received.get(0) or next(iter(received.values()))
+                raise _interrupted(exc, "".join(first_choice)) from exc
+            finally:
+                await opened.stack.aclose()
+
+    async def _open(self, call: StreamCall, who: str, deadline: float) -> _OpenStream:
+        """Send the request and read up to its first delta, retrying what may succeed."""
+
+        def give_up(state: RetryCallState) -> bool:
+            wait = state.upcoming_sleep
+            return state.attempt_number > self.limits.max_retries or (
+                anyio.current_time() + wait >= deadline
+            )
+
+        def wait(state: RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome else None
+            hint = getattr(exc, "retry_after", None)
+            return float(hint) if hint is not None else self.backoff(state.attempt_number)
+
+        def before_sleep(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            log.info("%s: retrying in %.3f s after: %s", who, state.upcoming_sleep, exc)
+
+        retrying = AsyncRetrying(
+            stop=give_up,
+            wait=wait,
+            retry=retry_if_exception(lambda e: isinstance(e, ProviderError) and e.retryable),
+            sleep=lambda seconds: self.sleep(seconds),
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        return await retrying(self._attempt, call, who, deadline)
+
+    async def _attempt(self, call: StreamCall, who: str, deadline: float) -> _OpenStream:
+        log.debug("%s: POST %s", who, call.url)
+        client = self._loop_state().client
+        stack = AsyncExitStack()
+        try:
+            with anyio.CancelScope(deadline=deadline) as scope:
+                response = await stack.enter_async_context(
+                    client.stream(
+                        "POST", call.url, json=call.body,
+                        headers={**call.headers, "accept": "text/event-stream"},
+                    )
+                )
+                if response.status_code >= 400:
+                    raw = await response.aread()
+                    raise self._status_error(response, raw, call)
+                events = EventSource(response).aiter_sse()
+                stack.push_async_callback(events.aclose)
+                decoder = call.decoder()
+                first: list[Delta] = []
+                while not first:
+                    event = await self._next_event(events, who, math.inf, call.secret)
+                    if event is None:
+                        first = decoder.end()
+                        break
+                    first = decoder.feed(event)
+            if scope.cancelled_caught:
+                raise self._deadline_error(call)
+            return _OpenStream(stack, events, decoder, first)
+        except httpx.TimeoutException as exc:
+            await stack.aclose()
+            raise ProviderTimeout(
+                f"{who}: {_timeout_phase(exc, self.limits)}.",
+                provider=self.provider, model=call.model,
+            ) from exc
+        except httpx.TransportError as exc:
+            await stack.aclose()
+            raise ProviderError(
+                f"{who}: connection failed ({type(exc).__name__}).",
+                provider=self.provider, model=call.model, retryable=True,
+            ) from exc
+        except BaseException:
+            await stack.aclose()
+            raise
+
+    async def _next_event(
+        self,
+        events: AsyncIterator[ServerSentEvent],
+        who: str,
+        deadline: float,
+        secret: SecretStr | None,
+    ) -> ServerSentEvent | None:
+        """The next event, None at the end; transport failures become `ProviderError`s."""
+        model = who.partition("/")[2]
+        try:
+            with anyio.CancelScope(deadline=deadline) as scope:
+                return await events.__anext__()
+        except StopAsyncIteration:
+            return None
+        except httpx.TimeoutException as exc:
+            raise ProviderTimeout(
+                f"{who}: {_timeout_phase(exc, self.limits)}.",
+                provider=self.provider, model=model,
+            ) from exc
+        except httpx.TransportError as exc:
+            raise ProviderError(
+                f"{who}: the connection was lost mid-stream ({type(exc).__name__}).",
+                provider=self.provider, model=model, retryable=True,
+            ) from exc
+        except SSEError as exc:
+            raise ProviderError(
+                redact(f"{who}: the server did not answer with an event stream: {exc}", secret),
+                provider=self.provider, model=model,
+            ) from exc
+        assert scope.cancelled_caught
+        raise ProviderTimeout(
+            f"{who}: the whole-call deadline of {self.limits.total_timeout:g} s passed.",
+            provider=self.provider, model=model, retryable=False,
+        )
+
+    def _deadline_error(self, call: StreamCall) -> ProviderTimeout:
+        return ProviderTimeout(
+            f"{self.provider}/{call.model}: the whole-call deadline of "
+            f"{self.limits.total_timeout:g} s passed.",
+            provider=self.provider, model=call.model, retryable=False,
+        )
+
+    def _status_error(
+        self, response: httpx.Response, raw: bytes, call: StreamCall
+    ) -> ProviderError:
+        status = response.status_code
+        detail = error_detail(raw)
+        message = f"{self.provider}/{call.model}: HTTP {status}"
+        if detail:
+            message += f": {detail}"
+        if status in (401, 403) and self.key_variable:
+            message += f" (check {self.key_variable})"
+        return ProviderError(
+            redact(message.rstrip(".") + ".", call.secret),
+            provider=self.provider,
+            model=call.model,
+            status=status,
+            retryable=retryable_status(status),
+            retry_after=retry_after_seconds(response.headers),
+        )
+
+
+def _timeout_phase(exc: httpx.TimeoutException, limits: Limits) -> str:
+    if isinstance(exc, httpx.ConnectTimeout):
+        return f"could not connect within {limits.connect_timeout:g} s"
+    if isinstance(exc, httpx.ReadTimeout):
+        return f"no data for {limits.read_timeout:g} s (stalled stream)"
+    return f"timed out ({type(exc).__name__})"
+
+
+def _interrupted(exc: ProviderError, received: str) -> StreamInterrupted:
+    """The error to raise when `exc` ends a stream that had already delivered text."""
+    kind = StreamTimeout if isinstance(exc, ProviderTimeout) else StreamInterrupted
+    return kind(
+        f"{exc} The stream had delivered {len(received)} characters and is not restarted.",
+        received=received,
+        provider=exc.provider,
+        model=exc.model,
+        status=exc.status,
+        retryable=False,
+    )

@@ -1,0 +1,224 @@
+"""OpenAI-compatible chat completions over httpx: OpenAI, Together, Groq, Fireworks,
+DeepInfra, OpenRouter, DeepSeek, Mistral and local servers (vLLM, llama.cpp, Ollama,
+LM Studio).
+
+`spec.options` understood here: `continuation` ("vllm" sends `continue_final_message`,
+"prefill" sends a final assistant message as is), `logprobs` and `multi_sample`
+(booleans, default true: what the server supports), `stream_usage` (default true: ask
+for a usage chunk with `stream_options.include_usage`) and `headers` (extra headers).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+from httpx_sse import ServerSentEvent
+from pydantic import SecretStr
+
+from moa.errors import ConfigError, ProviderError
+
+from .base import Capabilities, ChatRequest, Delta, Provider, TokenLogprob, Usage
+from .http import HttpTransport, StreamCall, retryable_status
+from .registry import ProviderSpec
+
+CONTINUATION_MODES = ("vllm", "prefill")
+_RETRYABLE_ERROR_TYPES = frozenset({"server_error", "rate_limit_error", "overloaded_error",
+                                    "api_error", "timeout"})
+
+
+def parse_logprobs(payload: Any) -> list[TokenLogprob] | None:
+    """`choice.logprobs.content` as `TokenLogprob`s (with the top alternatives)."""
+    content = payload.get("content") if isinstance(payload, dict) else None
+    if not content:
+        return None
+    out = []
+    for entry in content:
+        if not isinstance(entry, dict) or "token" not in entry:
+            continue
+        top = [
+            (str(alt["token"]), float(alt["logprob"]))
+            for alt in entry.get("top_logprobs") or []
+            if isinstance(alt, dict) and "token" in alt
+        ]
+        out.append(TokenLogprob(str(entry["token"]), float(entry.get("logprob", 0.0)), top))
+    return out or None
+
+
+def stream_error(who: str, error: Any, *, provider: str, model: str) -> ProviderError:
+    """A `ProviderError` for an error object sent inside a stream."""
+    if isinstance(error, dict):
+        message = str(error.get("message") or error.get("type") or "unknown error")
+        code, kind = error.get("code"), str(error.get("type") or "")
+    else:
+        message, code, kind = str(error), None, ""
+    status = code if isinstance(code, int) else None
+    retryable = retryable_status(status) if status else kind in _RETRYABLE_ERROR_TYPES
+    return ProviderError(
+        f"{who}: the server sent an error inside the stream: {message[:300]}",
+        provider=provider, model=model, status=status, retryable=retryable,
+    )
+
+
+class OpenAIChunkDecoder:
+    """Chat-completion chunks -> deltas; the usage is reported once, at the end."""
+
+    def __init__(self, provider: str, model: str) -> None:
+        self.provider, self.model = provider, model
+        self.done = False
+        self.finished = False
+        self._usage: Usage | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.done or self.finished
+
+    def _flush_usage(self) -> list[Delta]:
+        usage, self._usage = self._usage, None
+        return [Delta(usage=usage)] if usage else []
+
+    def feed(self, event: ServerSentEvent) -> list[Delta]:
+        who = f"{self.provider}/{self.model}"
+        data = event.data.strip()
+        if not data:
+            return []
+        if data == "[DONE]":
+            self.done = True
+            return self._flush_usage()
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            chunk = None
+        if not isinstance(chunk, dict):
+            raise ProviderError(
+                f"{who}: the server sent malformed stream data (not a JSON object): "
+                f"{data[:60]!r}",
+                provider=self.provider, model=self.model,
+            )
+        if chunk.get("error") or event.event == "error":
+            raise stream_error(who, chunk.get("error") or chunk,
+                               provider=self.provider, model=self.model)
+        deltas = []
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") or {}
+            text = delta.get("content") or ""
+            logprobs = parse_logprobs(choice.get("logprobs"))
+            finish = choice.get("finish_reason")
+            if finish:
+                self.finished = True
+            if text or finish or logprobs:
+                deltas.append(Delta(text, int(choice.get("index") or 0), finish, None, logprobs))
+        usage = chunk.get("usage") or (chunk.get("x_groq") or {}).get("usage")
+        if isinstance(usage, dict):
+            self._usage = Usage(
+                int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+            )
+        return deltas
+
+    def end(self) -> list[Delta]:
+        return self._flush_usage()
+
+
+class OpenAICompatProvider(Provider):
+    """A `/chat/completions` server reached over HTTP (streaming, SSE)."""
+
+    def __init__(self, spec: ProviderSpec, api_key: SecretStr | None) -> None:
+        base_url = spec.resolved_base_url()
+        if not base_url:
+            raise ConfigError(
+                f"Provider {spec.prefix!r} has no base URL: set {spec.base_url_variable} "
+                "or base_url in its config."
+            )
+        mode = spec.options.get("continuation")
+        if mode is not None and mode not in CONTINUATION_MODES:
+            raise ConfigError(
+                f"Provider {spec.prefix!r}: continuation must be one of "
+                f"{', '.join(CONTINUATION_MODES)}, not {mode!r}."
+            )
+        self.name = spec.prefix
+        self.base_url = base_url.rstrip("/")
+        self.continuation: str | None = mode  # type: ignore[assignment]
+        self.capabilities = Capabilities(
+            continuation=mode is not None,
+            logprobs=bool(spec.options.get("logprobs", True)),
+            multi_sample=bool(spec.options.get("multi_sample", True)),
+        )
+        self._stream_usage = bool(spec.options.get("stream_usage", True))
+        self._extra_headers = {
+            str(k): str(v) for k, v in dict(spec.options.get("headers") or {}).items()  # type: ignore[call-overload]
+        }
+        self._api_key = api_key
+        self._transport = HttpTransport(spec.prefix, spec.limits, key_variable=spec.key_variable)
+
+    def __repr__(self) -> str:
+        return f"OpenAICompatProvider(prefix={self.name!r}, base_url={self.base_url!r})"
+
+    @property
+    def transport(self) -> HttpTransport:
+        return self._transport
+
+    def body(self, request: ChatRequest) -> dict[str, Any]:
+        """The JSON body sent for `request`."""
+        if request.continue_final:
+            if self.continuation is None:
+                raise ProviderError(
+                    f"{self.name}/{request.model}: this server cannot continue an assistant "
+                    "message (set options.continuation to 'vllm' or 'prefill' if it can).",
+                    provider=self.name, model=request.model,
+                )
+            if not request.messages or request.messages[-1].get("role") != "assistant":
+                raise ProviderError(
+                    f"{self.name}/{request.model}: continue_final needs a final assistant "
+                    "message.",
+                    provider=self.name, model=request.model,
+                )
+        body: dict[str, Any] = {
+            "model": request.model,
+            "messages": request.messages,
+            "stream": True,
+        }
+        if self._stream_usage:
+            body["stream_options"] = {"include_usage": True}
+        optional = {
+            "temperature": request.temperature,
+            "max_tokens": request.max_tokens,
+            "top_p": request.top_p,
+            "stop": request.stop,
+            "seed": request.seed,
+        }
+        body.update({k: v for k, v in optional.items() if v is not None})
+        if request.n != 1:
+            body["n"] = request.n
+        if request.logprobs:
+            body["logprobs"] = True
+            if request.top_logprobs is not None:
+                body["top_logprobs"] = request.top_logprobs
+        if request.continue_final and self.continuation == "vllm":
+            body["continue_final_message"] = True
+            body["add_generation_prompt"] = False
+        body.update(request.extra)
+        return body
+
+    def _headers(self) -> dict[str, str]:
+        headers = dict(self._extra_headers)
+        if self._api_key is not None:
+            headers["authorization"] = f"Bearer {self._api_key.get_secret_value()}"
+        return headers
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[Delta]:
+        call = StreamCall(
+            url=f"{self.base_url}/chat/completions",
+            model=request.model,
+            body=self.body(request),
+            headers=self._headers(),
+            decoder=lambda: OpenAIChunkDecoder(self.name, request.model),
+            secret=self._api_key,
+        )
+        async with aclosing(self._transport.stream(call)) as deltas:
+            async for delta in deltas:
+                yield delta
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()

@@ -1,0 +1,453 @@
+"""The `moa` command: option parsing and precedence, the dispatcher, and `moa chat` end to end
+against the loopback server (in process, as a subprocess, and through a pseudo-terminal)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+import types
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import moa.bench
+from moa.cli.main import COMMANDS, build_parser, run
+from moa.cli.options import mixture_from_args
+from moa.config import MixtureConfig
+from moa.errors import ConfigError
+
+ANSI = re.compile(r"\x1b[\[\]()#;?]*[0-9;?]*[A-Za-z]")
+
+
+def mixture(*argv: str) -> MixtureConfig:
+    """Parse `moa chat ARGV` and build the mixture the flags describe."""
+    args = build_parser("chat").parse_args(["chat", *argv])
+    return mixture_from_args(args)
+
+
+def models(config: MixtureConfig) -> list[list[str]]:
+    return [[a.model for a in layer.agents] for layer in config.layers]
+
+
+# ---------------------------------------------------------------- options and precedence
+
+
+def test_proposers_alone_make_one_layer_and_the_first_aggregates() -> None:
+    config = mixture("-p", "openai/a", "-p", "groq/b")
+    assert models(config) == [["openai/a", "groq/b"]]
+    assert config.aggregator.model == "openai/a"
+    assert config.call_count == 3
+
+
+def test_layers_counts_the_aggregator() -> None:
+    config = mixture("-p", "openai/a", "-p", "groq/b", "-a", "together/c", "-l", "3")
+    assert models(config) == [["openai/a", "groq/b"]] * 2
+    assert config.aggregator.model == "together/c"
+    assert len(mixture("--preset", "moa", "-l", "2").layers) == 1
+    assert len(mixture("--preset", "moa-lite", "-l", "4").layers) == 3
+
+
+def test_no_flags_use_local_or_the_env_preset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MOA_PRESET", raising=False)
+    assert mixture().name == "local"
+    monkeypatch.setenv("MOA_PRESET", "moa-lite")
+    assert mixture().name == "moa-lite"
+    assert mixture("--preset", "self-moa").name == "self-moa"
+
+
+def test_flags_override_the_preset() -> None:
+    config = mixture("--preset", "moa", "--temperature", "0.1", "--max-tokens", "64")
+    assert {(a.temperature, a.max_tokens) for a in config.agents()} == {(0.1, 64)}
+    assert len(config.layers) == 2
+    config = mixture("--preset", "moa", "-p", "openai/x")
+    assert models(config) == [["openai/x"], ["openai/x"]]
+    assert config.name == "custom"
+    assert config.aggregator.model.startswith("together/")
+    config = mixture("--preset", "local", "-a", "openai/y", "--mode", "staircase",
+                     "--deadline", "7.5")
+    assert config.aggregator.model == "openai/y"
+    assert (config.mode, config.deadline_s) == ("staircase", 7.5)
+
+
+def write(tmp_path: Path, text: str, name: str = "mix.toml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_flags_override_the_config_file_which_overrides_its_preset(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+preset = "moa-lite"
+mode = "layered"
+[[layers]]
+agents = [{model = "openai/a", temperature = 0.9}, {model = "openai/b", temperature = 0.9}]
+min_proposers = 2
+[aggregator]
+model = "openai/agg"
+temperature = 0.9
+""")
+    config = mixture("-c", path)
+    assert models(config) == [["openai/a", "openai/b"]]
+    assert config.mode == "layered" and config.aggregator.temperature == 0.9
+    config = mixture("-c", path, "--temperature", "0.2", "--mode", "auto")
+    assert {a.temperature for a in config.agents()} == {0.2}
+    assert config.mode == "auto"
+    config = mixture("-c", path, "-p", "groq/x")
+    assert models(config) == [["groq/x"]]
+    assert config.layers[0].min_proposers == 1
+    assert config.aggregator.model == "openai/agg"
+    assert mixture("-c", path, "--preset", "moa").aggregator.model == "openai/agg"
+    bad = write(tmp_path, "[aggregator]\nmodel = 'openai/x'\ncolour = 'red'\n", "bad.toml")
+    with pytest.raises(ConfigError, match=r"bad\.toml' with the flags: field 'aggregator\.colour'"):
+        mixture("-c", bad)
+
+
+def test_a_config_file_may_hold_only_providers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MOA_PRESET", raising=False)
+    path = write(tmp_path, """
+[providers.mine]
+base_url = "http://127.0.0.1:9/v1"
+key_required = false
+""")
+    config = mixture("-c", path, "-p", "mine/a", "-p", "mine/b", "-a", "mine/agg")
+    assert models(config) == [["mine/a", "mine/b"]]
+    assert config.providers["mine"].key_required is False
+    assert mixture("-c", path).name == "local"
+
+
+@pytest.mark.parametrize(
+    ("argv", "error", "words"),
+    [
+        (["--preset", "nope"], ConfigError, "Unknown preset 'nope'"),
+        (["-p", "noslash"], ConfigError, "provider/model"),
+        (["-p", "zzz/model"], ConfigError, "Unknown provider prefix 'zzz'"),
+        (["-p", "openai/a", "-l", "1"], ConfigError, "--layers"),
+        (["--temperature", "-1"], ConfigError, "temperature"),
+        (["--max-tokens", "0"], ConfigError, "max_tokens"),
+    ],
+)
+def test_bad_options_fail_with_a_clear_message(
+    argv: list[str], error: type[Exception], words: str
+) -> None:
+    with pytest.raises(error, match=re.escape(words)):
+        mixture(*argv)
+
+
+# ---------------------------------------------------------------- the dispatcher
+
+
+def test_help_works_when_a_command_module_is_missing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(COMMANDS, "ghost", ("moa.cli.ghost_missing", "not built"))
+    with pytest.raises(SystemExit) as exit_info:
+        run(["--help"])
+    assert exit_info.value.code == 0
+    assert "ghost" in capsys.readouterr().out
+    assert run(["ghost", "--anything"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "moa: Command 'moa ghost' is not part of this build."
+    assert run(["models", "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert {"local", "moa", "moa-lite", "self-moa"} <= {p["name"] for p in listing["presets"]}
+
+
+def test_models_never_prints_a_key(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("GROQ_API_KEY", "sk-very-secret-123")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    assert run(["models", "--json"]) == 0
+    out = capsys.readouterr().out
+    rows = {p["prefix"]: p for p in json.loads(out)["providers"]}
+    assert rows["groq"]["key"] == "set" and rows["openai"]["key"] == "missing"
+    assert rows["groq"]["key_variable"] == "GROQ_API_KEY"
+    assert run(["models"]) == 0
+    out += capsys.readouterr().out
+    assert "sk-very-secret" not in out and "GROQ_API_KEY" in out
+
+
+def test_bench_dispatch(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake: Any = types.ModuleType("moa.bench.fake")
+    fake.add_arguments = lambda p: p.add_argument("--size", type=int, default=1)
+    fake.run = lambda a: ([{"size": a.size, "ms": 1.5}], ["a note"])
+    monkeypatch.setitem(sys.modules, "moa.bench.fake", fake)
+    monkeypatch.setitem(moa.bench.BENCHES, "fake", "a fake")
+    monkeypatch.setitem(moa.bench.BENCHES, "ghost", "absent")
+
+    assert run(["bench", "fake", "--size", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out == {"bench": "fake", "rows": [{"size": 3, "ms": 1.5}], "notes": ["a note"]}
+    assert run(["bench"]) == 0
+    listing = capsys.readouterr().out
+    assert "fake" in listing and "ghost" in listing
+    assert run(["bench", "ghost"]) == 1
+    assert capsys.readouterr().err.strip() == "moa: Bench 'ghost' is not part of this build yet."
+    assert run(["bench", "nope"]) == 1
+    assert "Unknown bench 'nope'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- moa chat, end to end
+
+REPLIES = {"a": "Alpha thinks it is four.", "b": "Beta says 4.", "agg": "The answer is **4**."}
+CHAT = ["chat", "-p", "loop/a", "-p", "loop/b", "-a", "loop/agg", "--mode", "layered"]
+
+
+@pytest.fixture
+def server() -> Iterator[Any]:
+    from moa.testing import LoopbackServer, ModelBehavior
+
+    behaviors = {name: ModelBehavior(reply=text) for name, text in REPLIES.items()}
+    behaviors["bad"] = ModelBehavior(reply="never", fail_status=500, fail_times=1000)
+    behaviors["slow"] = ModelBehavior(reply="one two three", stall_after=1)
+    with LoopbackServer(behaviors) as srv:
+        yield srv
+
+
+@pytest.fixture
+def config(server: Any, tmp_path: Path) -> str:
+    """A config file pointing the prefix `loop` at the loopback server (no retries)."""
+    return write(tmp_path, f"""
+[providers.loop]
+kind = "openai"
+base_url = "{server.base_url}"
+key_required = false
+[providers.loop.limits]
+max_retries = 0
+
+[providers.locked]
+kind = "openai"
+base_url = "{server.base_url}"
+key_env = "MOA_TEST_UNSET_KEY"
+""")
+
+
+def bodies(server: Any, model: str) -> list[dict[str, Any]]:
+    return [r.body for r in server.requests if r.model == model]
+
+
+def texts(body: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(m["role"], m["content"]) for m in body["messages"]]
+
+
+def test_one_shot_streams_plain_text_when_stdout_is_not_a_terminal(
+    server: Any, config: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run([*CHAT, "-c", config, "What is 2+2?"]) == 0
+    out, err = capsys.readouterr()
+    assert out == REPLIES["agg"] + "\n"
+    assert "3 calls" in err and "TTFT" in err
+    assert not ANSI.search(out + err)
+    [agg] = bodies(server, "agg")
+    sent = json.dumps(agg["messages"])
+    assert REPLIES["a"] in sent and REPLIES["b"] in sent and "What is 2+2?" in sent
+
+
+def test_json_prints_the_result(
+    server: Any, config: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run([*CHAT, "-c", config, "--json", "What is 2+2?"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["text"] == REPLIES["agg"]
+    assert result["calls"] == 3
+    assert {a["id"]: a["text"] for a in result["agents"]} == {
+        "L1.1": REPLIES["a"], "L1.2": REPLIES["b"], "final": REPLIES["agg"]
+    }
+
+
+def test_quiet_prints_the_answer_only(
+    server: Any, config: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run([*CHAT, "-c", config, "-q", "What is 2+2?"]) == 0
+    assert capsys.readouterr() == (REPLIES["agg"] + "\n", "")
+
+
+def test_a_failed_proposer_is_reported_and_the_run_goes_on(
+    server: Any, config: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["chat", "-c", config, "-p", "loop/a", "-p", "loop/bad", "-a", "loop/agg", "Hi"]
+    assert run(argv) == 0
+    out, err = capsys.readouterr()
+    assert out == REPLIES["agg"] + "\n"
+    assert "L1.2 loop/bad failed" in err
+
+
+def test_all_proposers_failing_is_one_line_and_exit_1(
+    server: Any, config: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(["chat", "-c", config, "-p", "loop/bad", "-a", "loop/agg", "Hi"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("moa: ")
+    assert not bodies(server, "agg")
+
+
+def test_no_question_on_an_empty_stdin(
+    monkeypatch: pytest.MonkeyPatch, config: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert run([*CHAT, "-c", config]) == 1
+    assert capsys.readouterr().err == (
+        "moa: No question: pass one as an argument or pipe it on stdin.\n"
+    )
+
+
+def moa_cli(*argv: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `python -m moa.cli ARGV` as a real process with a pipe for stdout and stderr."""
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "NO_COLOR")}
+    env.update(TERM="xterm-256color", COLUMNS="120")
+    env.pop("MOA_TEST_UNSET_KEY", None)
+    return subprocess.run(
+        [sys.executable, "-m", "moa.cli", *argv], input=stdin, capture_output=True, text=True,
+        stdin=None if stdin is not None else subprocess.DEVNULL, env=env, timeout=60,
+    )
+
+
+def test_subprocess_one_shot_has_no_control_codes(server: Any, config: str) -> None:
+    proc = moa_cli(*CHAT, "-c", config, "What is 2+2?")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == REPLIES["agg"] + "\n"
+    assert "3 calls" in proc.stderr
+    assert "\x1b" not in proc.stdout + proc.stderr
+
+
+def test_subprocess_reads_the_question_from_piped_stdin(server: Any, config: str) -> None:
+    proc = moa_cli(*CHAT, "-c", config, "--quiet", stdin="What is 2+2?\n")
+    assert (proc.returncode, proc.stdout) == (0, REPLIES["agg"] + "\n"), proc.stderr
+    assert texts(bodies(server, "a")[0])[-1] == ("user", "What is 2+2?")
+    proc = moa_cli(*CHAT, "-c", config, "--quiet", "Summarize it.", stdin="Some notes.\n")
+    assert proc.returncode == 0, proc.stderr
+    assert texts(bodies(server, "a")[1])[-1] == ("user", "Some notes.\n\nSummarize it.")
+
+
+def test_subprocess_missing_key_is_one_line(server: Any, config: str) -> None:
+    proc = moa_cli("chat", "-c", config, "-p", "locked/x", "Hi")
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        "moa: Provider 'locked' needs an API key: set the MOA_TEST_UNSET_KEY variable."
+    ]
+    assert not server.requests
+    debug = moa_cli("chat", "-c", config, "-p", "locked/x", "--debug", "Hi")
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_subprocess_unknown_preset_is_one_line() -> None:
+    proc = moa_cli("chat", "--preset", "nope", "Hi")
+    assert proc.returncode == 1
+    assert len(proc.stderr.splitlines()) == 1
+    assert proc.stderr.startswith("moa: Unknown preset 'nope'; presets: ")
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Poll `condition` every few milliseconds (an anti-hang bound, not a timing assertion)."""
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "condition not reached"
+        time.sleep(0.005)
+
+
+def test_subprocess_ctrl_c_is_one_line_and_closes_the_streams(server: Any, config: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "NO_COLOR")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moa.cli", "chat", "-c", config, "-p", "loop/slow", "Hi"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env,
+    )
+    try:
+        wait_until(lambda: server.active_streams > 0 or proc.poll() is not None)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (proc.returncode, err) == (130, "moa: interrupted.\n")
+    wait_until(lambda: server.active_streams == 0)
+
+
+class Pty:
+    """The terminal side of a pseudo-terminal: read what the child writes, type lines."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.output = b""
+
+    def expect(self, text: str, count: int, timeout: float = 30.0) -> None:
+        """Read until `text` has appeared `count` times in all (or fail after `timeout`)."""
+        end = time.monotonic() + timeout
+        while self.output.decode(errors="replace").count(text) < count:
+            left = end - time.monotonic()
+            assert left > 0, f"timed out waiting for {text!r}; got:\n{self.output[-2000:]!r}"
+            if select.select([self.fd], [], [], left)[0]:
+                try:
+                    chunk = os.read(self.fd, 65536)
+                except OSError:  # EIO: the child closed the terminal
+                    chunk = b""
+                assert chunk, f"the child exited; got:\n{self.output[-2000:]!r}"
+                self.output += chunk
+
+    def type(self, line: str) -> None:
+        os.write(self.fd, line.encode() + b"\n")
+
+
+def test_repl_through_a_pseudo_terminal_keeps_history(server: Any, config: str) -> None:
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    from moa.testing import ModelBehavior
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "NO_COLOR")}
+    env.update(TERM="xterm-256color", COLUMNS="120", LINES="40")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moa.cli", *CHAT, "-c", config],
+        stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True,
+    )
+    os.close(slave)
+    term = Pty(master)
+    try:
+        term.expect("you> ", 1)
+        term.type("What is 2+2?")
+        term.expect("you> ", 2)
+        term.type("And 3+3?")
+        term.expect("you> ", 3)
+        term.type("/reset")
+        term.expect("you> ", 4)
+        term.type("Fresh start")
+        term.expect("you> ", 5)
+        server.set_behavior("a", ModelBehavior(reply="stuck here", stall_after=1))
+        term.type("Will you hang?")
+        wait_until(lambda: server.active_streams > 0)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C cancels the turn, the chat goes on
+        term.expect("you> ", 6)
+        wait_until(lambda: server.active_streams == 0)
+        term.type("/exit")
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    screen = term.output.decode(errors="replace")
+    assert "3 calls" in screen and "done" in screen and "moa: interrupted." in screen
+    first, second, third, _stuck = (texts(b) for b in bodies(server, "a"))
+    assert first == [("user", "What is 2+2?")]
+    assert second == [
+        ("user", "What is 2+2?"), ("assistant", REPLIES["agg"]), ("user", "And 3+3?")
+    ]
+    assert third == [("user", "Fresh start")]

@@ -1,0 +1,118 @@
+"""The Aggregate-and-Synthesize prompt: numbering, system merge, multi-turn, layouts."""
+
+from __future__ import annotations
+
+import pytest
+
+from moa.errors import ConfigError
+from moa.feed import Board, Feed
+from moa.prompts import (
+    AGGREGATE_PROMPT,
+    TRIMMED_LABEL,
+    TRUNCATED_LABEL,
+    Reference,
+    aggregate_messages,
+    as_messages,
+    fit_references,
+    mark_duplicates,
+    near_identical,
+    readable_block,
+)
+from moa.staircase import ReferenceView
+from moa.tokens import count_tokens
+
+HISTORY = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "4"},
+    {"role": "user", "content": "And times 3?"},
+]
+
+
+def test_references_are_numbered_and_appended_to_the_system_message() -> None:
+    block = readable_block([Reference("Twelve."), Reference("It is 12.")])
+    out = aggregate_messages(HISTORY, block)
+    assert out[0] == {
+        "role": "system",
+        "content": f"You are terse.\n\n{AGGREGATE_PROMPT}\n1. Twelve.\n2. It is 12.",
+    }
+    assert out[1:] == HISTORY[1:]
+    assert HISTORY[0]["content"] == "You are terse."
+
+
+def test_without_a_system_message_one_is_added_and_agent_system_goes_first() -> None:
+    out = aggregate_messages(as_messages("hi"), readable_block([Reference("a")]))
+    assert out == [
+        {"role": "system", "content": f"{AGGREGATE_PROMPT}\n1. a"},
+        {"role": "user", "content": "hi"},
+    ]
+    out = aggregate_messages(HISTORY, "BLOCK", system="Be kind.")
+    assert out[0]["content"] == "Be kind.\n\nYou are terse.\n\nBLOCK"
+
+
+def test_multi_turn_history_is_intact_and_strings_are_not_iterated() -> None:
+    assert as_messages("What is 2+2?") == [{"role": "user", "content": "What is 2+2?"}]
+    messages = as_messages(HISTORY)
+    out = aggregate_messages(messages, readable_block([Reference("36")]))
+    assert [m["role"] for m in out] == ["system", "user", "assistant", "user"]
+    assert [m["content"] for m in out[1:]] == ["What is 2+2?", "4", "And times 3?"]
+    with pytest.raises(ConfigError, match=r"messages\[0\] must be a dict"):
+        as_messages(["What is 2+2?"])  # type: ignore[list-item]
+    with pytest.raises(ConfigError, match="last message must be the user"):
+        as_messages(HISTORY[:3])
+
+
+def test_labels_and_duplicates() -> None:
+    refs = mark_duplicates(
+        [Reference("The answer is 4."), Reference("the answer is  4."), Reference("cut", truncated=True)]
+    )
+    assert refs[1].same_as == 1 and refs[2].same_as is None
+    block = readable_block(refs)
+    assert block.endswith("\n1. The answer is 4.\n2. (same as response 1)\n3. cut" + TRUNCATED_LABEL)
+    assert near_identical("a long answer about cats " * 10, "a long answer about cats " * 10 + "!")
+    assert not near_identical("Paris is the capital.", "Lyon is the capital.")
+
+
+def test_fit_references_trims_the_longest_first() -> None:
+    short, long = "short answer", "word " * 400
+    fitted = fit_references([Reference(short), Reference(long)], 100)
+    assert fitted[0] == Reference(short)
+    assert fitted[1].trimmed and count_tokens(fitted[1].text) <= 100 - count_tokens(short)
+    assert TRIMMED_LABEL in readable_block(fitted)
+
+
+def _feeds(*texts: str, done: bool = True) -> list[Feed]:
+    board = Board()
+    feeds = [Feed(board, lambda i: 1000) for _ in texts]
+    for feed, text in zip(feeds, texts, strict=True):
+        feed.push(text)
+        if done:
+            feed.finish()
+    return feeds
+
+
+@pytest.mark.parametrize("layout", ["readable", "prefix_cache"])
+def test_views_of_finished_references_equal_the_layered_block(layout: str) -> None:
+    feeds = _feeds("one", "two", "one")
+    view = ReferenceView(feeds, layout)  # type: ignore[arg-type]
+    view.update()
+    assert view.block(AGGREGATE_PROMPT) == readable_block(
+        [Reference("one"), Reference("two"), Reference("one", same_as=1)]
+    )
+
+
+def test_prefix_cache_layout_appends_rounds() -> None:
+    board = Board()
+    feeds = [Feed(board, lambda i: 1) for _ in range(2)]
+    feeds[0].push("Alpha")
+    feeds[1].push("Beta")
+    view = ReferenceView(feeds, "prefix_cache")
+    view.update()
+    first = view.block("I")
+    feeds[0].push(" more")
+    feeds[0].finish()
+    view.update()
+    second = view.block("I")
+    assert first.startswith("I\n1. Alpha\n2. Beta\n\n(Some responses")
+    assert second.startswith("I\n1. Alpha\n2. Beta\n\n[More of the responses, part 2]\n1. … more")
+    assert second.startswith(first[: first.index("\n\n(Some")])
