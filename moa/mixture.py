@@ -72,14 +72,18 @@ class Mixture:
             async with send:
                 await execution.drive()
 
-        async with anyio.create_task_group() as tg:
+        # Entered by hand: a `yield` inside `async with` would turn the GeneratorExit of an
+        # early `aclose()` into an exception group.
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        try:
             tg.start_soon(drive)
-            try:
-                async with receive:
-                    async for event in receive:
-                        yield event
-            finally:
-                tg.cancel_scope.cancel()
+            async with receive:
+                async for event in receive:
+                    yield event
+        finally:
+            tg.cancel_scope.cancel()
+            await tg.__aexit__(None, None, None)
         if execution.fatal is not None:
             raise execution.fatal
 

@@ -25,6 +25,7 @@ _FACTORIES: dict[str, str] = {
     "llamacpp": "moa.local_engine.llamacpp:LlamaCppEngine",
     "vllm": "moa.local_engine.vllm_engine:VLLMEngine",
 }
+_EXTRAS: dict[str, str] = {"llamacpp": "local", "vllm": "vllm"}
 
 
 class Limits(BaseModel):
@@ -161,8 +162,15 @@ class Registry:
         if spec.key_required and key is None:
             raise MissingKeyError(spec.prefix, spec.key_variable)
         module_name, _, attr = _FACTORIES[spec.kind].partition(":")
-        factory = getattr(importlib.import_module(module_name), attr)
-        return factory(spec, key)
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+            return factory(spec, key)
+        except ImportError as err:
+            extra = _EXTRAS.get(spec.kind)
+            hint = f" install it with: pip install 'moa-stack[{extra}]'" if extra else ""
+            raise ConfigError(
+                f"Provider {spec.prefix!r} needs the missing package {err.name or err}:{hint}."
+            ) from err
 
     async def aclose(self) -> None:
         """Close every provider this registry created."""

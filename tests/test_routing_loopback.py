@@ -167,26 +167,30 @@ def test_session_budget_spans_runs(server: LoopbackServer) -> None:
 
 
 def test_evolve_end_to_end(server: LoopbackServer) -> None:
-    seeds = {stage_seed(5, 1000 + i): str(4 + i % 2) for i in range(4)}
-    server.set_behavior("strong", ModelBehavior(reply=_by_seed(seeds, "4"), logprob=-0.05))
-    config = _config(strategy="evolve",
-                     evolve={"population": 4, "group_size": 2, "loops": 3, "strong_percentile": 25})
+    seeds = {stage_seed(5, 1000 + i): answer for i, answer in enumerate("4454")}
+    server.set_behavior("strong", ModelBehavior(reply=_by_seed(seeds, "4")))
+    evolve = {"population": 4, "group_size": 2, "loops": 3, "strong_percentile": 25}
+    config = _config(strategy="evolve", logprobs=False, evolve=evolve)
     mixture = RoutedMixture(config, registry=server.registry())
     events = anyio.run(_events, mixture, "What is 2 + 2?", 5)
     decisions = [e for e in events if isinstance(e, RouteDecision)]
     assert decisions[0].stage == "evolve.seed" and decisions[0].choice == "strong"
     loop1 = [d for d in decisions if d.stage.startswith("evolve.1.")]
     assert len(loop1) == 4
-    assert [d.choice for d in loop1].count("strong") == 1  # ceil(4 * 25%) lowest group
-    assert all(d.signals["source"] == "diversity" for d in loop1)  # all tokens equally confident
-    # The cheap recombiners all answer 4, so the population agrees and loop 2 stops early.
-    assert decisions[-1].stage == "evolve.2" and decisions[-1].choice == "skip"
+    # Without logprobs a candidate scores the vote share of its answer (diversity fallback);
+    # ceil(4 * 25 %) = 1 group, the least confident, goes to the strong tier.
+    assert all(d.signals["source"] == "diversity" for d in loop1)
+    strong = [d for d in loop1 if d.choice == "strong"]
+    assert len(strong) == 1 and 2 in strong[0].signals["members"]
+    assert strong[0].signals["group_score"] == min(d.signals["group_score"] for d in loop1)
+    # Every recombiner answers 4, so the population agrees and loop 2 stops early.
+    assert (decisions[-1].stage, decisions[-1].choice) == ("evolve.2", "skip")
     models = _models(server)
-    assert models[:4] == ["strong"] * 4 and len(models) == 8
+    assert models[:4] == ["strong"] * 4 and sorted(models[4:]) == ["cheap"] * 3 + ["strong"]
     result = events[-1].result
-    assert result.text.endswith("The answer is 4.")
-    assert result.mode == "routed-evolve"
+    assert result.text.endswith("The answer is 4.") and result.mode == "routed-evolve"
     assert sum(isinstance(e, AgentFinished) for e in events) == 8
+    assert "Candidate solutions:" in server.requests[-1].body["messages"][0]["content"]
 
 
 def test_run_sync_and_config_file(tmp_path: Any, server: LoopbackServer) -> None:

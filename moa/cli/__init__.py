@@ -1,9 +1,1 @@
-"""The `moa` command line."""
-
-from __future__ import annotations
-
-
-def main(argv: list[str] | None = None) -> int:
-    from moa.cli.main import run
-
-    return run(argv)
+"""The `moa` command line; the entry point is `moa.cli.main.run`."""

@@ -1,5 +1,5 @@
 """`python -m moa.cli` runs the `moa` command."""
 
-from moa.cli import main
+from moa.cli.main import run
 
-raise SystemExit(main())
+raise SystemExit(run())

@@ -26,7 +26,7 @@ _CANCEL_WAIT_S = 10.0
 
 
 class ChatSession:
-    """Runs turns of one mixture on a private event loop; use as a context manager."""
+    """Runs turns of one mixture on the session's event loop (made by `open_session`)."""
 
     def __init__(self, portal: BlockingPortal, mixture: Mixture) -> None:
         self._portal = portal
