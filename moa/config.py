@@ -64,16 +64,30 @@ class StaircaseConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    chunk_tokens: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [16, 32, 64], min_length=1)
+    chunk_tokens: list[Annotated[int, Field(gt=0)]] = Field(
+        default_factory=lambda: [16, 32, 64], min_length=1
+    )
     """Chunk sizes in tokens, small first; the last repeats."""
-    step_tokens: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [16, 32, 64], min_length=1)
+    step_tokens: list[Annotated[int, Field(gt=0)]] = Field(
+        default_factory=lambda: [16, 32, 64], min_length=1
+    )
     """Aggregator tokens per step, small first; the last repeats."""
-    start_k: int | None = Field(None, ge=1, description="Start after the first chunk of k proposers (default: all live).")
-    grace_s: float = Field(0.25, ge=0, description="Longest wait for slower first chunks once k arrived.")
-    stall_s: float = Field(2.0, gt=0, description="Silence after which an unfinished reference no longer holds an aggregator back.")
+    start_k: int | None = Field(
+        None, ge=1, description="k of the fastest-k start (default: the layer's min_proposers)."
+    )
+    grace_s: float = Field(
+        0.25, ge=0, description="Longest wait for slower first chunks once k arrived."
+    )
+    stall_s: float = Field(
+        2.0,
+        gt=0,
+        description="Silence after which an unfinished reference stops holding an aggregator.",
+    )
     layout: Literal["readable", "prefix_cache"] = "readable"
     keep_truncated: bool = True
     """Keep (labelled) the text of a proposer that failed mid-stream."""
+    # An aggregator starts when every live reference delivered its first chunk, or once k
+    # have and `grace_s` passed; the step loop is in moa.executor, the design in the docs.
 
     def chunk_size(self, index: int) -> int:
         """Tokens in chunk `index` (0-based) of a streamed reference."""
@@ -176,17 +190,20 @@ def _preset(name: str) -> MixtureConfig:
     if name == "moa":
         layer = LayerConfig(agents=_agents(_TOGETHER_PROPOSERS))
         return MixtureConfig(
-            name=name, layers=[layer, layer.model_copy(deep=True)],
+            name=name,
+            layers=[layer, layer.model_copy(deep=True)],
             aggregator=AgentConfig(model=_TOGETHER_AGGREGATOR),
         )
     if name == "moa-lite":
         return MixtureConfig(
-            name=name, layers=[LayerConfig(agents=_agents(_TOGETHER_PROPOSERS))],
+            name=name,
+            layers=[LayerConfig(agents=_agents(_TOGETHER_PROPOSERS))],
             aggregator=AgentConfig(model=_TOGETHER_AGGREGATOR),
         )
     if name == "self-moa":
         return MixtureConfig(
-            name=name, layers=[LayerConfig(agents=[AgentConfig(model=_TOGETHER_AGGREGATOR, n=6)])],
+            name=name,
+            layers=[LayerConfig(agents=[AgentConfig(model=_TOGETHER_AGGREGATOR, n=6)])],
             aggregator=AgentConfig(model=_TOGETHER_AGGREGATOR),
         )
     if name == "local":
@@ -218,7 +235,9 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return f"Invalid config {source}: field '{where}': {first['msg']}{more}."
 
 
-def from_dict(data: dict[str, Any], *, source: str = "object", registry: Registry | None = None) -> MixtureConfig:
+def from_dict(
+    data: dict[str, Any], *, source: str = "object", registry: Registry | None = None
+) -> MixtureConfig:
     """Validate a plain dict (parsed TOML / JSON) into a `MixtureConfig`.
 
     A `preset` key starts from that preset; the other keys replace its top-level fields.
@@ -248,10 +267,7 @@ def read_file(path: str | Path) -> dict[str, Any]:
     except OSError as err:
         raise ConfigError(f"Cannot read config file {str(path)!r}: {err.strerror}.") from None
     try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(raw)
-        else:
-            data = tomllib.loads(raw.decode())
+        data = json.loads(raw) if path.suffix.lower() == ".json" else tomllib.loads(raw.decode())
     except (ValueError, UnicodeDecodeError) as err:
         raise ConfigError(f"Config file {str(path)!r} is malformed: {err}.") from None
     if not isinstance(data, dict):

@@ -15,6 +15,7 @@ Events go to `emit`; failures of single agents are reported, not raised. Run-lev
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -59,7 +60,7 @@ from moa.providers.base import ChatRequest, Delta, Message, Provider, Usage
 from moa.providers.registry import Registry
 from moa.result import AgentOutput, MixtureResult
 from moa.staircase import ReferenceView, start_wait
-from moa.tokens import count_messages, count_tokens
+from moa.tokens import count_messages, count_tokens, encoding
 
 log = logging.getLogger("moa.executor")
 
@@ -133,18 +134,22 @@ class Execution:
         self.config = config
         self.messages = messages
         self.emit_raw = emit
-        self.t0 = time.monotonic()
+        encoding()  # load the tokenizer now, not on the first delta inside the event loop
         self.prices = pricing.with_overrides(config.prices)
         self.board = Board()
         self.layers = self._build(registry, overrides or Overrides())
         self.final = self.layers[-1][0]
         self.mode, self.notices = self._choose_mode(mode or config.mode)
+        if self.mode == "layered":
+            for node in self.nodes:
+                node.feed.chunk_size = None
         self.quorum_start = (
             config.staircase.start_k if self.notices and self.mode == "layered" else None
         )
         self.fatal: MixtureError | None = None
         self.ttft: float | None = None
         self._scope = anyio.CancelScope()
+        self.t0 = time.monotonic()
 
     @property
     def nodes(self) -> list[Node]:
@@ -155,7 +160,8 @@ class Execution:
     def _build(self, registry: Registry, ov: Overrides) -> list[list[Node]]:
         final = self.config.aggregator.model_copy(
             update={
-                k: v for k, v in (("temperature", ov.temperature), ("max_tokens", ov.max_tokens))
+                k: v
+                for k, v in (("temperature", ov.temperature), ("max_tokens", ov.max_tokens))
                 if v is not None
             }
         )
@@ -171,7 +177,10 @@ class Execution:
                     aid = AgentId(li, len(nodes), agent.model, agent.name or "", is_final)
                     nodes.append(
                         Node(
-                            aid, agent, provider, model,
+                            aid,
+                            agent,
+                            provider,
+                            model,
                             Feed(self.board, self.config.staircase.chunk_size),
                             upstream=layers[-1] if layers else [],
                             quorum=shapes[li - 1][1] if li else 1,
@@ -186,8 +195,12 @@ class Execution:
         if requested == "layered":
             return "layered", []
         blockers = sorted(
-            {n.agent.model for layer in self.layers[1:] for n in layer
-             if not n.provider.capabilities.continuation}
+            {
+                n.agent.model
+                for layer in self.layers[1:]
+                for n in layer
+                if not n.provider.capabilities.continuation
+            }
         )
         if not blockers:
             return "staircase", []
@@ -204,15 +217,14 @@ class Execution:
         return time.monotonic() - self.t0
 
     def emit(self, event: Event) -> None:
-        try:
+        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
             self.emit_raw(event)
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            pass
 
     # ---- the run -------------------------------------------------------------------------
 
     async def drive(self) -> MixtureResult:
         """Run the graph; never raises a run failure (sets `fatal` and emits `RunFailed`)."""
+        self.t0 = time.monotonic()
         self.emit(RunStarted(self._now(), self.config.name, self.mode, [n.id for n in self.nodes]))
         for message in self.notices:
             self.emit(Notice(self._now(), message, kind="fallback"))
@@ -317,9 +329,7 @@ class Execution:
             return True
         done = sum(f.state == "done" for f in feeds)
         quiet = time.monotonic() - self.config.staircase.stall_s
-        return done >= node.quorum and all(
-            f.resolved or f.last_activity <= quiet for f in feeds
-        )
+        return done >= node.quorum and all(f.resolved or f.last_activity <= quiet for f in feeds)
 
     async def _wait_news(self, node: Node, view: ReferenceView) -> None:
         """Wait (at most `stall_s`) for a new chunk, a finish or a failure upstream."""
@@ -366,10 +376,23 @@ class Execution:
     def _trimmed(self, node: Node, refs: list[Reference], max_tokens: int) -> list[Message]:
         """References trimmed (readable layout) so the prompt fits the aggregator's context."""
         limit = self.config.aggregator_context_tokens or 0
-        base = count_messages(self._messages(node, readable_block(
-            [Reference("", complete=r.complete, truncated=r.truncated, trimmed=True,
-                       same_as=r.same_as) for r in refs]
-        )))
+        base = count_messages(
+            self._messages(
+                node,
+                readable_block(
+                    [
+                        Reference(
+                            "",
+                            complete=r.complete,
+                            truncated=r.truncated,
+                            trimmed=True,
+                            same_as=r.same_as,
+                        )
+                        for r in refs
+                    ]
+                ),
+            )
+        )
         available = limit - max_tokens - base
         for _ in range(4):
             if available <= 0:
@@ -428,8 +451,13 @@ class Execution:
     ) -> _Call:
         """One provider call, streamed into the node (unless `visible` is False)."""
         request = ChatRequest(
-            model=node.model, messages=messages, temperature=node.agent.temperature,
-            max_tokens=max_tokens, stop=node.stop, seed=node.seed, continue_final=continue_final,
+            model=node.model,
+            messages=messages,
+            temperature=node.agent.temperature,
+            max_tokens=max_tokens,
+            stop=node.stop,
+            seed=node.seed,
+            continue_final=continue_final,
         )
         parts: list[str] = []
         finish: str | None = None
@@ -480,9 +508,7 @@ class Execution:
         out.ok, out.text, out.finish_reason = True, node.text, finish
         out.latency_s = self._latency(node)
         node.feed.finish()
-        self.emit(AgentFinished(
-            self._now(), node.id, out.text, finish, out.ttft_s, out.latency_s
-        ))
+        self.emit(AgentFinished(self._now(), node.id, out.text, finish, out.ttft_s, out.latency_s))
 
     def _failed(self, node: Node, error: str) -> None:
         out = node.output
@@ -503,9 +529,11 @@ class Execution:
                 out.ok, out.text, out.truncated = True, node.text, True
                 out.finish_reason, out.latency_s = "cancelled", self._latency(node)
                 node.feed.state = "done"
-                self.emit(AgentFinished(
-                    self._now(), node.id, out.text, "cancelled", out.ttft_s, out.latency_s
-                ))
+                self.emit(
+                    AgentFinished(
+                        self._now(), node.id, out.text, "cancelled", out.ttft_s, out.latency_s
+                    )
+                )
             else:
                 why = "the final answer was complete first" if completed else "the run ended"
                 self._failed(node, f"cancelled: {why}")
@@ -522,4 +550,3 @@ class Execution:
             latency_s=self._now(),
             notices=list(self.notices),
         )
-

@@ -39,10 +39,11 @@ class Feed:
     """Text released in chunks: chunk `i` is released once it holds `chunk_size(i)` tokens.
 
     A chunk ends on a delta boundary (never inside a streamed piece); when the agent finishes,
-    the remainder is released as the last chunk.
+    the remainder is released as the last chunk. Without `chunk_size` (layered mode, where
+    nobody reads a reference before it is done) the whole text is one chunk.
     """
 
-    def __init__(self, board: Board, chunk_size: Callable[[int], int]) -> None:
+    def __init__(self, board: Board, chunk_size: Callable[[int], int] | None) -> None:
         self.board = board
         self.chunk_size = chunk_size
         self.chunks: list[str] = []
@@ -72,7 +73,7 @@ class Feed:
         self.state = "streaming"
         self.last_activity = time.monotonic()
         self.pending += text
-        if count_tokens(self.pending) >= self.chunk_size(len(self.chunks)):
+        if self.chunk_size and count_tokens(self.pending) >= self.chunk_size(len(self.chunks)):
             self._release()
 
     def finish(self) -> None:

@@ -50,7 +50,8 @@ class Mixture:
         self.config.check_models(self.registry)
 
     def __repr__(self) -> str:
-        return f"Mixture({self.config.name!r}, mode={self.config.mode!r}, calls={self.config.call_count})"
+        c = self.config
+        return f"Mixture({c.name!r}, mode={c.mode!r}, calls={c.call_count})"
 
     async def stream(
         self,
@@ -64,7 +65,10 @@ class Mixture:
         """Run the mixture and yield its events; the overrides apply to the final aggregator."""
         send, receive = anyio.create_memory_object_stream[Event](math.inf)
         execution = Execution(
-            self.config, self.registry, as_messages(messages), send.send_nowait,
+            self.config,
+            self.registry,
+            as_messages(messages),
+            send.send_nowait,
             Overrides(temperature, max_tokens, stop, seed),
         )
 

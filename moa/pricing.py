@@ -50,7 +50,7 @@ def with_overrides(prices: dict[str, Price] | None = None) -> dict[str, Price]:
 
 
 def price_of(model: str, table: dict[str, Price] | None = None) -> Price | None:
-    """The price of a model reference; a router's `prefix/vendor/model` also matches `vendor/model`."""
+    """The price of a model reference; `router/vendor/model` also matches `vendor/model`."""
     table = PRICES if table is None else table
     if model in table:
         return table[model]

@@ -58,6 +58,8 @@ class Reference:
     """Number (1-based) of an earlier reference this one repeats; its text is not fed again."""
     continued: bool = False
     """More text of a response begun in an earlier round (prefix_cache layout)."""
+    tail: str = ""
+    """With `same_as`: what this response adds after repeating that one so far."""
 
 
 def as_messages(messages: str | list[Message]) -> list[Message]:
@@ -110,6 +112,8 @@ def entry(number: int, ref: Reference) -> str:
     """One numbered line of the references list."""
     if ref.same_as is not None:
         body = f"(same as response {ref.same_as})"
+        if ref.tail:
+            body += f" then …{ref.tail}" + ("" if ref.complete else IN_PROGRESS_LABEL)
     else:
         body = f"…{ref.text}" if ref.continued else ref.text
         if ref.trimmed:
@@ -176,19 +180,31 @@ def near_identical(a: str, b: str) -> bool:
     return matcher.quick_ratio() >= NEAR_IDENTICAL and matcher.ratio() >= NEAR_IDENTICAL
 
 
+def _repeat(ref: Reference, earlier: Reference) -> Reference | None:
+    """`ref` as a pointer to `earlier` when it says the same (so far), else None."""
+    if near_identical(ref.text, earlier.text):
+        return replace(ref, same_as=0)
+    if not ref.complete and _normal(earlier.text).startswith(_normal(ref.text)):
+        return replace(ref, same_as=0)
+    if not earlier.complete and ref.text.startswith(earlier.text) and earlier.text.strip():
+        return replace(ref, same_as=0, tail=ref.text[len(earlier.text) :])
+    return None
+
+
 def mark_duplicates(refs: list[Reference]) -> list[Reference]:
-    """Replace each reference that repeats an earlier one by a pointer to it."""
+    """Replace each reference that repeats an earlier one (so far) by a pointer to it.
+
+    Streamed references that agree but are at different lengths count as repeats: the
+    shorter one is a pointer, the longer one a pointer plus the text it has in addition.
+    """
     out: list[Reference] = []
     for ref in refs:
-        match = next(
-            (
-                i
-                for i, earlier in enumerate(out, 1)
-                if earlier.same_as is None and ref.text and near_identical(ref.text, earlier.text)
-            ),
-            None,
-        )
-        out.append(replace(ref, same_as=match) if match else ref)
+        for number, earlier in enumerate(out, 1):
+            repeat = _repeat(ref, earlier) if ref.text and earlier.same_as is None else None
+            if repeat is not None:
+                ref = replace(repeat, same_as=number)
+                break
+        out.append(ref)
     return out
 
 

@@ -19,7 +19,7 @@ from pydantic import SecretStr
 from moa.errors import ConfigError, ProviderError
 
 from .base import Capabilities, ChatRequest, Delta, Message, Provider, Usage
-from .http import HttpTransport, StreamCall
+from .http import HttpTransport, StreamCall, header_option
 from .registry import ProviderSpec
 
 API_VERSION = "2023-06-01"
@@ -151,9 +151,7 @@ class AnthropicProvider(Provider):
         self.base_url = base_url.rstrip("/")
         self._version = str(spec.options.get("version", API_VERSION))
         self._max_tokens = int(spec.options.get("max_tokens", DEFAULT_MAX_TOKENS))  # type: ignore[call-overload]
-        self._extra_headers = {
-            str(k): str(v) for k, v in dict(spec.options.get("headers") or {}).items()  # type: ignore[call-overload]
-        }
+        self._extra_headers = header_option(spec.options)
         self._api_key = api_key
         self._transport = HttpTransport(spec.prefix, spec.limits, key_variable=spec.key_variable)
 

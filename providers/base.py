@@ -130,5 +130,5 @@ class Provider(abc.ABC):
             for i in sorted(texts)
         ]
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release connections or engine resources."""

@@ -15,7 +15,7 @@ import math
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
@@ -31,7 +31,7 @@ from tenacity import (
     retry_if_exception,
 )
 
-from moa.errors import ProviderError, ProviderTimeout, StreamInterrupted, StreamTimeout
+from moa.errors import ConfigError, ProviderError, ProviderTimeout, StreamInterrupted, StreamTimeout
 
 from .base import Delta
 from .registry import Limits
@@ -87,6 +87,14 @@ def redact(text: str, secret: SecretStr | None) -> str:
     """`text` with the secret (if it occurs) replaced by `***`."""
     value = secret.get_secret_value() if secret is not None else ""
     return text.replace(value, "***") if value else text
+
+
+def header_option(options: Mapping[str, object]) -> dict[str, str]:
+    """The `headers` option of a provider spec as a plain str -> str dict."""
+    headers = options.get("headers") or {}
+    if not isinstance(headers, Mapping):
+        raise ConfigError("The provider option 'headers' must be a table of strings.")
+    return {str(k): str(v) for k, v in headers.items()}
 
 
 def error_detail(raw: bytes) -> str:
@@ -194,7 +202,19 @@ class HttpTransport:
     # -- streaming ------------------------------------------------------------------
 
     async def stream(self, call: StreamCall) -> AsyncIterator[Delta]:
-        """Yield the call's deltas; retry before the first one, never after it."""
+        """Yield the call's deltas; retry before the first one, never after it.
+
+        Every error message is scrubbed of the API key, whatever the server echoed.
+        """
+        try:
+            async with aclosing(self._stream(call)) as deltas:
+                async for delta in deltas:
+                    yield delta
+        except ProviderError as exc:
+            _scrub(exc, call.secret)
+            raise
+
+    async def _stream(self, call: StreamCall) -> AsyncIterator[Delta]:
         who = f"{self.provider}/{call.model}"
         async with self._slot(call.model):
             total = self.limits.total_timeout
@@ -208,7 +228,7 @@ class HttpTransport:
                         if delta.text:
                             received.setdefault(delta.index, []).append(delta.text)
                         yield delta
-                    event = await self._next_event(opened.events, who, deadline, call.secret)
+                    event = await self._next_event(opened.events, who, deadline)
                     if event is None:
                         break
                     pending = opened.decoder.feed(event)
@@ -275,9 +295,14 @@ class HttpTransport:
                 decoder = call.decoder()
                 first: list[Delta] = []
                 while not first:
-                    event = await self._next_event(events, who, math.inf, call.secret)
+                    event = await self._next_event(events, who, math.inf)
                     if event is None:
                         first = decoder.end()
+                        if not first and not decoder.complete:
+                            raise ProviderError(
+                                f"{who}: the stream ended before any reply.",
+                                provider=self.provider, model=call.model, retryable=True,
+                            )
                         break
                     first = decoder.feed(event)
             if scope.cancelled_caught:
@@ -304,7 +329,6 @@ class HttpTransport:
         events: AsyncIterator[ServerSentEvent],
         who: str,
         deadline: float,
-        secret: SecretStr | None,
     ) -> ServerSentEvent | None:
         """The next event, None at the end; transport failures become `ProviderError`s."""
         model = who.partition("/")[2]
@@ -325,7 +349,7 @@ class HttpTransport:
             ) from exc
         except SSEError as exc:
             raise ProviderError(
-                redact(f"{who}: the server did not answer with an event stream: {exc}", secret),
+                f"{who}: the server did not answer with an event stream: {exc}",
                 provider=self.provider, model=model,
             ) from exc
         assert scope.cancelled_caught
@@ -352,7 +376,7 @@ class HttpTransport:
         if status in (401, 403) and self.key_variable:
             message += f" (check {self.key_variable})"
         return ProviderError(
-            redact(message.rstrip(".") + ".", call.secret),
+            message.rstrip(".") + ".",
             provider=self.provider,
             model=call.model,
             status=status,
@@ -367,6 +391,18 @@ def _timeout_phase(exc: httpx.TimeoutException, limits: Limits) -> str:
     if isinstance(exc, httpx.ReadTimeout):
         return f"no data for {limits.read_timeout:g} s (stalled stream)"
     return f"timed out ({type(exc).__name__})"
+
+
+def _scrub(exc: BaseException, secret: SecretStr | None) -> None:
+    """Redact the secret from `exc` and every exception chained to it."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen and secret is not None:
+        seen.add(id(current))
+        current.args = tuple(
+            redact(arg, secret) if isinstance(arg, str) else arg for arg in current.args
+        )
+        current = current.__cause__ or current.__context__
 
 
 def _interrupted(exc: ProviderError, received: str) -> StreamInterrupted:

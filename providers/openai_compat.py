@@ -21,7 +21,7 @@ from pydantic import SecretStr
 from moa.errors import ConfigError, ProviderError
 
 from .base import Capabilities, ChatRequest, Delta, Provider, TokenLogprob, Usage
-from .http import HttpTransport, StreamCall, retryable_status
+from .http import HttpTransport, StreamCall, header_option, retryable_status
 from .registry import ProviderSpec
 
 CONTINUATION_MODES = ("vllm", "prefill")
@@ -97,7 +97,7 @@ class OpenAIChunkDecoder:
                 f"{data[:60]!r}",
                 provider=self.provider, model=self.model,
             )
-        if chunk.get("error") or event.event == "error":
+        if chunk.get("error") or chunk.get("object") == "error" or event.event == "error":
             raise stream_error(who, chunk.get("error") or chunk,
                                provider=self.provider, model=self.model)
         deltas = []
@@ -146,9 +146,7 @@ class OpenAICompatProvider(Provider):
             multi_sample=bool(spec.options.get("multi_sample", True)),
         )
         self._stream_usage = bool(spec.options.get("stream_usage", True))
-        self._extra_headers = {
-            str(k): str(v) for k, v in dict(spec.options.get("headers") or {}).items()  # type: ignore[call-overload]
-        }
+        self._extra_headers = header_option(spec.options)
         self._api_key = api_key
         self._transport = HttpTransport(spec.prefix, spec.limits, key_variable=spec.key_variable)
 

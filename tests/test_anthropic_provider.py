@@ -80,9 +80,16 @@ async def test_overloaded_is_retried(loopback: LoopbackServer) -> None:
     loopback.set_behavior("c", ModelBehavior(reply=REPLY, fail_status=529, fail_times=1,
                                              retry_after=0.01))
     provider = make(loopback)
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    provider.transport.sleep = sleep
     [done] = await provider.complete(ChatRequest(model="c", messages=CHAT))
     assert done.text == REPLY
     assert len(loopback.requests) == 2
+    assert slept == [0.01]  # the 529 answer's retry-after-ms was read
     await provider.aclose()
 
 

@@ -67,18 +67,34 @@ def test_preset_key_in_a_file_is_overridden_by_the_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("data", "field"),
     [
-        ({"layers": [{"agents": [{"model": "nope/x"}]}], "aggregator": {"model": "openai/a"}},
-         "layers.0.agents.0.model"),
-        ({"layers": [{"agents": [{"model": "openai/a"}]}], "aggregator": {"model": "zz/b"}},
-         "aggregator.model"),
+        (
+            {"layers": [{"agents": [{"model": "nope/x"}]}], "aggregator": {"model": "openai/a"}},
+            "layers.0.agents.0.model",
+        ),
+        (
+            {"layers": [{"agents": [{"model": "openai/a"}]}], "aggregator": {"model": "zz/b"}},
+            "aggregator.model",
+        ),
         ({"layers": [{"agents": []}], "aggregator": {"model": "openai/a"}}, "layers.0.agents"),
         ({"layers": [], "aggregator": {"model": "openai/a"}}, "layers"),
-        ({"layers": [{"agents": [{"model": "openai/a", "temperature": -0.1}]}],
-          "aggregator": {"model": "openai/a"}}, "layers.0.agents.0.temperature"),
-        ({"layers": [{"agents": [{"model": "openai/a"}], "min_proposers": 3}],
-          "aggregator": {"model": "openai/a"}}, "layers.0"),
-        ({"layers": [{"agents": [{"model": "gpt-4o"}]}], "aggregator": {"model": "openai/a"}},
-         "layers.0.agents.0"),
+        (
+            {
+                "layers": [{"agents": [{"model": "openai/a", "temperature": -0.1}]}],
+                "aggregator": {"model": "openai/a"},
+            },
+            "layers.0.agents.0.temperature",
+        ),
+        (
+            {
+                "layers": [{"agents": [{"model": "openai/a"}], "min_proposers": 3}],
+                "aggregator": {"model": "openai/a"},
+            },
+            "layers.0",
+        ),
+        (
+            {"layers": [{"agents": [{"model": "gpt-4o"}]}], "aggregator": {"model": "openai/a"}},
+            "layers.0.agents.0",
+        ),
         ({"preset": "mo", "mode": "layered"}, "preset"),
         ({"preset": "moa", "mode": "fast"}, "mode"),
         ({"preset": "moa", "staircase": {"chunk_tokens": [0]}}, "staircase.chunk_tokens.0"),
@@ -90,15 +106,15 @@ def test_bad_configs_name_the_field(data: dict, field: str) -> None:
 
 
 def test_unknown_preset_and_malformed_files(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="Unknown preset 'mao'.*moa-lite"):
+    with pytest.raises(ConfigError, match=r"Unknown preset 'mao'.*moa-lite"):
         load("mao")
     bad = tmp_path / "bad.toml"
     bad.write_text("[[layers]\nagents = 1")
-    with pytest.raises(ConfigError, match="bad.toml' is malformed"):
+    with pytest.raises(ConfigError, match=r"bad.toml' is malformed"):
         load(bad)
     broken = tmp_path / "bad.json"
     broken.write_text("{")
-    with pytest.raises(ConfigError, match="bad.json' is malformed"):
+    with pytest.raises(ConfigError, match=r"bad.json' is malformed"):
         load(str(broken))
     with pytest.raises(ConfigError, match="Cannot read config file"):
         load(tmp_path / "missing.toml")

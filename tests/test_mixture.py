@@ -10,6 +10,7 @@ from typing import Any
 
 import anyio
 import pytest
+from moa.providers.registry import Limits, Registry
 
 from moa.config import MixtureConfig, preset
 from moa.errors import AggregatorFailed, DeadlineExceeded, NotEnoughProposers
@@ -25,14 +26,15 @@ from moa.events import (
 )
 from moa.mixture import Mixture
 from moa.prompts import AGGREGATE_PROMPT, TRIMMED_LABEL, Reference, readable_block
-from moa.providers.registry import Limits, Registry
 from moa.testing import LoopbackServer, ModelBehavior
 from moa.tokens import count_messages
 
 pytestmark = pytest.mark.anyio
 
 
-def loopback_config(config: MixtureConfig | str, prefix: str = "loop", **changes: Any) -> MixtureConfig:
+def loopback_config(
+    config: MixtureConfig | str, prefix: str = "loop", **changes: Any
+) -> MixtureConfig:
     """A preset (or config) with every model ref moved to the loopback prefix."""
     config = preset(config) if isinstance(config, str) else config
     data = config.model_dump()
@@ -73,7 +75,9 @@ def aggregator_bodies(srv: LoopbackServer) -> list[dict[str, Any]]:
     return [r.body for r in srv.requests if r.body and is_aggregation(r.body)]
 
 
-@pytest.mark.parametrize(("name", "calls"), [("moa", 13), ("moa-lite", 7), ("self-moa", 7), ("local", 4)])
+@pytest.mark.parametrize(
+    ("name", "calls"), [("moa", 13), ("moa-lite", 7), ("self-moa", 7), ("local", 4)]
+)
 async def test_preset_shapes_end_to_end(srv: LoopbackServer, name: str, calls: int) -> None:
     m = Mixture(loopback_config(name, mode="layered"), registry=srv.registry())
     result = await m.run("What is MoA?")
@@ -86,7 +90,9 @@ async def test_preset_shapes_end_to_end(srv: LoopbackServer, name: str, calls: i
     for layer in range(len(layers)):
         expected = readable_block([Reference(o.text) for o in result.proposals(layer)])
         receivers = [b for b in sent if b["messages"][0]["content"] == expected]
-        assert len(receivers) == (1 if layer == len(layers) - 1 else len(result.proposals(layer + 1)))
+        assert len(receivers) == (
+            1 if layer == len(layers) - 1 else len(result.proposals(layer + 1))
+        )
         for body in receivers:
             assert body["messages"][1:] == [{"role": "user", "content": "What is MoA?"}]
     final = sent[-1]["messages"][0]["content"]
@@ -124,8 +130,12 @@ async def test_events_order_and_final_deltas(srv: LoopbackServer) -> None:
     result = events[-1].result
     assert "".join(e.text for e in events if isinstance(e, FinalDelta)) == result.text
     assert len([e for e in events if isinstance(e, UsageReport)]) == result.calls == 7
-    final_start = next(i for i, e in enumerate(events) if isinstance(e, AgentStarted) and e.agent.final)
-    finished = [i for i, e in enumerate(events) if isinstance(e, AgentFinished) and not e.agent.final]
+    final_start = next(
+        i for i, e in enumerate(events) if isinstance(e, AgentStarted) and e.agent.final
+    )
+    finished = [
+        i for i, e in enumerate(events) if isinstance(e, AgentFinished) and not e.agent.final
+    ]
     assert len(finished) == 6 and max(finished) < final_start
     assert result.ttft_s is not None and 0 < result.ttft_s <= result.latency_s
     assert all(o.usage.completion_tokens > 0 and o.latency_s is not None for o in result.outputs)
@@ -133,7 +143,9 @@ async def test_events_order_and_final_deltas(srv: LoopbackServer) -> None:
 
 
 async def test_usage_and_cost_from_prices(srv: LoopbackServer) -> None:
-    config = loopback_config("moa-lite", mode="layered", prices={"loop/Qwen/Qwen2.5-72B-Instruct-Turbo": (1.0, 2.0)})
+    config = loopback_config(
+        "moa-lite", mode="layered", prices={"loop/Qwen/Qwen2.5-72B-Instruct-Turbo": (1.0, 2.0)}
+    )
     async with Mixture(config, registry=srv.registry()) as m:
         result = await m.run("price?")
     final = result.outputs[-1]
@@ -171,7 +183,7 @@ async def test_min_proposers_and_dropped_truncated(srv: LoopbackServer) -> None:
     for model in ("Qwen/Qwen2.5-72B-Instruct-Turbo", "meta-llama/Llama-3.3-70B-Instruct-Turbo"):
         srv.set_behavior(model, ModelBehavior(reply="a b c", drop_after=1, fail_times=None))
     m = Mixture(config, registry=fast_registry(srv))
-    with pytest.raises(NotEnoughProposers, match="2 of the 3 agents of layer 1 failed") as err:
+    with pytest.raises(NotEnoughProposers, match=r"2 of the 3 agents of layer 1 failed") as err:
         await m.run("q")
     failures = [o for o in err.value.partial.failed if "cancelled" not in (o.error or "")]
     assert [o.agent.index for o in failures] == [0, 1] and all(o.truncated for o in failures)
@@ -188,7 +200,7 @@ async def test_aggregator_failure_keeps_the_proposals(srv: LoopbackServer) -> No
     config.layers[0].agents = config.layers[0].agents[1:]
     m = Mixture(config, registry=fast_registry(srv))
     events: list[Any] = []
-    with pytest.raises(AggregatorFailed, match="final aggregator failed: .*400") as err:
+    with pytest.raises(AggregatorFailed, match=r"final aggregator failed: .*400") as err:
         async for event in m.stream("q"):
             events.append(event)
     assert isinstance(events[-1], RunFailed) and events[-1].result is err.value.partial
@@ -201,7 +213,7 @@ async def test_deadline_stops_every_call(srv: LoopbackServer) -> None:
     srv.set_behavior("google/gemma-2-27b-it", ModelBehavior(reply="slow", ttft_s=30))
     m = Mixture(config, registry=fast_registry(srv))
     with anyio.fail_after(10):
-        with pytest.raises(DeadlineExceeded, match="deadline of 0.3 s") as err:
+        with pytest.raises(DeadlineExceeded, match=r"deadline of 0\.3 s") as err:
             await m.run("q")
     assert sum(o.ok for o in err.value.partial.outputs) == 5
     await _no_streams(srv)
@@ -273,11 +285,15 @@ async def test_long_references_are_trimmed_to_fit(srv: LoopbackServer) -> None:
 async def test_long_references_aggregated_in_windows(srv: LoopbackServer) -> None:
     for i, model in enumerate(["a", "b", "c", "d"]):
         srv.set_behavior(model, ModelBehavior(reply=f"{model} " * 150 + str(i)))
-    config = MixtureConfig.model_validate({
-        "layers": [{"agents": [{"model": f"loop/{m}"} for m in "abcd"]}],
-        "aggregator": {"model": "loop/agg", "max_tokens": 64},
-        "aggregator_context_tokens": 560, "long_references": "window", "mode": "layered",
-    })
+    config = MixtureConfig.model_validate(
+        {
+            "layers": [{"agents": [{"model": f"loop/{m}"} for m in "abcd"]}],
+            "aggregator": {"model": "loop/agg", "max_tokens": 64},
+            "aggregator_context_tokens": 560,
+            "long_references": "window",
+            "mode": "layered",
+        }
+    )
     events = [e async for e in Mixture(config, registry=srv.registry()).stream("q")]
     result = events[-1].result
     sent = aggregator_bodies(srv)

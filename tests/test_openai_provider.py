@@ -176,6 +176,25 @@ async def test_stream_ending_without_finish_is_an_error(loopback: LoopbackServer
     await provider.aclose()
 
 
+async def test_empty_stream_is_retried_then_reported(loopback: LoopbackServer) -> None:
+    loopback.set_behavior("m", ModelBehavior(raw_sse=b": nothing but a comment\n\n"))
+    provider = make(loopback, max_retries=2)
+    with pytest.raises(ProviderError, match="ended before any reply"):
+        await provider.complete(ChatRequest(model="m", messages=HI))
+    assert len(loopback.requests) == 3
+    await provider.aclose()
+
+
+async def test_extra_headers_option(loopback: LoopbackServer) -> None:
+    spec = ProviderSpec(prefix="loop", base_url=loopback.base_url, key_required=False,
+                        options={"headers": {"HTTP-Referer": "https://example.org"}})
+    provider = OpenAICompatProvider(spec, None)
+    await provider.complete(ChatRequest(model="m", messages=HI))
+    assert loopback.requests[-1].headers["http-referer"] == "https://example.org"
+    assert "authorization" not in loopback.requests[-1].headers
+    await provider.aclose()
+
+
 # -- retries -------------------------------------------------------------------------
 
 
@@ -299,7 +318,7 @@ async def test_stall_before_first_token_times_out(loopback: LoopbackServer) -> N
 
 async def test_stall_mid_stream_times_out_with_received_text(loopback: LoopbackServer) -> None:
     loopback.set_behavior("m", ModelBehavior(reply=REPLY, stall_after=2))
-    provider = make(loopback, read_timeout=0.05)
+    provider = make(loopback, read_timeout=0.2)
     with pytest.raises(StreamTimeout) as info:
         await provider.complete(ChatRequest(model="m", messages=HI))
     assert isinstance(info.value, ProviderTimeout) and isinstance(info.value, StreamInterrupted)
@@ -309,8 +328,8 @@ async def test_stall_mid_stream_times_out_with_received_text(loopback: LoopbackS
 
 
 async def test_whole_call_deadline(loopback: LoopbackServer) -> None:
-    loopback.set_behavior("m", ModelBehavior(reply=REPLY, tokens_per_s=40))
-    provider = make(loopback, total_timeout=0.1)
+    loopback.set_behavior("m", ModelBehavior(reply=REPLY, tokens_per_s=10))
+    provider = make(loopback, total_timeout=0.3)
     with pytest.raises(StreamTimeout, match="whole-call deadline") as info:
         await provider.complete(ChatRequest(model="m", messages=HI))
     assert info.value.received.startswith("The")
@@ -326,6 +345,18 @@ async def test_error_object_inside_the_stream(loopback: LoopbackServer) -> None:
     loopback.set_behavior("m", ModelBehavior(reply=REPLY, error_after=0, fail_times=1))
     [done] = await provider.complete(ChatRequest(model="m", messages=HI))
     assert done.text == REPLY  # before any text, a server error in the stream is retried
+    await provider.aclose()
+
+
+async def test_top_level_error_object_of_older_vllm(loopback: LoopbackServer) -> None:
+    raw = (b'data: {"object": "error", "message": "prompt too long", "type": "BadRequestError",'
+           b' "code": 400}\n\n')
+    loopback.set_behavior("m", ModelBehavior(raw_sse=raw))
+    provider = make(loopback)
+    with pytest.raises(ProviderError, match="prompt too long") as info:
+        await provider.complete(ChatRequest(model="m", messages=HI))
+    assert info.value.status == 400 and not info.value.retryable
+    assert len(loopback.requests) == 1
     await provider.aclose()
 
 

@@ -64,11 +64,17 @@ def test_multi_turn_history_is_intact_and_strings_are_not_iterated() -> None:
 
 def test_labels_and_duplicates() -> None:
     refs = mark_duplicates(
-        [Reference("The answer is 4."), Reference("the answer is  4."), Reference("cut", truncated=True)]
+        [
+            Reference("The answer is 4."),
+            Reference("the answer is  4."),
+            Reference("cut", truncated=True),
+        ]
     )
     assert refs[1].same_as == 1 and refs[2].same_as is None
     block = readable_block(refs)
-    assert block.endswith("\n1. The answer is 4.\n2. (same as response 1)\n3. cut" + TRUNCATED_LABEL)
+    assert block.endswith(
+        "\n1. The answer is 4.\n2. (same as response 1)\n3. cut" + TRUNCATED_LABEL
+    )
     assert near_identical("a long answer about cats " * 10, "a long answer about cats " * 10 + "!")
     assert not near_identical("Paris is the capital.", "Lyon is the capital.")
 

@@ -40,6 +40,6 @@ skipped (the majority answer stands), below it runs on the strong tier. The loop
 reports chosen-token logprobs only, so confidence is the chosen-token (not top-k) DeepConf."""
 CALIBRATED_STRONG_SHARE = 0.45
 """Share of questions the calibrated policies may send to the strong tier."""
-MARGINAL_SWEEP = [0.5, 1.0, 2.0]
+MARGINAL_SWEEP = [0.25, 0.5, 2.0, 4.0]
 """Multiples of the calibrated marginal-utility λ swept for the curve."""
 EVOLVE = {"population": 4, "group_size": 2, "loops": 2, "strong_percentile": 25.0}

@@ -134,7 +134,24 @@ def run(args: argparse.Namespace) -> int:
         json.dump({"rows": rows}, sys.stdout)
         sys.stdout.write("\n")
         return 0
-    from moa.bench import print_rows
-
-    print_rows("eval", rows, as_json=False)
+    _print_table(rows)
     return 0
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"moa eval ({rows[0]['tasks']} tasks)")
+    columns = ["config", "accuracy", "calls", "tokens", "cost_usd", "latency_s", "errors"]
+    for col in columns:
+        table.add_column(col, justify="left" if col == "config" else "right")
+    for r in rows:
+        cost = "?" if r["cost_usd"] is None else f"{r['cost_usd']:.6f}"
+        tokens = r["prompt_tokens"] + r["completion_tokens"]
+        table.add_row(r["config"], f"{r['accuracy']:.1%}", str(r["calls"]), str(tokens), cost,
+                      f"{r['latency_s']:.3f}", str(r["errors"]))
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)
+    console.print(table)

@@ -16,6 +16,13 @@ from typing import Any
 MAX_HEADER_BYTES = 64 * 1024
 
 
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:  # e.g. 529, Anthropic's "overloaded"
+        return "Overloaded" if status == 529 else "Error"
+
+
 class BadRequest(Exception):
     """The bytes received are not an HTTP/1.1 request this server understands."""
 
@@ -77,7 +84,7 @@ class Connection:
         headers: dict[str, str] | None = None,
     ) -> None:
         lines = [
-            f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
+            f"HTTP/1.1 {status} {_phrase(status)}",
             f"content-type: {content_type}",
             f"content-length: {len(body)}",
             *(f"{k}: {v}" for k, v in (headers or {}).items()),
@@ -122,8 +129,11 @@ class Connection:
             watcher = asyncio.ensure_future(self.reader.read(65536))
             done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if task in done:
-                watcher.cancel()
-                await asyncio.gather(watcher, return_exceptions=True)
+                if watcher.done() and not watcher.exception():
+                    self.buffer.extend(watcher.result())
+                else:
+                    watcher.cancel()
+                    await asyncio.gather(watcher, return_exceptions=True)
                 task.result()
                 return True
             data = watcher.result() if not watcher.exception() else b""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 from collections.abc import Mapping
@@ -20,6 +21,8 @@ from .wire import AnthropicFrames, OpenAIFrames
 
 if TYPE_CHECKING:
     from moa.providers.registry import Limits, Registry
+
+log = logging.getLogger("moa.testing")
 
 _ECHO = ModelBehavior()
 
@@ -189,6 +192,8 @@ class LoopbackServer:
             await conn.send_json(400, OpenAIFrames.error_document(400, str(exc)))
         except (ConnectionError, _Dropped, asyncio.CancelledError):
             pass  # the client went away, a fault dropped the socket, or the server stops
+        except Exception:
+            log.exception("The loopback server failed while answering; connection dropped.")
         finally:
             self._tasks.discard(task)
             writer.close()

@@ -1,0 +1,97 @@
+"""`moa bench overhead`: orchestration overhead of a layered mixture against its critical path.
+
+A 3-layer mixture (6 proposers, 6 refiners, 1 aggregator) runs against the loopback server,
+every agent with a set TTFT and token rate. The critical path is the sum over layers of the
+slowest agent's TTFT + (tokens - 1) / rate (the loopback server sends the first token at the
+TTFT). Whatever the run takes beyond it is overhead (HTTP, SSE parsing, prompt building,
+scheduling). The runs share one event loop and connection pool, as a server's would; the
+loopback server runs in the same process, so its work counts as overhead too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+TARGET_SHARE = 0.05
+TARGET_PER_LAYER_S = 0.020
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repeats", type=int, default=5, help="runs to measure (default 5)")
+    parser.add_argument("--tokens", type=int, default=100, help="tokens per reply (default 100)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _agents(layer: int, tokens: int) -> dict[str, tuple[float, float]]:
+    """Model name -> (TTFT seconds, tokens/s), spread across the layer's agents."""
+    if layer == 3:
+        return {"final": (0.2, 150.0)}
+    return {f"L{layer}a{i}": (0.1 + 0.04 * i, 100.0 + 50.0 * (i % 3)) for i in range(6)}
+
+
+def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
+    import anyio
+
+    from moa.config import MixtureConfig
+    from moa.mixture import Mixture
+    from moa.testing import LoopbackServer, ModelBehavior
+
+    layers = [_agents(n, args.tokens) for n in (1, 2, 3)]
+    reply = " ".join(f"w{i}" for i in range(args.tokens))
+    models = {
+        name: ModelBehavior(reply=reply, ttft_s=ttft, tokens_per_s=rate)
+        for layer in layers
+        for name, (ttft, rate) in layer.items()
+    }
+    critical = sum(
+        max(ttft + (args.tokens - 1) / rate for ttft, rate in layer.values()) for layer in layers
+    )
+    config = MixtureConfig.model_validate(
+        {
+            "name": "moa-3x6",
+            "mode": "layered",
+            "layers": [{"agents": [{"model": f"loop/{m}"} for m in layer]} for layer in layers[:2]],
+            "aggregator": {"model": "loop/final"},
+        }
+    )
+    rows: list[dict[str, Any]] = []
+
+    async def measure(mixture: Mixture) -> None:
+        await mixture.run("warm up")
+        for i in range(args.repeats):
+            start = time.perf_counter()
+            result = await mixture.run("How much overhead?")
+            measured = time.perf_counter() - start
+            overhead = measured - critical
+            rows.append(
+                {
+                    "mixture": config.name,
+                    "mode": "layered",
+                    "run": i + 1,
+                    "calls": result.calls,
+                    "critical_path_s": round(critical, 4),
+                    "measured_s": round(measured, 4),
+                    "overhead_ms": round(overhead * 1000, 1),
+                    "overhead_pct": round(100 * overhead / critical, 2),
+                    "per_layer_ms": round(overhead * 1000 / 3, 1),
+                }
+            )
+        await mixture.aclose()
+
+    with LoopbackServer(models) as srv:
+        anyio.run(measure, Mixture(config, registry=srv.registry()))
+    median = sorted(rows, key=lambda r: r["overhead_ms"])[len(rows) // 2]
+    ok = (
+        median["overhead_pct"] < 100 * TARGET_SHARE
+        and median["per_layer_ms"] < 1000 * TARGET_PER_LAYER_S
+    )
+    notes = [
+        f"3 layers x 6 agents, {args.tokens} tokens per reply; critical path = sum over layers "
+        "of the slowest agent's TTFT + (tokens - 1) / rate.",
+        f"target: overhead < {100 * TARGET_SHARE:g} % and < {1000 * TARGET_PER_LAYER_S:g} ms per "
+        f"layer; median run: {median['overhead_pct']} %, {median['per_layer_ms']} ms per layer -> "
+        f"{'met' if ok else 'NOT met'}.",
+    ]
+    return rows, notes

@@ -1,0 +1,104 @@
+"""`moa calibrate LABELLED -c CONFIG`: fit router thresholds and store them in the config.
+
+    moa calibrate labelled.jsonl -c routed.toml --policy marginal --strong-share 0.3 --write
+
+Runs the routed strategy of CONFIG (a routing file, or a mixture file with a `[routing]`
+table) on every labelled question twice — proposers only, and with a strong aggregation —
+then fits the policy so that the target share of questions (or the target cost per question)
+goes to the strong tier (RouteLLM-style). `--write` replaces the router table of the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from moa.errors import ConfigError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("labelled", metavar="LABELLED", help="JSONL with 'question' and 'answer'")
+    parser.add_argument("-c", "--config", required=True, metavar="FILE",
+                        help="routing config file (.toml or .json) to fit and update")
+    parser.add_argument("--policy", choices=["threshold", "marginal"], default="marginal")
+    parser.add_argument("--signal", default="agreement",
+                        choices=["agreement", "confidence", "min_confidence", "similarity"],
+                        help="signal of the threshold policy (default agreement)")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--strong-share", type=float, metavar="SHARE",
+                        help="largest share of questions sent to the strong tier, e.g. 0.3")
+    target.add_argument("--target-cost", type=float, metavar="USD",
+                        help="largest mean cost per question in US dollars")
+    parser.add_argument("--limit", type=int, metavar="N", help="use the first N items only")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--write", action="store_true", help="store the fit in the config file")
+    parser.add_argument("--json", action="store_true", help="print the fit as JSON")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+def write_router(path: Path, router: dict[str, Any]) -> None:
+    """Replace the router table of a routing or mixture config file by `router`."""
+    text = path.read_text()
+    nested = "routing" in (json.loads(text) if path.suffix == ".json" else tomllib.loads(text))
+    if path.suffix.lower() == ".json":
+        data = json.loads(text)
+        (data["routing"] if nested else data)["router"] = router
+        path.write_text(json.dumps(data, indent=2) + "\n")
+        return
+    header = "[routing.router]" if nested else "[router]"
+    kept, skipping = [], False
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("["):
+            skipping = stripped == header
+        if not skipping:
+            kept.append(line)
+    body = "\n".join(f"{k} = {_toml_value(v)}" for k, v in router.items() if v is not None)
+    new = "\n".join(kept).rstrip() + f"\n\n{header}\n{body}\n"
+    try:
+        tomllib.loads(new)
+    except tomllib.TOMLDecodeError:
+        raise ConfigError(
+            f"Cannot update {str(path)!r}: write its router as a {header} table, not inline."
+        ) from None
+    path.write_text(new)
+
+
+async def _fit(args: argparse.Namespace) -> Any:
+    from moa.calibration import collect, fit_marginal, fit_threshold
+    from moa.evaluate import load_tasks
+    from moa.routing import load_routing
+
+    config = load_routing(args.config)
+    tasks = load_tasks(args.labelled, args.limit)
+    samples = await collect(config, [(t.question, t.answer) for t in tasks], seed=args.seed)
+    target = {"strong_share": args.strong_share, "target_cost": args.target_cost}
+    if args.policy == "threshold":
+        return fit_threshold(samples, args.signal, **target), len(samples)
+    return fit_marginal(samples, **target), len(samples)
+
+
+def run(args: argparse.Namespace) -> int:
+    fit, n = asyncio.run(_fit(args))
+    if args.write:
+        write_router(Path(args.config), fit.router)
+    if args.json:
+        print(json.dumps({"router": fit.router, "strong_share": fit.strong_share,
+                          "accuracy": fit.accuracy, "cost_usd": fit.cost_usd, "items": n}))
+        return 0
+    print(f"Fitted on {n} labelled items: {json.dumps(fit.router)}")
+    print(f"Expected on this set: accuracy {fit.accuracy:.1%}, strong share "
+          f"{fit.strong_share:.1%}, mean cost ${fit.cost_usd:.6f} per question.")
+    print(f"Stored in {args.config}." if args.write else "Use --write to store it in the config.")
+    return 0

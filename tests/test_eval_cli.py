@@ -1,0 +1,112 @@
+"""`moa eval` and `moa calibrate` end to end on the loopback server."""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from moa.cli.main import run as moa
+from moa.testing import LoopbackServer, ModelBehavior
+
+QUESTIONS = [(2, 3), (5, 4), (8, 1), (7, 7), (4, 6), (9, 2)]
+
+
+def _question(body: dict[str, Any]) -> tuple[int, int]:
+    user = [m for m in body["messages"] if m["role"] == "user"][-1]["content"]
+    a, b = map(int, re.findall(r"\d+", user)[:2])
+    return a, b
+
+
+def cheap(body: dict[str, Any]) -> str:
+    """Right on questions whose first number is even; otherwise wrong, and seed-dependent."""
+    a, b = _question(body)
+    wrong = a + b + 1 + (body.get("seed") or 0) % 3
+    return f"I think the answer is {a + b if a % 2 == 0 else wrong}."
+
+
+def strong(body: dict[str, Any]) -> str:
+    a, b = _question(body)
+    return f"Carefully: the answer is {a + b}."
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[tuple[LoopbackServer, Path, Path]]:
+    behaviors = {"cheap": ModelBehavior(reply=cheap), "strong": ModelBehavior(reply=strong)}
+    with LoopbackServer(behaviors) as srv:
+        tasks = tmp_path / "tasks.jsonl"
+        tasks.write_text("\n".join(
+            json.dumps({"question": f"What is {a} + {b}?", "answer": str(a + b)})
+            for a, b in QUESTIONS
+        ) + "\n")
+        config = tmp_path / "routed.toml"
+        config.write_text(
+            'name = "file"\n[[layers]]\nagents = [{model = "loop/cheap", n = 3}]\n'
+            '[aggregator]\nmodel = "loop/cheap"\n'
+            f'[providers.loop]\nbase_url = "{srv.base_url}"\nkey_required = false\n'
+            '[prices]\n"loop/cheap" = [1.0, 2.0]\n"loop/strong" = [10.0, 30.0]\n'
+            '[routing]\nstrong = "loop/strong"\nproposers = 3\nmax_tokens = 32\n'
+            '[routing.router]\npolicy = "fixed"\ntier = "cheap"\n'
+        )
+        yield srv, tasks, config
+
+
+def test_eval_json_rows(setup: tuple[LoopbackServer, Path, Path], capsys: Any) -> None:
+    _, tasks, config = setup
+    rc = moa(["eval", str(tasks), "-c", str(config), "-m", "loop/strong",
+              "--policy", "always-cheap", "--policy", "always-strong", "--json"])
+    assert rc == 0
+    rows = {r["config"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert set(rows) == {"mixture file", "model loop/strong", "mixture fixed:tier=cheap",
+                         "mixture fixed:tier=strong"}
+    assert rows["model loop/strong"]["accuracy"] == 1.0
+    assert rows["model loop/strong"]["calls"] == len(QUESTIONS)
+    assert rows["mixture fixed:tier=strong"]["accuracy"] == 1.0
+    assert rows["mixture fixed:tier=cheap"]["accuracy"] == 0.5
+    assert rows["mixture file"]["calls"] == 4 * len(QUESTIONS)
+    cheap_cost = rows["mixture fixed:tier=cheap"]["cost_usd"]
+    assert 0 < cheap_cost < rows["mixture fixed:tier=strong"]["cost_usd"]
+    for row in rows.values():
+        assert row["errors"] == 0 and row["prompt_tokens"] > 0 and row["latency_s"] >= 0
+
+
+def test_eval_table_and_errors(setup: tuple[LoopbackServer, Path, Path], capsys: Any,
+                               tmp_path: Path) -> None:
+    _, tasks, config = setup
+    assert moa(["eval", str(tasks), "-c", str(config), "--limit", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" in out and "mixture fixed" in out and "\x1b[" not in out
+    assert moa(["eval", str(tasks), "--policy", "marginal"]) == 1
+    assert "--policy needs a routing config" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "x"}\n')
+    assert moa(["eval", str(bad), "-m", "loop/strong"]) == 1
+    assert "line 1" in capsys.readouterr().err
+
+
+def test_calibrate_writes_thresholds(setup: tuple[LoopbackServer, Path, Path], capsys: Any) -> None:
+    srv, tasks, config = setup
+    rc = moa(["calibrate", str(tasks), "-c", str(config), "--policy", "threshold",
+              "--signal", "agreement", "--strong-share", "0.5", "--write", "--json"])
+    assert rc == 0
+    fit = json.loads(capsys.readouterr().out)
+    assert fit["strong_share"] == 0.5 and fit["accuracy"] == 1.0
+    stored = tomllib.loads(config.read_text())["routing"]["router"]
+    assert stored == {"policy": "threshold", "signal": "agreement", "threshold": 1.0,
+                      "skip_above": 1.0}
+    assert tomllib.loads(config.read_text())["name"] == "file"
+    srv.requests.clear()
+    assert moa(["eval", str(tasks), "--routing", str(config), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["rows"][0]
+    assert row["config"].startswith("mixture threshold")
+    assert row["accuracy"] == 1.0
+    strong_calls = sum(r.body["model"] == "strong" for r in srv.requests if r.body)
+    assert strong_calls == 3  # only the odd questions, where the cheap proposers disagree
+    rc = moa(["calibrate", str(tasks), "-c", str(config), "--policy", "marginal",
+              "--target-cost", "1e-9"])
+    assert rc == 0 and "strong share 0.0%" in capsys.readouterr().out
