@@ -24,8 +24,12 @@ CONFIG = {
     "max_tokens": 96,
     "top_logprobs": 0,
     # Skip the aggregation when every proposer is confident, else aggregate on the strong tier.
-    "router": {"policy": "threshold", "signal": "min_confidence", "threshold": -0.3,
-               "skip_above": -0.3},
+    "router": {
+        "policy": "threshold",
+        "signal": "min_confidence",
+        "threshold": -0.3,
+        "skip_above": -0.3,
+    },
     "budget": {"usd": 0.01},
     "prices": {"sim/cheap": (0.15, 0.60), "sim/strong": (2.50, 10.00)},
 }
@@ -41,8 +45,10 @@ async def main() -> None:
                     print(f"{question.prompt[:40]}…  {event.choice:6} ({event.reason})")
                 elif isinstance(event, RunFinished):
                     result = event.result
-                    print(f"  -> {result.text[-22:]}  truth {question.answer}, "
-                          f"{result.calls} calls, ${result.cost_usd:.6f}")
+                    print(
+                        f"  -> {result.text[-22:]}  truth {question.answer}, "
+                        f"{result.calls} calls, ${result.cost_usd:.6f}"
+                    )
         tight = RoutedMixture({**CONFIG, "budget": {"usd": 1e-6}}, registry=server.registry("sim"))
         try:
             await tight.run(sim.questions[0].prompt)

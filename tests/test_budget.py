@@ -42,7 +42,10 @@ def test_token_budget_counts_prompt_plus_max_tokens() -> None:
     guard = BudgetGuard(price, Budget(tokens=prompt + 50))
     assert guard.why_not("p/cheap", MSGS, 50) is None
     assert "tokens would exceed" in (guard.why_not("p/cheap", MSGS, 51) or "")
-    assert guard.worst_case("p/cheap", MSGS, 50) == (pytest.approx((prompt + 100) / 1e6), prompt + 50)
+    assert guard.worst_case("p/cheap", MSGS, 50) == (
+        pytest.approx((prompt + 100) / 1e6),
+        prompt + 50,
+    )
 
 
 def test_session_ledger_spans_requests() -> None:

@@ -40,10 +40,13 @@ def setup(tmp_path: Path) -> Iterator[tuple[LoopbackServer, Path, Path]]:
     behaviors = {"cheap": ModelBehavior(reply=cheap), "strong": ModelBehavior(reply=strong)}
     with LoopbackServer(behaviors) as srv:
         tasks = tmp_path / "tasks.jsonl"
-        tasks.write_text("\n".join(
-            json.dumps({"question": f"What is {a} + {b}?", "answer": str(a + b)})
-            for a, b in QUESTIONS
-        ) + "\n")
+        tasks.write_text(
+            "\n".join(
+                json.dumps({"question": f"What is {a} + {b}?", "answer": str(a + b)})
+                for a, b in QUESTIONS
+            )
+            + "\n"
+        )
         config = tmp_path / "routed.toml"
         config.write_text(
             'name = "file"\n[[layers]]\nagents = [{model = "loop/cheap", n = 3}]\n'
@@ -58,12 +61,29 @@ def setup(tmp_path: Path) -> Iterator[tuple[LoopbackServer, Path, Path]]:
 
 def test_eval_json_rows(setup: tuple[LoopbackServer, Path, Path], capsys: Any) -> None:
     _, tasks, config = setup
-    rc = moa(["eval", str(tasks), "-c", str(config), "-m", "loop/strong",
-              "--policy", "always-cheap", "--policy", "always-strong", "--json"])
+    rc = moa(
+        [
+            "eval",
+            str(tasks),
+            "-c",
+            str(config),
+            "-m",
+            "loop/strong",
+            "--policy",
+            "always-cheap",
+            "--policy",
+            "always-strong",
+            "--json",
+        ]
+    )
     assert rc == 0
     rows = {r["config"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
-    assert set(rows) == {"mixture file", "model loop/strong", "mixture fixed:tier=cheap",
-                         "mixture fixed:tier=strong"}
+    assert set(rows) == {
+        "mixture file",
+        "model loop/strong",
+        "mixture fixed:tier=cheap",
+        "mixture fixed:tier=strong",
+    }
     assert rows["model loop/strong"]["accuracy"] == 1.0
     assert rows["model loop/strong"]["calls"] == len(QUESTIONS)
     assert rows["mixture fixed:tier=strong"]["accuracy"] == 1.0
@@ -75,8 +95,9 @@ def test_eval_json_rows(setup: tuple[LoopbackServer, Path, Path], capsys: Any) -
         assert row["errors"] == 0 and row["prompt_tokens"] > 0 and row["latency_s"] >= 0
 
 
-def test_eval_table_and_errors(setup: tuple[LoopbackServer, Path, Path], capsys: Any,
-                               tmp_path: Path) -> None:
+def test_eval_table_and_errors(
+    setup: tuple[LoopbackServer, Path, Path], capsys: Any, tmp_path: Path
+) -> None:
     _, tasks, config = setup
     assert moa(["eval", str(tasks), "-c", str(config), "--limit", "2"]) == 0
     out = capsys.readouterr().out
@@ -91,14 +112,32 @@ def test_eval_table_and_errors(setup: tuple[LoopbackServer, Path, Path], capsys:
 
 def test_calibrate_writes_thresholds(setup: tuple[LoopbackServer, Path, Path], capsys: Any) -> None:
     srv, tasks, config = setup
-    rc = moa(["calibrate", str(tasks), "-c", str(config), "--policy", "threshold",
-              "--signal", "agreement", "--strong-share", "0.5", "--write", "--json"])
+    rc = moa(
+        [
+            "calibrate",
+            str(tasks),
+            "-c",
+            str(config),
+            "--policy",
+            "threshold",
+            "--signal",
+            "agreement",
+            "--strong-share",
+            "0.5",
+            "--write",
+            "--json",
+        ]
+    )
     assert rc == 0
     fit = json.loads(capsys.readouterr().out)
     assert fit["strong_share"] == 0.5 and fit["accuracy"] == 1.0
     stored = tomllib.loads(config.read_text())["routing"]["router"]
-    assert stored == {"policy": "threshold", "signal": "agreement", "threshold": 1.0,
-                      "skip_above": 1.0}
+    assert stored == {
+        "policy": "threshold",
+        "signal": "agreement",
+        "threshold": 1.0,
+        "skip_above": 1.0,
+    }
     assert tomllib.loads(config.read_text())["name"] == "file"
     srv.requests.clear()
     assert moa(["eval", str(tasks), "--routing", str(config), "--json"]) == 0
@@ -107,6 +146,16 @@ def test_calibrate_writes_thresholds(setup: tuple[LoopbackServer, Path, Path], c
     assert row["accuracy"] == 1.0
     strong_calls = sum(r.body["model"] == "strong" for r in srv.requests if r.body)
     assert strong_calls == 3  # only the odd questions, where the cheap proposers disagree
-    rc = moa(["calibrate", str(tasks), "-c", str(config), "--policy", "marginal",
-              "--target-cost", "1e-9"])
+    rc = moa(
+        [
+            "calibrate",
+            str(tasks),
+            "-c",
+            str(config),
+            "--policy",
+            "marginal",
+            "--target-cost",
+            "1e-9",
+        ]
+    )
     assert rc == 0 and "strong share 0.0%" in capsys.readouterr().out

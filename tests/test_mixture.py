@@ -10,7 +10,6 @@ from typing import Any
 
 import anyio
 import pytest
-from moa.providers.registry import Limits, Registry
 
 from moa.config import MixtureConfig, preset
 from moa.errors import AggregatorFailed, DeadlineExceeded, NotEnoughProposers
@@ -26,6 +25,7 @@ from moa.events import (
 )
 from moa.mixture import Mixture
 from moa.prompts import AGGREGATE_PROMPT, TRIMMED_LABEL, Reference, readable_block
+from moa.providers.registry import Limits, Registry
 from moa.testing import LoopbackServer, ModelBehavior
 from moa.tokens import count_messages
 

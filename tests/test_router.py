@@ -93,12 +93,17 @@ def test_decision_becomes_event() -> None:
 def test_config_and_policy_specs() -> None:
     assert isinstance(router_from_config({"policy": "fixed", "tier": "cheap"}), FixedRouter)
     spec = parse_policy("threshold:signal=confidence,threshold=1.5,skip_above=none")
-    assert spec == {"policy": "threshold", "signal": "confidence", "threshold": 1.5, "skip_above": None}
+    assert spec == {
+        "policy": "threshold",
+        "signal": "confidence",
+        "threshold": 1.5,
+        "skip_above": None,
+    }
     assert parse_policy("always-strong") == {"policy": "fixed", "tier": "strong"}
     calibrated = {"policy": "marginal", "bias": -2.0, "multiplier": 0.3}
     assert parse_policy("mu:multiplier=0.5", base=calibrated)["bias"] == -2.0
     assert parse_policy("mu:multiplier=0.5", base=calibrated)["multiplier"] == 0.5
-    with pytest.raises(ConfigError, match="field 'threshold.signal'"):
+    with pytest.raises(ConfigError, match=r"field 'threshold\.signal'"):
         router_from_config({"policy": "threshold", "signal": "vibes"})
     with pytest.raises(ConfigError):
         parse_policy("nonsense")

@@ -46,8 +46,14 @@ def server() -> Iterator[LoopbackServer]:
 
 
 def _config(**kw: Any) -> dict[str, Any]:
-    return {"cheap": "loop/cheap", "strong": "loop/strong", "proposers": 3, "max_tokens": 64,
-            "prices": PRICES, **kw}
+    return {
+        "cheap": "loop/cheap",
+        "strong": "loop/strong",
+        "proposers": 3,
+        "max_tokens": 64,
+        "prices": PRICES,
+        **kw,
+    }
 
 
 async def _events(mixture: RoutedMixture, question: str, seed: int = 1) -> list[Any]:
@@ -109,8 +115,9 @@ def test_disagreement_goes_to_the_strong_aggregator(server: LoopbackServer) -> N
 
 def test_refinement_loop_stops_when_the_answer_is_backed(server: LoopbackServer) -> None:
     router = {"policy": "threshold", "signal": "agreement", "threshold": 0.5, "skip_above": 0.99}
-    mixture = RoutedMixture(_config(router=router, refine_loops=2, proposers=2),
-                            registry=server.registry())
+    mixture = RoutedMixture(
+        _config(router=router, refine_loops=2, proposers=2), registry=server.registry()
+    )
     server.set_behavior("cheap", ModelBehavior(reply=_by_seed({}, "4"), logprob=-0.1))
     events = anyio.run(_events, mixture, "What is 2 + 2?")
     stages = [(e.stage, e.choice) for e in events if isinstance(e, RouteDecision)]

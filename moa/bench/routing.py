@@ -29,6 +29,7 @@ from moa.routing import RoutedMixture, RoutingConfig, load_routing
 from moa.signals import is_correct
 
 CONCURRENCY = 8
+_SHORT = {"agreement": "agree", "min_confidence": "minconf"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -112,9 +113,9 @@ async def _sim(questions: int | None, png: str) -> tuple[list[dict[str, Any]], l
         samples = await collect(config, items, registry=registry, seed=len(sim.questions))
         share = p.CALIBRATED_STRONG_SHARE
         fits = {
-            "cal thr:agreement": fit_threshold(samples, "agreement", strong_share=share),
-            "cal thr:min_confidence": fit_threshold(samples, "min_confidence", strong_share=share),
-            "cal marginal": fit_marginal(samples, strong_share=share),
+            "cal thr agree": fit_threshold(samples, "agreement", strong_share=share),
+            "cal thr minconf": fit_threshold(samples, "min_confidence", strong_share=share),
+            "cal mu": fit_marginal(samples, strong_share=share),
         }
 
         async def row(policy: str, router: dict[str, Any], **overrides: Any) -> dict[str, Any]:
@@ -133,15 +134,15 @@ async def _sim(questions: int | None, png: str) -> tuple[list[dict[str, Any]], l
                     "threshold": value,
                     "skip_above": value,
                 }
-                curves.setdefault(signal, []).append(await row(f"thr:{signal}={value:g}", router))
+                curves.setdefault(signal, []).append(
+                    await row(f"thr {_SHORT[signal]}={value:g}", router)
+                )
         for name, fit in fits.items():
             rows.append(await row(name, fit.router))
-        marginal = fits["cal marginal"].router
+        marginal = fits["cal mu"].router
         for factor in p.MARGINAL_SWEEP:
             router = {**marginal, "multiplier": marginal["multiplier"] * factor}
-            curves.setdefault("marginal", []).append(
-                await row(f"marginal lambda x{factor:g}", router)
-            )
+            curves.setdefault("marginal", []).append(await row(f"mu lambda x{factor:g}", router))
         mu_row = rows[-1]
         p_strong = mu_row["strong_calls"] / len(test)
         rows.append(
@@ -156,10 +157,10 @@ async def _sim(questions: int | None, png: str) -> tuple[list[dict[str, Any]], l
             **evolve,
             "evolve": evolve["evolve"].model_copy(update={"strong_percentile": 100.0}),
         }
-        rows.append(await row("evolve all-strong", marginal, **strong_evolve))
+        rows.append(await row("evolve strong", marginal, **strong_evolve))
     rows[2:2] = [r for curve in curves.values() for r in curve]
     for r in rows:
-        r["cost_vs_strong"] = round(r["cost_usd"] / rows[1]["cost_usd"], 3)
+        r["cost_share"] = round(r["cost_usd"] / rows[1]["cost_usd"], 3)
     notes = _notes(rows, fits, len(test), len(items))
     if png:
         notes.append(f"Cost-accuracy curve saved to {_plot(png, rows, curves)}.")
@@ -176,9 +177,9 @@ def _notes(rows: list[dict[str, Any]], fits: dict[str, Any], n_test: int, n_cal:
     for name in fits:
         r = by[name]
         gap = (r["accuracy"] - strong["accuracy"]) * 100
-        met = gap >= -1.0 and r["cost_vs_strong"] <= 1 / 3
+        met = gap >= -1.0 and r["cost_share"] <= 1 / 3
         notes.append(
-            f"{name}: {gap:+.1f} accuracy points vs always-strong at {r['cost_vs_strong']:.0%} "
+            f"{name}: {gap:+.1f} accuracy points vs always-strong at {r['cost_share']:.0%} "
             f"of its cost; target (>= -1 point at <= 33% cost) {'met' if met else 'NOT met'}."
         )
     return notes

@@ -22,17 +22,33 @@ from moa.errors import ConfigError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("labelled", metavar="LABELLED", help="JSONL with 'question' and 'answer'")
-    parser.add_argument("-c", "--config", required=True, metavar="FILE",
-                        help="routing config file (.toml or .json) to fit and update")
+    parser.add_argument(
+        "-c",
+        "--config",
+        required=True,
+        metavar="FILE",
+        help="routing config file (.toml or .json) to fit and update",
+    )
     parser.add_argument("--policy", choices=["threshold", "marginal"], default="marginal")
-    parser.add_argument("--signal", default="agreement",
-                        choices=["agreement", "confidence", "min_confidence", "similarity"],
-                        help="signal of the threshold policy (default agreement)")
+    parser.add_argument(
+        "--signal",
+        default="agreement",
+        choices=["agreement", "confidence", "min_confidence", "similarity"],
+        help="signal of the threshold policy (default agreement)",
+    )
     target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--strong-share", type=float, metavar="SHARE",
-                        help="largest share of questions sent to the strong tier, e.g. 0.3")
-    target.add_argument("--target-cost", type=float, metavar="USD",
-                        help="largest mean cost per question in US dollars")
+    target.add_argument(
+        "--strong-share",
+        type=float,
+        metavar="SHARE",
+        help="largest share of questions sent to the strong tier, e.g. 0.3",
+    )
+    target.add_argument(
+        "--target-cost",
+        type=float,
+        metavar="USD",
+        help="largest mean cost per question in US dollars",
+    )
     parser.add_argument("--limit", type=int, metavar="N", help="use the first N items only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--write", action="store_true", help="store the fit in the config file")
@@ -94,11 +110,22 @@ def run(args: argparse.Namespace) -> int:
     if args.write:
         write_router(Path(args.config), fit.router)
     if args.json:
-        print(json.dumps({"router": fit.router, "strong_share": fit.strong_share,
-                          "accuracy": fit.accuracy, "cost_usd": fit.cost_usd, "items": n}))
+        print(
+            json.dumps(
+                {
+                    "router": fit.router,
+                    "strong_share": fit.strong_share,
+                    "accuracy": fit.accuracy,
+                    "cost_usd": fit.cost_usd,
+                    "items": n,
+                }
+            )
+        )
         return 0
     print(f"Fitted on {n} labelled items: {json.dumps(fit.router)}")
-    print(f"Expected on this set: accuracy {fit.accuracy:.1%}, strong share "
-          f"{fit.strong_share:.1%}, mean cost ${fit.cost_usd:.6f} per question.")
+    print(
+        f"Expected on this set: accuracy {fit.accuracy:.1%}, strong share "
+        f"{fit.strong_share:.1%}, mean cost ${fit.cost_usd:.6f} per question."
+    )
     print(f"Stored in {args.config}." if args.write else "Use --write to store it in the config.")
     return 0

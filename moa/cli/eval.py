@@ -23,21 +23,48 @@ from moa.providers.registry import ProviderSpec, Registry, default_registry
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("taskfile", metavar="TASKFILE", help="JSONL with 'question' and 'answer'")
-    parser.add_argument("-c", "--config", action="append", default=[], metavar="FILE|PRESET",
-                        help="a mixture to score (repeatable)")
-    parser.add_argument("-m", "--model", action="append", default=[], metavar="MODEL",
-                        help="a single model to score (repeatable)")
-    parser.add_argument("--policy", action="append", default=[], metavar="SPEC",
-                        help="router policy, e.g. always-strong, threshold:signal=agreement,"
-                        "threshold=0.67, marginal, random:p_strong=0.3 (repeatable)")
+    parser.add_argument(
+        "-c",
+        "--config",
+        action="append",
+        default=[],
+        metavar="FILE|PRESET",
+        help="a mixture to score (repeatable)",
+    )
+    parser.add_argument(
+        "-m",
+        "--model",
+        action="append",
+        default=[],
+        metavar="MODEL",
+        help="a single model to score (repeatable)",
+    )
+    parser.add_argument(
+        "--policy",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="router policy, e.g. always-strong, threshold:signal=agreement,"
+        "threshold=0.67, marginal, random:p_strong=0.3 (repeatable)",
+    )
     parser.add_argument("--routing", metavar="FILE", help="routing config for --policy")
     parser.add_argument("--cheap", metavar="MODEL", help="cheap tier (instead of --routing)")
     parser.add_argument("--strong", metavar="MODEL", help="strong tier (instead of --routing)")
     parser.add_argument("--limit", type=int, metavar="N", help="score the first N tasks only")
-    parser.add_argument("--concurrency", type=int, default=4, metavar="N",
-                        help="tasks in flight per configuration (default 4)")
-    parser.add_argument("--max-tokens", type=int, default=512, metavar="N",
-                        help="max tokens of -m single-model calls (default 512)")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=4,
+        metavar="N",
+        help="tasks in flight per configuration (default 4)",
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=512,
+        metavar="N",
+        help="max tokens of -m single-model calls (default 512)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="base seed (task i gets seed+i)")
     parser.add_argument("--json", action="store_true", help="print one JSON object with the rows")
 
@@ -95,8 +122,10 @@ async def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
     registry = _registry(list(files.values()))
     routing = _routing_source(args, files)
     if args.policy and routing is None:
-        raise ConfigError("--policy needs a routing config: --routing FILE, --cheap/--strong, "
-                          "or a -c file with a [routing] table.")
+        raise ConfigError(
+            "--policy needs a routing config: --routing FILE, --cheap/--strong, "
+            "or a -c file with a [routing] table."
+        )
     runners: list[tuple[str, Any]] = []
     for source in args.config:
         if source in files and "layers" not in files[source]:
@@ -113,16 +142,20 @@ async def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
         specs = [parse_policy(p, config.router) for p in args.policy] or [config.router]
         for spec in specs:
             routed = RoutedMixture(config.model_copy(update={"router": spec}), registry=registry)
-            label = spec["policy"] + ("" if len(spec) == 1 else ":" + ",".join(
-                f"{k}={v}" for k, v in spec.items() if k != "policy"))
+            label = spec["policy"] + (
+                ""
+                if len(spec) == 1
+                else ":" + ",".join(f"{k}={v}" for k, v in spec.items() if k != "policy")
+            )
             runners.append((f"{config.strategy} {label}", _runner(routed)))
     if not runners:
         raise ConfigError("Nothing to score: give -c, -m or --policy.")
     rows = []
     try:
         for name, runner in runners:
-            rows.append(await evaluate(name, runner, tasks, concurrency=args.concurrency,
-                                       seed=args.seed))
+            rows.append(
+                await evaluate(name, runner, tasks, concurrency=args.concurrency, seed=args.seed)
+            )
     finally:
         await registry.aclose()
     return rows
@@ -149,8 +182,15 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         cost = "?" if r["cost_usd"] is None else f"{r['cost_usd']:.6f}"
         tokens = r["prompt_tokens"] + r["completion_tokens"]
-        table.add_row(r["config"], f"{r['accuracy']:.1%}", str(r["calls"]), str(tokens), cost,
-                      f"{r['latency_s']:.3f}", str(r["errors"]))
+        table.add_row(
+            r["config"],
+            f"{r['accuracy']:.1%}",
+            str(r["calls"]),
+            str(tokens),
+            cost,
+            f"{r['latency_s']:.3f}",
+            str(r["errors"]),
+        )
     console = Console()
     if not console.is_terminal:
         console = Console(width=160)
