@@ -42,7 +42,7 @@ def print_rows(name: str, rows: list[dict[str, Any]], *, as_json: bool, notes: l
         table.add_column(col, justify="left" if rows and isinstance(rows[0].get(col), str) else "right")
     for row in rows:
         table.add_row(*(_fmt(row.get(c)) for c in columns))
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=200)
     console.print(table)
     for note in notes:
         console.print(note)

@@ -192,14 +192,15 @@ def _plot(path: str, rows: list[dict[str, Any]], curves: dict[str, list[dict[str
         for i, r in enumerate(r for r in rows if id(r) not in curve_rows)
     ]
     series = []
-    for n, curve in enumerate(curves.values()):
-        color = len(points) + n
+    first_color = len(points)
+    for n, (name, curve) in enumerate(curves.items()):
+        color = first_color + n
         line = sorted(
             (Point(r["cost_usd"], r["accuracy"], "", color) for r in curve), key=lambda q: q.x
         )
         series.append(line)
-        points.extend(Point(q.x, q.y, "", q.color) for q in line)
-        points[-1].label = f"sweep {list(curves)[n]}"
+        points.extend(Point(q.x, q.y, "", color) for q in line)
+        points[-1].label = f"sweep {name}"
     return scatter_png(
         path,
         points,
