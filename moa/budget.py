@@ -46,6 +46,8 @@ class Ledger:
     reserved_tokens: int = 0
     calls: int = 0
     refused: int = 0
+    unpriced: int = 0
+    """Settled calls whose model has no known price (their dollars are not in `spent_usd`)."""
 
     def remaining_fraction(self) -> float | None:
         """Smallest share of a limit still free (reservations count as spent), or None."""
@@ -76,6 +78,7 @@ class Ledger:
             "limit_tokens": self.limit.tokens,
             "calls": self.calls,
             "refused": self.refused,
+            "unpriced_calls": self.unpriced,
         }
 
 
@@ -114,6 +117,10 @@ class BudgetGuard:
         prompt = count_messages(messages)
         return self.price(model, Usage(prompt, max_tokens)), prompt + max_tokens
 
+    @property
+    def unlimited(self) -> bool:
+        return all(ledger.limit.unlimited for ledger in self._ledgers)
+
     def _needs_price(self) -> bool:
         return any(ledger.limit.usd is not None for ledger in self._ledgers)
 
@@ -131,7 +138,12 @@ class BudgetGuard:
         return None
 
     def reserve(self, model: str, messages: list[Message], max_tokens: int) -> Reservation:
-        """Reserve the call's worst case, or raise `BudgetExceeded` without starting it."""
+        """Reserve the call's worst case, or raise `BudgetExceeded` without starting it.
+
+        Without any limit nothing is counted: the reservation only carries the model.
+        """
+        if self.unlimited:
+            return Reservation(model=model, usd=None, tokens=0)
         reason = self.why_not(model, messages, max_tokens)
         if reason:
             for ledger in self._ledgers:
@@ -156,6 +168,7 @@ class BudgetGuard:
                 ledger.spent_usd += cost or 0.0
                 ledger.spent_tokens += usage.total_tokens
                 ledger.calls += 1
+                ledger.unpriced += cost is None
         return cost
 
     def remaining_fraction(self) -> float | None:

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from moa.budget import Budget
 from moa.errors import ConfigError
 from moa.providers.registry import ProviderSpec, Registry, default_registry
 
@@ -119,6 +120,10 @@ class MixtureConfig(BaseModel):
     """Extra or overriding provider prefixes."""
     prices: dict[str, tuple[float, float]] = Field(default_factory=dict)
     """Model reference -> (input, output) US dollars per million tokens."""
+    budget: Budget = Field(default_factory=Budget)
+    """Hard per-request budget (`usd` and/or `tokens`); a call that could exceed it is refused."""
+    session_budget: Budget = Field(default_factory=Budget)
+    """Hard budget over every request of one `Mixture` object."""
     routing: dict[str, Any] | None = None
     """A routed strategy over this file's models (`moa.routing.RoutingConfig`); `moa eval`
     and `moa calibrate` use it, the layered executor ignores it."""

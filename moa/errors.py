@@ -90,6 +90,10 @@ class AggregatorFailed(MixtureError):
     """The final aggregator failed; the proposers' answers stay in `partial`."""
 
 
+class AggregatorOverBudget(BudgetExceeded, AggregatorFailed):
+    """The final aggregator's call was refused by a hard budget; `partial` keeps the proposals."""
+
+
 class DeadlineExceeded(MixtureError):
     """The whole mixture did not finish within its `deadline_s`."""
 

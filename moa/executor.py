@@ -11,6 +11,10 @@ feeds), then works in steps:
 
 Events go to `emit`; failures of single agents are reported, not raised. Run-level failures
 (quorum lost, final aggregator failed, deadline) end the run with `fatal` set.
+
+Every call goes through a `moa.budget.BudgetGuard`: its worst case is reserved before it starts
+(a call that could exceed a hard budget is refused, which fails that agent), and the reported
+usage settles it when it ends.
 """
 
 from __future__ import annotations
@@ -25,9 +29,12 @@ from dataclasses import dataclass, field
 import anyio
 
 from moa import pricing
+from moa.budget import BudgetGuard, Reservation
 from moa.config import AgentConfig, MixtureConfig
 from moa.errors import (
     AggregatorFailed,
+    AggregatorOverBudget,
+    BudgetExceeded,
     ConfigError,
     DeadlineExceeded,
     MixtureError,
@@ -130,12 +137,13 @@ class Execution:
         emit: Callable[[Event], None],
         overrides: Overrides | None = None,
         mode: str | None = None,
+        guard: BudgetGuard | None = None,
     ) -> None:
         self.config = config
         self.messages = messages
         self.emit_raw = emit
         encoding()  # load the tokenizer now, not on the first delta inside the event loop
-        self.prices = pricing.with_overrides(config.prices)
+        self.guard = guard or BudgetGuard(pricing.price_function(config.prices), config.budget)
         self.board = Board()
         self.layers = self._build(registry, overrides or Overrides())
         self.final = self.layers[-1][0]
@@ -264,7 +272,9 @@ class Execution:
             log.debug("agent %s failed", node.id.label, exc_info=True)
             message = str(err) or type(err).__name__
             self._failed(node, message)
-            if node.id.final:
+            if node.id.final and isinstance(err, BudgetExceeded):
+                self._abort(AggregatorOverBudget(message))
+            elif node.id.final:
                 self._abort(AggregatorFailed(f"The final aggregator failed: {message}"))
         else:
             if node.id.final:
@@ -449,7 +459,11 @@ class Execution:
         continue_final: bool = False,
         visible: bool = True,
     ) -> _Call:
-        """One provider call, streamed into the node (unless `visible` is False)."""
+        """One provider call, streamed into the node (unless `visible` is False).
+
+        Raises `BudgetExceeded` before sending anything when the call could exceed a budget.
+        """
+        reservation = self.guard.reserve(node.agent.model, messages, max_tokens)
         request = ChatRequest(
             model=node.model,
             messages=messages,
@@ -463,25 +477,37 @@ class Execution:
         finish: str | None = None
         usage: Usage | None = None
         node.output.calls += 1
-        async with _closing(node.provider.stream(request)) as deltas:
-            async for delta in deltas:
-                if delta.text:
-                    parts.append(delta.text)
-                    if visible:
-                        self._delta(node, delta.text)
-                finish = delta.finish_reason or finish
-                if delta.usage:
-                    usage = delta.usage if usage is None else usage + delta.usage
+        try:
+            async with _closing(node.provider.stream(request)) as deltas:
+                async for delta in deltas:
+                    if delta.text:
+                        parts.append(delta.text)
+                        if visible:
+                            self._delta(node, delta.text)
+                    finish = delta.finish_reason or finish
+                    if delta.usage:
+                        usage = delta.usage if usage is None else usage + delta.usage
+        except BaseException:
+            # A call stopped after it generated text was billed for that text.
+            estimate = Usage(count_messages(messages), count_tokens("".join(parts)))
+            self._settle(node, reservation, estimate if parts else None)
+            raise
         text = "".join(parts)
         if usage is None:
             usage = Usage(count_messages(messages), count_tokens(text))
-        cost = pricing.cost(node.agent.model, usage, self.prices)
+        self._settle(node, reservation, usage)
+        return _Call(text, finish, usage.completion_tokens or count_tokens(text))
+
+    def _settle(self, node: Node, reservation: Reservation, usage: Usage | None) -> None:
+        """Replace the call's reservation by its usage; add usage and cost to the agent."""
+        cost = self.guard.settle(reservation, usage)
+        if usage is None:
+            return
         out = node.output
         out.usage = out.usage + usage
         if cost is not None:
             out.cost_usd = (out.cost_usd or 0.0) + cost
         self.emit(UsageReport(self._now(), node.id, usage, cost))
-        return _Call(text, finish, usage.completion_tokens or count_tokens(text))
 
     def _delta(self, node: Node, text: str) -> None:
         if not node.parts:
@@ -549,4 +575,5 @@ class Execution:
             ttft_s=self.ttft,
             latency_s=self._now(),
             notices=list(self.notices),
+            budget=self.guard.report(),
         )

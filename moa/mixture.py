@@ -8,6 +8,10 @@
 `stream()` yields `RunStarted` first and `RunFinished` last; on failure it yields `RunFailed`
 and raises the `MixtureError`, whose `.partial` holds the result assembled so far. Closing
 the generator early cancels the run (use `contextlib.aclosing` when breaking out of it).
+
+Budgets (`moa.budget`): `budget=` limits every request (it replaces the config's `budget`;
+`run(..., budget=...)` sets one request's), `session=` is a ledger shared by every request of
+every mixture it is passed to; a call that could exceed either is refused before it starts.
 """
 
 from __future__ import annotations
@@ -22,8 +26,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
+from pydantic import ValidationError
 
+from moa import pricing
+from moa.budget import Budget, BudgetGuard, Ledger, SessionBudget
 from moa.config import MixtureConfig, Mode, load
+from moa.errors import ConfigError
 from moa.events import Event, RunFinished
 from moa.executor import Execution, Overrides
 from moa.prompts import as_messages
@@ -43,11 +51,25 @@ class Mixture:
         *,
         registry: Registry | None = None,
         mode: Mode | None = None,
+        budget: Budget | dict[str, Any] | None = None,
+        session: Ledger | None = None,
     ) -> None:
         base = load(config, registry=registry)
-        self.config = base.model_copy(update={"mode": mode}) if mode else base
+        update: dict[str, Any] = {"mode": mode} if mode else {}
+        if budget is not None:
+            update["budget"] = as_budget(budget)
+        self.config = base.model_copy(update=update) if update else base
         self.registry = self.config.registry(registry)
         self.config.check_models(self.registry)
+        limit = self.config.session_budget
+        self.session: Ledger | None = (
+            session
+            if session is not None
+            else (None if limit.unlimited else SessionBudget(usd=limit.usd, tokens=limit.tokens))
+        )
+        """The ledger every request of this mixture settles into (None: no session budget)."""
+        self._price = pricing.price_function(self.config.prices)
+        self._check_prices(self.config.budget)
 
     def __repr__(self) -> str:
         c = self.config
@@ -61,15 +83,22 @@ class Mixture:
         max_tokens: int | None = None,
         stop: list[str] | None = None,
         seed: int | None = None,
+        budget: Budget | dict[str, Any] | None = None,
     ) -> AsyncIterator[Event]:
-        """Run the mixture and yield its events; the overrides apply to the final aggregator."""
+        """Run the mixture and yield its events; the overrides apply to the final aggregator.
+
+        `budget` replaces the mixture's per-request budget for this request.
+        """
         send, receive = anyio.create_memory_object_stream[Event](math.inf)
+        limit = self.config.budget if budget is None else as_budget(budget)
+        self._check_prices(limit)
         execution = Execution(
             self.config,
             self.registry,
             as_messages(messages),
             send.send_nowait,
             Overrides(temperature, max_tokens, stop, seed),
+            guard=BudgetGuard(self._price, limit, self.session),
         )
 
         async def drive() -> None:
@@ -91,6 +120,18 @@ class Mixture:
         if execution.fatal is not None:
             raise execution.fatal
 
+    def _check_prices(self, request: Budget) -> None:
+        """A dollar budget needs a price for every model; fail before any call without one."""
+        if request.usd is None and (self.session is None or self.session.limit.usd is None):
+            return
+        table = pricing.with_overrides(self.config.prices)
+        for agent in self.config.agents():
+            if pricing.price_of(agent.model, table) is None:
+                raise ConfigError(
+                    f"A dollar budget needs a price for {agent.model!r}; "
+                    "add it under [prices] in the config."
+                )
+
     async def run(
         self,
         messages: str | list[Message],
@@ -99,11 +140,17 @@ class Mixture:
         max_tokens: int | None = None,
         stop: list[str] | None = None,
         seed: int | None = None,
+        budget: Budget | dict[str, Any] | None = None,
     ) -> MixtureResult:
         """Run the mixture to the end and return its result (raises `MixtureError` on failure)."""
         result: MixtureResult | None = None
         events = self.stream(
-            messages, temperature=temperature, max_tokens=max_tokens, stop=stop, seed=seed
+            messages,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            stop=stop,
+            seed=seed,
+            budget=budget,
         )
         async with aclosing(events):
             async for event in events:
@@ -173,6 +220,16 @@ class Mixture:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+def as_budget(value: Budget | dict[str, Any]) -> Budget:
+    """A `Budget` from itself or a dict such as {"usd": 0.05, "tokens": 20000}."""
+    try:
+        return Budget.model_validate(value)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise ConfigError(f"Invalid budget: field '{where}': {first['msg']}.") from None
 
 
 def _blocking(make: Callable[[], Awaitable[T]]) -> T:

@@ -7,6 +7,8 @@ public list prices, to be overridden per mixture with `MixtureConfig.prices`. Em
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from moa.providers.base import Usage
 
 Price = tuple[float, float]
@@ -66,3 +68,15 @@ def cost(model: str, usage: Usage, table: dict[str, Price] | None = None) -> flo
     if price is None:
         return None
     return (usage.prompt_tokens * price[0] + usage.completion_tokens * price[1]) / 1_000_000
+
+
+def price_function(
+    prices: dict[str, Price] | None = None,
+) -> Callable[[str, Usage], float | None]:
+    """(model, usage) -> US dollars from the built-in table plus `prices` overrides."""
+    table = with_overrides(prices)
+
+    def price(model: str, usage: Usage) -> float | None:
+        return cost(model, usage, table)
+
+    return price

@@ -36,6 +36,9 @@ class MixtureResult:
     """Seconds from the start of the run to the first token of the final answer."""
     latency_s: float = 0.0
     notices: list[str] = field(default_factory=list)
+    budget: dict[str, Any] = field(default_factory=dict)
+    """Spend against the budgets (`moa.budget.BudgetGuard.report()`): a `request` entry and,
+    with a shared ledger, a `session` entry, each with spent / limits / calls / refused."""
 
     @property
     def usage(self) -> Usage:
@@ -71,9 +74,13 @@ class MixtureResult:
             "ttft_s": self.ttft_s,
             "latency_s": self.latency_s,
             "calls": self.calls,
-            "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens},
+            "usage": {
+                "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+            },
             "cost_usd": self.cost_usd,
             "notices": list(self.notices),
+            "budget": self.budget,
             "agents": [
                 {
                     "id": o.agent.key,

@@ -26,7 +26,7 @@ from moa.events import RouteDecision
 
 Choice = Literal["cheap", "strong", "skip"]
 TIERS: tuple[str, str] = ("cheap", "strong")
-SIGNALS: tuple[str, ...] = ("agreement", "confidence", "min_confidence", "similarity")
+SIGNALS: tuple[str, ...] = ("agreement", "confidence", "min_confidence", "similarity", "verifier")
 
 
 @dataclass
@@ -120,9 +120,11 @@ def _sigmoid(x: float) -> float:
 class MarginalUtilityRouter(Router):
     """Pick the option with the best estimated quality minus λ × cost.
 
-    p = sigmoid(bias + w_agreement·agreement + w_confidence·min_confidence) estimates the
-    chance that the current best answer (the proposers' majority, or the last aggregate) is
-    right; min_confidence is the least confident reply's DeepConf score. Skipping keeps
+    p = sigmoid(bias + w_agreement·agreement + w_confidence·min_confidence
+    + w_verifier·(verifier − 0.5)) estimates the chance that the current best answer (the
+    proposers' majority, or the last aggregate) is right; min_confidence is the least confident
+    reply's DeepConf score, verifier the judge's score in [0, 1] (only when the optional
+    verifier is on; a missing signal adds nothing). Skipping keeps
     p; a cheap call reaches p + cheap_lift·(1 − p); a strong call p + strong_lift·(1 − p).
     Costs are in units of the strong call of this stage, and λ = multiplier / remaining budget
     share, so the strong tier is chosen when gain / extra cost > λ and gets rarer as the budget
@@ -135,6 +137,7 @@ class MarginalUtilityRouter(Router):
         bias: float = -3.0,
         w_agreement: float = 5.0,
         w_confidence: float = 0.0,
+        w_verifier: float = 4.0,
         cheap_lift: float = 0.1,
         strong_lift: float = 0.5,
         multiplier: float = 0.1,
@@ -142,6 +145,7 @@ class MarginalUtilityRouter(Router):
         self.bias = bias
         self.w_agreement = w_agreement
         self.w_confidence = w_confidence
+        self.w_verifier = w_verifier
         self.cheap_lift = cheap_lift
         self.strong_lift = strong_lift
         self.multiplier = multiplier
@@ -152,6 +156,8 @@ class MarginalUtilityRouter(Router):
         x = self.bias + self.w_agreement * float(signals.get("agreement") or 0.0)
         if self.w_confidence and signals.get("min_confidence") is not None:
             x += self.w_confidence * float(signals["min_confidence"])
+        if self.w_verifier and signals.get("verifier") is not None:
+            x += self.w_verifier * (float(signals["verifier"]) - 0.5)
         return _sigmoid(x)
 
     def decide_stage(self, stage: Stage) -> Decision:
@@ -215,7 +221,9 @@ class _Fixed(BaseModel):
 class _Threshold(BaseModel):
     model_config = ConfigDict(extra="forbid")
     policy: Literal["threshold"]
-    signal: Literal["agreement", "confidence", "min_confidence", "similarity"] = "agreement"
+    signal: Literal["agreement", "confidence", "min_confidence", "similarity", "verifier"] = (
+        "agreement"
+    )
     threshold: float = 0.67
     skip_above: float | None = None
 
@@ -226,6 +234,7 @@ class _Marginal(BaseModel):
     bias: float = -3.0
     w_agreement: float = 5.0
     w_confidence: float = 0.0
+    w_verifier: float = 4.0
     cheap_lift: float = Field(0.1, ge=0, le=1)
     strong_lift: float = Field(0.5, ge=0, le=1)
     multiplier: float = Field(0.1, ge=0)

@@ -5,6 +5,8 @@ tier runs it or whether it is skipped: proposer slots start on the router's prop
 aggregation sees the proposers' signals (agreement, token confidence) and may be skipped
 (return the majority answer), run cheap or run strong; each refinement loop sees the latest
 answer's signals and may stop the loop. A budget (`moa.budget`) is checked before every call.
+An optional verifier (`moa.verifier`, off by default) adds a judge call's score to the signals
+of the aggregation and of each refinement loop.
 
 Configuration lives in its own table (`RoutingConfig`), either a file of its own or the
 `[routing]` table of a mixture config file. `strategy = "evolve"` runs Squeeze Evolve
@@ -29,6 +31,7 @@ from moa.budget import Budget, BudgetGuard, Ledger, SessionBudget
 from moa.config import read_file
 from moa.errors import (
     AggregatorFailed,
+    BudgetExceeded,
     ConfigError,
     MoaError,
     NotEnoughProposers,
@@ -48,6 +51,7 @@ from moa.events import (
     RunStarted,
     UsageReport,
 )
+from moa.pricing import price_function
 from moa.prompts import (
     AGGREGATE_PROMPT,
     Reference,
@@ -62,6 +66,7 @@ from moa.result import AgentOutput, MixtureResult
 from moa.router import Decision, Router, Stage, router_from_config
 from moa.signals import agreement, confidence, group_signals
 from moa.tokens import count_messages, count_tokens
+from moa.verifier import VerifierConfig, judge_messages, verdict
 
 Tier = Literal["cheap", "strong"]
 
@@ -104,6 +109,9 @@ class RoutingConfig(BaseModel):
     session_budget: Budget = Field(default_factory=Budget)
     """Hard budget over every request of one `RoutedMixture` object."""
     evolve: EvolveConfig = Field(default_factory=EvolveConfig)
+    verifier: VerifierConfig | None = None
+    """A judge call that scores the current answer before the aggregation and each refinement
+    loop (signal `verifier`); None (the default) makes no such call."""
     prices: dict[str, tuple[float, float]] = Field(default_factory=dict)
     """Model reference -> (input, output) US dollars per million tokens."""
     providers: dict[str, ProviderSpec] = Field(default_factory=dict)
@@ -156,19 +164,9 @@ def load_routing(
     checker = config.registry(registry)
     checker.check(config.cheap)
     checker.check(config.strong)
+    if config.verifier is not None and config.verifier.model is not None:
+        checker.check(config.verifier.model)
     return config
-
-
-def price_function(prices: dict[str, tuple[float, float]]) -> Callable[[str, Usage], float | None]:
-    """(model, usage) -> US dollars from the project price table plus `prices` overrides."""
-    from moa import pricing
-
-    table = pricing.with_overrides(prices)
-
-    def price(model: str, usage: Usage) -> float | None:
-        return pricing.cost(model, usage, table)
-
-    return price
 
 
 def reference_messages(
@@ -197,10 +195,9 @@ class Reply:
 
 @dataclass
 class RoutedResult(MixtureResult):
-    """A `MixtureResult` plus the routing decisions and the budget report."""
+    """A `MixtureResult` plus the routing decisions."""
 
     decisions: list[RouteDecision] = field(default_factory=list)
-    budget: dict[str, Any] = field(default_factory=dict)
 
     def tiers(self) -> dict[str, int]:
         """Calls per tier choice and skips, e.g. {"cheap": 4, "strong": 1, "skip": 0}."""
@@ -215,8 +212,7 @@ class RoutedResult(MixtureResult):
             "decisions": [
                 {"stage": d.stage, "choice": d.choice, "reason": d.reason, "signals": d.signals}
                 for d in self.decisions
-            ],
-            "budget": self.budget,
+            ]
         }
         return out
 
@@ -294,11 +290,21 @@ class RunContext:
         temperature: float,
         seed: int | None,
         final: bool = False,
+        max_tokens: int | None = None,
+        ask_logprobs: bool = True,
     ) -> Reply:
         """Reserve the call's worst case (or raise `BudgetExceeded`), run it, report events."""
-        reservation = self.guard.reserve(agent.model, messages, self.config.max_tokens)
+        limit = max_tokens or self.config.max_tokens
+        reservation = self.guard.reserve(agent.model, messages, limit)
         return await self.run_reserved(
-            agent, messages, reservation, temperature=temperature, seed=seed, final=final
+            agent,
+            messages,
+            reservation,
+            temperature=temperature,
+            seed=seed,
+            final=final,
+            max_tokens=limit,
+            ask_logprobs=ask_logprobs,
         )
 
     async def run_reserved(
@@ -310,7 +316,10 @@ class RunContext:
         temperature: float,
         seed: int | None,
         final: bool = False,
+        max_tokens: int | None = None,
+        ask_logprobs: bool = True,
     ) -> Reply:
+        """Run a call whose budget is reserved; a failure is reported in the reply, not raised."""
         output = AgentOutput(agent=agent, calls=1)
         self.outputs.append(output)
         self.emit(AgentStarted(t=self.now(), agent=agent))
@@ -320,12 +329,12 @@ class RunContext:
         usage: Usage | None = None
         try:
             provider, model = self.registry.resolve(agent.model)
-            want_logprobs = self.config.logprobs and provider.capabilities.logprobs
+            want_logprobs = ask_logprobs and self.config.logprobs and provider.capabilities.logprobs
             request = ChatRequest(
                 model=model,
                 messages=messages,
                 temperature=temperature,
-                max_tokens=self.config.max_tokens,
+                max_tokens=max_tokens or self.config.max_tokens,
                 seed=seed,
                 logprobs=want_logprobs,
                 top_logprobs=self.config.top_logprobs if want_logprobs else None,
@@ -438,6 +447,7 @@ async def run_mixture(ctx: RunContext, messages: list[Message], seed: int | None
             break
         signals = reply_signals([answer.reply])
         signals["agreement"] = _agreement_with(answer.text, ok)
+        signals.update(await verify(ctx, base, answer.text, ok, layer=1 + loop, seed=seed))
         refs = [answer.text, *(r.output.text for r in ok)]
         stage = Stage(name=f"refine.{loop}", kind="refine", signals=signals, can_skip=True)
         agg = reference_messages(base, refs)
@@ -457,6 +467,66 @@ async def run_mixture(ctx: RunContext, messages: list[Message], seed: int | None
     if not ctx.final_text:
         ctx.emit_final(answer.text)
     return answer.text
+
+
+async def verify(
+    ctx: RunContext,
+    messages: list[Message],
+    candidate: str,
+    replies: list[Reply],
+    *,
+    layer: int,
+    seed: int | None,
+) -> dict[str, Any]:
+    """The verifier's signals on `candidate` ({} when the verifier is off).
+
+    Pairwise, the rival is the most confident reply holding another final answer (another
+    text when answers cannot be extracted); without one the judge scores pointwise. The call
+    counts in calls, cost and budget; a refused or failed call leaves `verifier` None.
+    """
+    cfg = ctx.config.verifier
+    if cfg is None:
+        return {}
+    rival = rival_of(candidate, replies) if cfg.mode == "pairwise" else None
+    signals: dict[str, Any] = {
+        "verifier": None,
+        "verifier_mode": "pointwise" if rival is None else "pairwise",
+    }
+    agent = AgentId(layer=layer, index=1, model=cfg.model or ctx.config.cheap, name="verifier")
+    try:
+        reply = await ctx.call(
+            agent,
+            judge_messages(messages, candidate, rival),
+            temperature=cfg.temperature,
+            seed=stage_seed(seed, 200 + layer),
+            max_tokens=cfg.max_tokens,
+            ask_logprobs=False,
+        )
+    except BudgetExceeded as err:
+        signals["verifier_error"] = str(err)
+        return signals
+    if reply.ok:
+        signals["verifier"] = verdict(reply.output.text, pairwise=rival is not None)
+    else:
+        signals["verifier_error"] = reply.output.error
+    return signals
+
+
+def rival_of(candidate: str, replies: list[Reply]) -> str | None:
+    """The most confident reply whose final answer (or, without one, text) differs."""
+    mine = agreement([candidate]).answers[0]
+
+    def differs(text: str) -> bool:
+        if mine is None:
+            return text.strip() != candidate.strip()
+        return agreement([text]).answers[0] != mine
+
+    def score(reply: Reply) -> float:
+        conf = confidence(reply.logprobs)
+        return conf.bottom10 if conf is not None else -math.inf
+
+    others = [r for r in replies if r.ok and differs(r.output.text)]
+    return max(others, key=score).output.text if others else None
 
 
 @dataclass
@@ -489,6 +559,8 @@ async def _aggregate(
 ) -> _Answer:
     signals = reply_signals(ok)
     majority = best_supporter(ok)
+    candidate = (majority or ok[0]).output.text
+    signals.update(await verify(ctx, base, candidate, ok, layer=layer, seed=seed))
     agg = reference_messages(base, references)
     stage = Stage(
         name="aggregate", kind="aggregate", signals=signals, can_skip=majority is not None

@@ -50,6 +50,14 @@ def add_mixture_arguments(parser: argparse.ArgumentParser) -> None:
         help="execution mode (default: the config's, else auto)",
     )
     group.add_argument("--deadline", type=float, metavar="SECONDS", help="whole-request deadline")
+    group.add_argument(
+        "--budget-usd", type=float, metavar="USD",
+        help="hard per-request budget in US dollars: a call that could pass it is not started",
+    )
+    group.add_argument(
+        "--budget-tokens", type=int, metavar="N",
+        help="hard per-request budget in tokens (prompt + completion, every call)",
+    )
 
 
 def config_data(path: str | None) -> dict[str, Any]:
@@ -85,6 +93,10 @@ def mixture_from_args(args: argparse.Namespace) -> MixtureConfig:
         data["mode"] = args.mode
     if args.deadline is not None:
         data["deadline_s"] = args.deadline
+    for key, value in (("usd", args.budget_usd), ("tokens", args.budget_tokens)):
+        if value is not None:
+            budget = data.get("budget")
+            data["budget"] = {**(budget if isinstance(budget, dict) else {}), key: value}
     if proposers or args.aggregator or args.layers is not None:
         data["name"] = file_data.get("name", "custom")
     source = f"{args.config!r} with the flags" if args.config else "from the command line"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from moa.events import Event, FinalDelta
 
@@ -24,15 +24,32 @@ class View(Protocol):
 
 
 def summary_line(result: MixtureResult) -> str:
-    """Calls, tokens, cost, TTFT and total time of a run, on one line."""
+    """Calls, tokens, cost, spend against the budgets, TTFT and total time, on one line."""
     usage = result.usage
     cost = "cost n/a" if result.cost_usd is None else f"${result.cost_usd:.4f}"
     ttft = "n/a" if result.ttft_s is None else f"{result.ttft_s:.2f} s"
+    spend = "".join(f" · {part}" for part in budget_parts(result.budget))
     return (
         f"{result.calls} calls · {usage.total_tokens:,} tokens "
-        f"({usage.prompt_tokens:,} in / {usage.completion_tokens:,} out) · {cost} · "
+        f"({usage.prompt_tokens:,} in / {usage.completion_tokens:,} out) · {cost}{spend} · "
         f"TTFT {ttft} · total {result.latency_s:.2f} s"
     )
+
+
+def budget_parts(report: dict[str, Any]) -> list[str]:
+    """'request budget $0.0012 of $0.0100', ... for every limited ledger of a budget report."""
+    parts = []
+    for scope in ("request", "session"):
+        ledger = report.get(scope) or {}
+        spent = []
+        if ledger.get("limit_usd") is not None:
+            spent.append(f"${ledger['spent_usd']:.4f} of ${ledger['limit_usd']:.4f}")
+        if ledger.get("limit_tokens") is not None:
+            spent.append(f"{ledger['spent_tokens']:,} of {ledger['limit_tokens']:,} tokens")
+        if spent:
+            refused = f", {ledger['refused']} refused" if ledger.get("refused") else ""
+            parts.append(f"{scope} budget {' and '.join(spent)}{refused}")
+    return parts
 
 
 class PlainView:
