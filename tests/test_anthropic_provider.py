@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import anyio
 import pytest
-from moa.providers.anthropic import AnthropicProvider
-from moa.providers.base import ChatRequest
-from moa.providers.registry import Limits, ProviderSpec
 from pydantic import SecretStr
 
 from moa.errors import ProviderError, StreamInterrupted
+from moa.providers.anthropic import AnthropicProvider
+from moa.providers.base import ChatRequest
+from moa.providers.registry import Limits, ProviderSpec
 from moa.testing import LoopbackServer, ModelBehavior
 
 pytestmark = pytest.mark.anyio

@@ -7,8 +7,8 @@ import time
 import anyio
 import httpx
 import pytest
-from moa.providers.base import ChatRequest
 
+from moa.providers.base import ChatRequest
 from moa.testing import LoopbackServer, ModelBehavior
 
 openai = pytest.importorskip("openai")

@@ -6,10 +6,6 @@ from collections.abc import AsyncIterator
 
 import anyio
 import pytest
-from moa.providers.base import ChatRequest, Delta
-from moa.providers.http import retry_after_seconds
-from moa.providers.openai_compat import OpenAICompatProvider
-from moa.providers.registry import Limits, ProviderSpec
 
 from moa.errors import (
     ConfigError,
@@ -18,6 +14,10 @@ from moa.errors import (
     StreamInterrupted,
     StreamTimeout,
 )
+from moa.providers.base import ChatRequest, Delta
+from moa.providers.http import retry_after_seconds
+from moa.providers.openai_compat import OpenAICompatProvider
+from moa.providers.registry import Limits, ProviderSpec
 from moa.testing import LoopbackServer, ModelBehavior
 
 pytestmark = pytest.mark.anyio

@@ -6,10 +6,10 @@ import logging
 import traceback
 
 import pytest
-from moa.providers.base import ChatRequest
-from moa.providers.registry import Limits, Registry
 
 from moa.errors import ProviderError
+from moa.providers.base import ChatRequest
+from moa.providers.registry import Limits, Registry
 from moa.testing import LoopbackServer, ModelBehavior
 
 pytestmark = pytest.mark.anyio

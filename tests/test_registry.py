@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
+from moa.config import load_file
+from moa.errors import ConfigError, MissingKeyError, UnknownProviderError
 from moa.providers.anthropic import AnthropicProvider
 from moa.providers.base import ChatRequest
 from moa.providers.openai_compat import OpenAICompatProvider
 from moa.providers.registry import BUILTIN_SPECS, ProviderSpec, Registry
-
-from moa.config import load_file
-from moa.errors import ConfigError, MissingKeyError, UnknownProviderError
 from moa.testing import LoopbackServer, ModelBehavior
 
 HI = [{"role": "user", "content": "ping"}]

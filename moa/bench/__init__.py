@@ -25,7 +25,9 @@ def _fmt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def print_rows(name: str, rows: list[dict[str, Any]], *, as_json: bool, notes: list[str] = ()) -> None:
+def print_rows(
+    name: str, rows: list[dict[str, Any]], *, as_json: bool, notes: list[str] | tuple[str, ...] = ()
+) -> None:
     """Print benchmark rows as a table (columns = union of keys, first-seen order) or JSON."""
     if as_json:
         json.dump({"bench": name, "rows": rows, "notes": list(notes)}, sys.stdout, default=str)
@@ -39,7 +41,8 @@ def print_rows(name: str, rows: list[dict[str, Any]], *, as_json: bool, notes: l
         columns.extend(k for k in row if k not in columns)
     table = Table(title=f"moa bench {name}")
     for col in columns:
-        table.add_column(col, justify="left" if rows and isinstance(rows[0].get(col), str) else "right")
+        text = bool(rows) and isinstance(rows[0].get(col), str)
+        table.add_column(col, justify="left" if text else "right")
     for row in rows:
         table.add_row(*(_fmt(row.get(c)) for c in columns))
     console = Console() if sys.stdout.isatty() else Console(width=200)
