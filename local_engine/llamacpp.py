@@ -1,0 +1,239 @@
+"""The embedded CPU engine: llama.cpp in-process through llama-cpp-python.
+
+- One model is loaded once per process and shared by every agent that names it.
+- A request holds one llama.cpp instance for its whole generation (one context cannot
+  interleave requests). Option `parallel` (default 1: requests are queued) keeps up to that
+  many instances of the model; `moa bench local` measures which is faster (docs/local.md).
+- Tokens are pulled one at a time in a worker thread, so cancelling the consumer stops the
+  generation within one token and frees the model for the next request.
+- Logprobs need `logits_all=True`, which costs several times the speed: a second instance of
+  the model is loaded lazily, only for requests that ask for logprobs.
+- Continuation (staircase streaming): the chat template is rendered over the messages before
+  the final assistant message, with the generation prompt, and the assistant's text so far is
+  appended; a raw completion then continues it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+from pydantic import SecretStr
+
+from moa.errors import ConfigError, ProviderError
+from moa.providers.base import (
+    Capabilities,
+    ChatRequest,
+    Delta,
+    Message,
+    Provider,
+    TokenLogprob,
+    Usage,
+)
+from moa.providers.registry import ProviderSpec
+
+from .model_files import resolve_model_path
+
+DEFAULT_CTX = 4096
+_DONE = object()
+
+
+@dataclass
+class LoadedModel:
+    """One llama.cpp instance of a model and its chat formatter."""
+
+    llm: Any
+    formatter: Any
+    busy: threading.Lock = field(default_factory=threading.Lock)
+
+    def count(self, text: str, *, bos: bool = False) -> int:
+        return len(self.llm.tokenize(text.encode(), add_bos=bos, special=True))
+
+
+@dataclass
+class ModelPool:
+    """`size` instances of one model; a request holds one instance for its whole generation.
+
+    Size 1 queues the requests. The locks are plain thread locks polled from async code, so a
+    pool is shared safely by every event loop of the process (sync wrappers start new ones).
+    """
+
+    path: Path
+    logits_all: bool
+    options: dict[str, Any]
+    size: int
+    instances: list[LoadedModel] = field(default_factory=list)
+    grow: threading.Lock = field(default_factory=threading.Lock)
+
+    def _claim(self) -> LoadedModel | None:
+        for model in self.instances:
+            if model.busy.acquire(blocking=False):
+                return model
+        with self.grow:
+            if len(self.instances) < self.size:
+                model = _create(self.path, self.logits_all, self.options)
+                model.busy.acquire()
+                self.instances.append(model)
+                return model
+        return None
+
+    @asynccontextmanager
+    async def claim(self) -> AsyncIterator[LoadedModel]:
+        while (model := await anyio.to_thread.run_sync(self._claim)) is None:
+            await anyio.sleep(POLL_S)
+        try:
+            yield model
+        finally:
+            model.busy.release()
+
+
+_POOLS: dict[tuple[str, bool, tuple[tuple[str, Any], ...]], ModelPool] = {}
+_POOLS_LOCK = threading.Lock()
+POLL_S = 0.005
+
+
+def model_pool(path: Path, logits_all: bool, options: dict[str, Any]) -> ModelPool:
+    """The process-wide pool of the model at `path` with these options."""
+    options = dict(options)
+    size = int(options.pop("parallel", 1))
+    key = (str(path), logits_all, tuple(sorted(options.items())))
+    with _POOLS_LOCK:
+        pool = _POOLS.get(key)
+        if pool is None:
+            pool = _POOLS[key] = ModelPool(path, logits_all, options, max(1, size))
+        return pool
+
+
+def _create(path: Path, logits_all: bool, options: dict[str, Any]) -> LoadedModel:
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    settings = {"n_ctx": DEFAULT_CTX, "n_threads": os.cpu_count() or 1, "verbose": False}
+    settings.update(options)
+    try:
+        llm = Llama(model_path=str(path), logits_all=logits_all, **settings)
+    except (ValueError, RuntimeError) as err:
+        raise ConfigError(f"llama.cpp could not load {str(path)!r}: {err}.") from None
+    template = llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        raise ConfigError(f"Model file {str(path)!r} holds no chat template.")
+
+    def text_of(token: int) -> str:
+        return llm._model.token_get_text(token) if token != -1 else ""
+
+    formatter = Jinja2ChatFormatter(
+        template=template, eos_token=text_of(llm.token_eos()), bos_token=text_of(llm.token_bos())
+    )
+    return LoadedModel(llm, formatter)
+
+
+def render_prompt(
+    formatter: Any, messages: list[Message], continue_final: bool
+) -> tuple[str, list[str]]:
+    """The raw prompt for `messages` and the template's stop strings.
+
+    With `continue_final`, the last (assistant) message is left open so the model continues it.
+    """
+    head = messages[:-1] if continue_final else messages
+    rendered = formatter(messages=[dict(m) for m in head])
+    prompt = rendered.prompt
+    if continue_final:
+        prompt += str(messages[-1].get("content") or "")
+    stop = rendered.stop or []
+    return prompt, [stop] if isinstance(stop, str) else list(stop)
+
+
+def to_logprobs(raw: dict[str, Any] | None) -> list[TokenLogprob] | None:
+    """llama-cpp-python's OpenAI-completions-style logprobs -> TokenLogprob list."""
+    if not raw:
+        return None
+    tokens, values = raw.get("tokens") or [], raw.get("token_logprobs") or []
+    tops = raw.get("top_logprobs") or [None] * len(tokens)
+    return [
+        TokenLogprob(token, float(lp or 0.0), [(t, float(v)) for t, v in (top or {}).items()])
+        for token, lp, top in zip(tokens, values, tops, strict=False)
+    ]
+
+
+class LlamaCppEngine(Provider):
+    """`local/<model>`: a GGUF model run in this process by llama.cpp."""
+
+    name = "local"
+    capabilities = Capabilities(continuation=True, logprobs=True)
+
+    def __init__(self, spec: ProviderSpec, api_key: SecretStr | None = None) -> None:
+        import llama_cpp  # noqa: F401 - fail at resolve time when the extra is missing
+
+        self.spec = spec
+        self.options = dict(spec.options)
+
+    def __repr__(self) -> str:
+        return f"LlamaCppEngine(prefix={self.spec.prefix!r})"
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[Delta]:
+        pool = model_pool(resolve_model_path(request.model), request.logprobs, self.options)
+        async with pool.claim() as model:
+            async for delta in self._stream_on(model, request):
+                yield delta
+
+    async def _stream_on(self, model: LoadedModel, request: ChatRequest) -> AsyncIterator[Delta]:
+        prompt, stop = render_prompt(model.formatter, request.messages, request.continue_final)
+        prompt_tokens = model.count(prompt, bos=True)
+        limit = model.llm.n_ctx() - prompt_tokens
+        if limit <= 0:
+            raise ProviderError(
+                f"The prompt has {prompt_tokens} tokens, more than the context of "
+                f"{model.llm.n_ctx()} tokens of {request.model}.",
+                provider="local",
+                model=request.model,
+            )
+        max_tokens = min(request.max_tokens or limit, limit)
+        for index in range(request.n):
+            parts: list[str] = []
+            async for delta in self._generate(model, prompt, stop, max_tokens, request, index):
+                parts.append(delta.text)
+                yield delta
+            yield Delta(index=index, usage=Usage(prompt_tokens, model.count("".join(parts))))
+
+    async def _generate(
+        self,
+        model: LoadedModel,
+        prompt: str,
+        stop: list[str],
+        max_tokens: int,
+        request: ChatRequest,
+        index: int,
+    ) -> AsyncIterator[Delta]:
+        """Pull tokens one by one in a worker thread; closing stops llama.cpp within a token."""
+        seed = None if request.seed is None else request.seed + index
+        chunks: Iterator[dict[str, Any]] = model.llm.create_completion(
+            prompt,
+            max_tokens=max_tokens,
+            temperature=request.temperature if request.temperature is not None else 0.7,
+            top_p=request.top_p if request.top_p is not None else 0.95,
+            stop=[*stop, *(request.stop or [])],
+            seed=seed,
+            logprobs=(request.top_logprobs or 1) if request.logprobs else None,
+            stream=True,
+        )
+        try:
+            while True:
+                chunk = await anyio.to_thread.run_sync(next, chunks, _DONE)
+                if chunk is _DONE:
+                    return
+                choice = chunk["choices"][0]
+                yield Delta(
+                    text=choice.get("text") or "",
+                    index=index,
+                    finish_reason=choice.get("finish_reason"),
+                    logprobs=to_logprobs(choice.get("logprobs")),
+                )
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(chunks.close)
