@@ -71,21 +71,28 @@ class ModelPool:
     instances: list[LoadedModel] = field(default_factory=list)
     grow: threading.Lock = field(default_factory=threading.Lock)
 
-    def _claim(self) -> LoadedModel | None:
-        for model in self.instances:
-            if model.busy.acquire(blocking=False):
-                return model
+    def _idle(self) -> LoadedModel | None:
+        """An idle instance, now claimed (never blocks)."""
+        return next((m for m in self.instances if m.busy.acquire(blocking=False)), None)
+
+    def _grow(self) -> LoadedModel | None:
+        """A new instance, claimed, if the pool may grow (loads the model: run in a thread)."""
         with self.grow:
-            if len(self.instances) < self.size:
-                model = _create(self.path, self.logits_all, self.options)
-                model.busy.acquire()
-                self.instances.append(model)
-                return model
-        return None
+            if len(self.instances) >= self.size:
+                return None
+            model = _create(self.path, self.logits_all, self.options)
+            model.busy.acquire()
+            self.instances.append(model)
+            return model
 
     @asynccontextmanager
     async def claim(self) -> AsyncIterator[LoadedModel]:
-        while (model := await anyio.to_thread.run_sync(self._claim)) is None:
+        while True:
+            model = self._idle()
+            if model is None and len(self.instances) < self.size:
+                model = await anyio.to_thread.run_sync(self._grow)
+            if model is not None:
+                break
             await anyio.sleep(POLL_S)
         try:
             yield model
@@ -95,7 +102,7 @@ class ModelPool:
 
 _POOLS: dict[tuple[str, bool, tuple[tuple[str, Any], ...]], ModelPool] = {}
 _POOLS_LOCK = threading.Lock()
-POLL_S = 0.005
+POLL_S = 0.01
 
 
 def model_pool(path: Path, logits_all: bool, options: dict[str, Any]) -> ModelPool:
