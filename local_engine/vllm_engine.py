@@ -1,0 +1,303 @@
+"""The embedded GPU engine: vLLM's in-process async engine (`vllm/<hf-model-or-path>`).
+
+- One engine per model and engine options, loaded once per process and shared by every agent
+  that names it. It lives on its own event-loop thread: vLLM's engine binds its output loop to
+  the loop it starts on, while callers (`Mixture.run_sync`, notebooks) may come from many loops.
+- The chat template is the model tokenizer's (`apply_chat_template`); with `continue_final`
+  the last assistant message is continued (`continue_final_message=True`), which staircase
+  streaming needs.
+- `n > 1` is one request: vLLM samples the choices from one prompt (prefix caching shares its
+  KV cache); each choice streams under its own index with its own finish reason and usage.
+- Outputs are cumulative; the deltas are their new suffixes per choice index.
+- Closing the stream (cancellation, client disconnect) aborts the request in the engine.
+- Engine options (`ProviderSpec.options`) go to `AsyncEngineArgs`: `gpu_memory_utilization`,
+  `max_model_len`, `tensor_parallel_size`, `dtype`, ...; `enable_prefix_caching` is on.
+
+The adapter logic is in plain functions (`render_prompt`, `sampling_kwargs`, `ChoiceTracker`,
+`to_logprobs`) so it is tested on the CPU; vllm and torch are imported only by `load_vllm`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+import threading
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from pydantic import SecretStr
+
+from moa.errors import ConfigError, MoaError, ProviderError
+from moa.providers.base import (
+    Capabilities,
+    ChatRequest,
+    Delta,
+    Message,
+    Provider,
+    TokenLogprob,
+    Usage,
+)
+from moa.providers.registry import ProviderSpec
+
+ENGINE_DEFAULTS: dict[str, Any] = {"enable_prefix_caching": True, "disable_log_stats": True}
+
+
+@dataclass
+class VLLMBackend:
+    """A loaded engine and what the adapter needs from it."""
+
+    engine: Any
+    """`vllm.v1.engine.async_llm.AsyncLLM` (or anything with `generate` and `abort`)."""
+    tokenizer: Any
+    max_model_len: int
+    sampling_params: Callable[..., Any]
+    """`vllm.SamplingParams`."""
+
+
+Loader = Callable[[str, dict[str, Any]], Awaitable[VLLMBackend]]
+
+
+async def load_vllm(model: str, options: dict[str, Any]) -> VLLMBackend:
+    """Start vLLM's async engine for `model` (a Hugging Face id or a local path)."""
+    from vllm import AsyncEngineArgs, SamplingParams
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    try:
+        args = AsyncEngineArgs(model=model, **{**ENGINE_DEFAULTS, **options})
+    except TypeError as err:
+        raise ConfigError(f"Unknown vLLM engine option: {err}.") from None
+    engine = AsyncLLM.from_engine_args(args)
+    tokenizer = engine.get_tokenizer()
+    if inspect.isawaitable(tokenizer):  # a coroutine in older vLLM releases
+        tokenizer = await tokenizer
+    return VLLMBackend(engine, tokenizer, engine.model_config.max_model_len, SamplingParams)
+
+
+class EngineHost:
+    """A backend loaded and served on a dedicated event-loop thread."""
+
+    def __init__(self, build: Awaitable[VLLMBackend]) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="moa-vllm", daemon=True)
+        self.thread.start()
+        self.ready: concurrent.futures.Future[VLLMBackend] = self.submit(build)
+
+    def submit(self, coro: Awaitable[Any]) -> concurrent.futures.Future[Any]:
+        """Run `coro` on the engine's loop."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def stop(self) -> None:
+        """Shut the engine down and end the thread."""
+        if self.ready.done() and self.ready.exception() is None:
+            shutdown = getattr(self.ready.result().engine, "shutdown", None)
+            if shutdown is not None:
+                self.loop.call_soon_threadsafe(shutdown)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=30)
+
+
+_HOSTS: dict[tuple[Any, ...], EngineHost] = {}
+_HOSTS_LOCK = threading.Lock()
+
+
+def engine_host(model: str, options: dict[str, Any], loader: Loader) -> EngineHost:
+    """The process-wide host of `model` with these engine options (started on first use)."""
+    key = (loader, model, tuple(sorted(options.items())))
+    with _HOSTS_LOCK:
+        host = _HOSTS.get(key)
+        if host is None:
+            host = _HOSTS[key] = EngineHost(loader(model, dict(options)))
+        return host
+
+
+def shutdown_engines() -> None:
+    """Release every engine of this process (GPU memory included)."""
+    with _HOSTS_LOCK:
+        hosts = list(_HOSTS.values())
+        _HOSTS.clear()
+    for host in hosts:
+        host.stop()
+
+
+def render_prompt(tokenizer: Any, messages: list[Message], continue_final: bool) -> list[int]:
+    """Prompt token ids from the model's chat template.
+
+    With `continue_final` the last (assistant) message is left open for the model to continue;
+    otherwise the generation prompt opens a new assistant turn. The template already holds
+    the special tokens (BOS), so none are added again.
+    """
+    text = tokenizer.apply_chat_template(
+        [dict(m) for m in messages],
+        tokenize=False,
+        add_generation_prompt=not continue_final,
+        continue_final_message=continue_final,
+    )
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def sampling_kwargs(request: ChatRequest, prompt_tokens: int, max_model_len: int) -> dict[str, Any]:
+    """`SamplingParams` arguments for a request whose prompt has `prompt_tokens` tokens."""
+    room = max_model_len - prompt_tokens
+    if room <= 0:
+        raise ProviderError(
+            f"The prompt has {prompt_tokens} tokens, more than the context of {max_model_len} "
+            f"tokens of {request.model}.",
+            provider="vllm",
+            model=request.model,
+        )
+    kwargs: dict[str, Any] = {"n": request.n, "max_tokens": min(request.max_tokens or room, room)}
+    for name in ("temperature", "top_p", "seed"):
+        if (value := getattr(request, name)) is not None:
+            kwargs[name] = value
+    if request.stop:
+        kwargs["stop"] = list(request.stop)
+    if request.logprobs:
+        kwargs["logprobs"] = request.top_logprobs or 1
+    return {**kwargs, **request.extra}
+
+
+def to_logprobs(
+    positions: Sequence[dict[int, Any]], token_ids: Sequence[int], start: int, top: int
+) -> list[TokenLogprob]:
+    """vLLM sample logprobs (per position: token id -> `Logprob`) from `start` on.
+
+    vLLM returns the sampled token plus the top-k; `top` keeps the k most likely.
+    """
+    out: list[TokenLogprob] = []
+    for i in range(start, min(len(positions), len(token_ids))):
+        position = positions[i]
+        chosen = position[token_ids[i]]
+        best = sorted(position.values(), key=lambda lp: -lp.logprob)[:top]
+        out.append(
+            TokenLogprob(
+                chosen.decoded_token or "",
+                float(chosen.logprob),
+                [(lp.decoded_token or "", float(lp.logprob)) for lp in best],
+            )
+        )
+    return out
+
+
+@dataclass
+class _Seen:
+    chars: int = 0
+    tokens: int = 0
+    finished: bool = False
+
+
+@dataclass
+class ChoiceTracker:
+    """Turns vLLM's cumulative `RequestOutput`s into `Delta`s, one stream per choice index.
+
+    Each choice yields its new text (and logprobs), then its finish reason, then its usage:
+    the choice's own completion tokens, with the shared prompt counted once (on index 0).
+    """
+
+    logprobs: bool = False
+    top_logprobs: int = 1
+    seen: dict[int, _Seen] = field(default_factory=dict)
+
+    def update(self, output: Any) -> list[Delta]:
+        deltas: list[Delta] = []
+        for choice in output.outputs:
+            seen = self.seen.setdefault(choice.index, _Seen())
+            if seen.finished:
+                continue
+            token_ids = list(choice.token_ids)
+            text = choice.text[seen.chars :]
+            logprobs = None
+            if self.logprobs and choice.logprobs is not None:
+                logprobs = to_logprobs(choice.logprobs, token_ids, seen.tokens, self.top_logprobs)
+            seen.chars, seen.tokens = len(choice.text), len(token_ids)
+            if text or logprobs or choice.finish_reason:
+                deltas.append(
+                    Delta(text, choice.index, choice.finish_reason, logprobs=logprobs or None)
+                )
+            if choice.finish_reason:
+                seen.finished = True
+                prompt = len(output.prompt_token_ids or []) if choice.index == 0 else 0
+                deltas.append(Delta(index=choice.index, usage=Usage(prompt, len(token_ids))))
+        return deltas
+
+
+_DONE = object()
+
+
+class VLLMEngine(Provider):
+    """`vllm/<model>`: a Hugging Face model (id or local path) run in this process by vLLM."""
+
+    name = "vllm"
+    capabilities = Capabilities(continuation=True, logprobs=True, multi_sample=True)
+
+    def __init__(
+        self, spec: ProviderSpec, api_key: SecretStr | None = None, *, loader: Loader | None = None
+    ) -> None:
+        if loader is None:
+            import vllm  # noqa: F401 - fail at resolve time when the extra is missing
+
+        self.spec = spec
+        self.options = dict(spec.options)
+        self.loader: Loader = loader or load_vllm
+
+    def __repr__(self) -> str:
+        return f"VLLMEngine(prefix={self.spec.prefix!r})"
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[Delta]:
+        host = engine_host(request.model, self.options, self.loader)
+        try:
+            backend = await asyncio.wrap_future(host.ready)
+        except MoaError:
+            raise
+        except Exception as err:
+            raise ConfigError(f"vLLM could not load {request.model!r}: {err}.") from None
+        prompt = render_prompt(backend.tokenizer, request.messages, request.continue_final)
+        params = backend.sampling_params(
+            **sampling_kwargs(request, len(prompt), backend.max_model_len)
+        )
+        tracker = ChoiceTracker(request.logprobs, request.top_logprobs or 1)
+        request_id = f"moa-{uuid.uuid4().hex}"
+        caller = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        def hand_over(item: Any) -> None:
+            if not caller.is_closed():
+                caller.call_soon_threadsafe(queue.put_nowait, item)
+
+        async def pump() -> None:
+            """Runs on the engine's loop: forwards each output to the caller's loop."""
+            try:
+                async for output in backend.engine.generate(
+                    {"prompt_token_ids": prompt}, params, request_id
+                ):
+                    hand_over(output)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                hand_over(err)
+            else:
+                hand_over(_DONE)
+
+        pumping = host.submit(pump())
+        finished = False
+        try:
+            while (item := await queue.get()) is not _DONE:
+                if isinstance(item, Exception):
+                    finished = True
+                    raise ProviderError(
+                        f"vLLM failed on {request.model!r}: {type(item).__name__}: {item}.",
+                        provider="vllm",
+                        model=request.model,
+                    )
+                for delta in tracker.update(item):
+                    yield delta
+            finished = True
+        finally:
+            if not finished:
+                pumping.cancel()
+                abort = host.submit(backend.engine.abort(request_id))
+                with anyio.CancelScope(shield=True):
+                    await asyncio.wrap_future(abort)
