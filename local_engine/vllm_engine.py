@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import inspect
 import threading
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,7 +59,7 @@ class VLLMBackend:
     """`vllm.SamplingParams`."""
 
 
-Loader = Callable[[str, dict[str, Any]], Awaitable[VLLMBackend]]
+Loader = Callable[[str, dict[str, Any]], Coroutine[Any, Any, VLLMBackend]]
 
 
 async def load_vllm(model: str, options: dict[str, Any]) -> VLLMBackend:
@@ -80,13 +81,13 @@ async def load_vllm(model: str, options: dict[str, Any]) -> VLLMBackend:
 class EngineHost:
     """A backend loaded and served on a dedicated event-loop thread."""
 
-    def __init__(self, build: Awaitable[VLLMBackend]) -> None:
+    def __init__(self, build: Coroutine[Any, Any, VLLMBackend]) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="moa-vllm", daemon=True)
         self.thread.start()
         self.ready: concurrent.futures.Future[VLLMBackend] = self.submit(build)
 
-    def submit(self, coro: Awaitable[Any]) -> concurrent.futures.Future[Any]:
+    def submit(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future[Any]:
         """Run `coro` on the engine's loop."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
@@ -106,7 +107,7 @@ _HOSTS_LOCK = threading.Lock()
 
 def engine_host(model: str, options: dict[str, Any], loader: Loader) -> EngineHost:
     """The process-wide host of `model` with these engine options (started on first use)."""
-    key = (loader, model, tuple(sorted(options.items())))
+    key = (loader, model, repr(sorted(options.items())))  # option values may be unhashable
     with _HOSTS_LOCK:
         host = _HOSTS.get(key)
         if host is None:
@@ -264,7 +265,7 @@ class VLLMEngine(Provider):
         queue: asyncio.Queue[Any] = asyncio.Queue()
 
         def hand_over(item: Any) -> None:
-            if not caller.is_closed():
+            with contextlib.suppress(RuntimeError):  # the caller's loop has closed
                 caller.call_soon_threadsafe(queue.put_nowait, item)
 
         async def pump() -> None:
