@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 from typing import Any
 
 from httpx_sse import ServerSentEvent
 from pydantic import SecretStr
 
-from moa.errors import ConfigError, ProviderError
+from moa.errors import ProviderError
 
-from .base import Capabilities, ChatRequest, Delta, Message, Provider, Usage
-from .http import HttpTransport, StreamCall, header_option
+from .base import Capabilities, ChatRequest, Delta, Message, Usage
+from .http import HttpProvider
 from .registry import ProviderSpec
 
 API_VERSION = "2023-06-01"
@@ -135,32 +134,15 @@ class AnthropicEventDecoder:
         return []
 
 
-class AnthropicProvider(Provider):
+class AnthropicProvider(HttpProvider):
     """Claude models through the Messages API."""
 
     capabilities = Capabilities(continuation=True, logprobs=False, multi_sample=False)
 
     def __init__(self, spec: ProviderSpec, api_key: SecretStr | None) -> None:
-        base_url = spec.resolved_base_url()
-        if not base_url:
-            raise ConfigError(
-                f"Provider {spec.prefix!r} has no base URL: set {spec.base_url_variable} "
-                "or base_url in its config."
-            )
-        self.name = spec.prefix
-        self.base_url = base_url.rstrip("/")
+        super().__init__(spec, api_key)
         self._version = str(spec.options.get("version", API_VERSION))
         self._max_tokens = int(spec.options.get("max_tokens", DEFAULT_MAX_TOKENS))  # type: ignore[call-overload]
-        self._extra_headers = header_option(spec.options)
-        self._api_key = api_key
-        self._transport = HttpTransport(spec.prefix, spec.limits, key_variable=spec.key_variable)
-
-    def __repr__(self) -> str:
-        return f"AnthropicProvider(prefix={self.name!r}, base_url={self.base_url!r})"
-
-    @property
-    def transport(self) -> HttpTransport:
-        return self._transport
 
     def _fail(self, request: ChatRequest, message: str) -> ProviderError:
         return ProviderError(f"{self.name}/{request.model}: {message}",
@@ -197,25 +179,17 @@ class AnthropicProvider(Provider):
         body.update(request.extra)
         return body, cut
 
-    def _headers(self) -> dict[str, str]:
-        headers = {**self._extra_headers, "anthropic-version": self._version}
-        if self._api_key is not None:
-            headers["x-api-key"] = self._api_key.get_secret_value()
+    def auth_headers(self, key: str) -> dict[str, str]:
+        headers = {"anthropic-version": self._version}
+        if key:
+            headers["x-api-key"] = key
         return headers
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[Delta]:
+    def stream(self, request: ChatRequest) -> AsyncIterator[Delta]:
         body, cut = self.body(request)
-        call = StreamCall(
-            url=f"{self.base_url}/v1/messages",
-            model=request.model,
-            body=body,
-            headers=self._headers(),
-            decoder=lambda: AnthropicEventDecoder(self.name, request.model, cut),
-            secret=self._api_key,
+        return self.post_stream(
+            "/v1/messages",
+            request.model,
+            body,
+            lambda: AnthropicEventDecoder(self.name, request.model, cut),
         )
-        async with aclosing(self._transport.stream(call)) as deltas:
-            async for delta in deltas:
-                yield delta
-
-    async def aclose(self) -> None:
-        await self._transport.aclose()

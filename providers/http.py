@@ -33,8 +33,8 @@ from tenacity import (
 
 from moa.errors import ConfigError, ProviderError, ProviderTimeout, StreamInterrupted, StreamTimeout
 
-from .base import Delta
-from .registry import Limits
+from .base import Delta, Provider
+from .registry import Limits, ProviderSpec
 
 log = logging.getLogger("moa.providers")
 
@@ -416,3 +416,51 @@ def _interrupted(exc: ProviderError, received: str) -> StreamInterrupted:
         status=exc.status,
         retryable=False,
     )
+
+
+class HttpProvider(Provider):
+    """What the HTTP providers share: base URL, key, extra headers and one transport (pool)."""
+
+    def __init__(self, spec: ProviderSpec, api_key: SecretStr | None) -> None:
+        base_url = spec.resolved_base_url()
+        if not base_url:
+            raise ConfigError(
+                f"Provider {spec.prefix!r} has no base URL: set {spec.base_url_variable} "
+                "or base_url in its config."
+            )
+        self.name = spec.prefix
+        self.base_url = base_url.rstrip("/")
+        self._extra_headers = header_option(spec.options)
+        self._api_key = api_key
+        self._transport = HttpTransport(spec.prefix, spec.limits, key_variable=spec.key_variable)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(prefix={self.name!r}, base_url={self.base_url!r})"
+
+    @property
+    def transport(self) -> HttpTransport:
+        return self._transport
+
+    def auth_headers(self, key: str) -> dict[str, str]:
+        """The headers that carry the API key (and any other per-vendor headers)."""
+        raise NotImplementedError
+
+    async def post_stream(
+        self, path: str, model: str, body: dict[str, Any], decoder: Callable[[], EventDecoder]
+    ) -> AsyncIterator[Delta]:
+        """POST `body` to `path` and yield the decoded deltas (retries, limits, timeouts)."""
+        key = self._api_key.get_secret_value() if self._api_key is not None else ""
+        call = StreamCall(
+            url=f"{self.base_url}{path}",
+            model=model,
+            body=body,
+            headers={**self._extra_headers, **self.auth_headers(key)},
+            decoder=decoder,
+            secret=self._api_key,
+        )
+        async with aclosing(self._transport.stream(call)) as deltas:
+            async for delta in deltas:
+                yield delta
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()

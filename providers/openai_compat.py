@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 from typing import Any
 
 from httpx_sse import ServerSentEvent
@@ -20,8 +19,8 @@ from pydantic import SecretStr
 
 from moa.errors import ConfigError, ProviderError
 
-from .base import Capabilities, ChatRequest, Delta, Provider, TokenLogprob, Usage
-from .http import HttpTransport, StreamCall, header_option, retryable_status
+from .base import Capabilities, ChatRequest, Delta, TokenLogprob, Usage
+from .http import HttpProvider, retryable_status
 from .registry import ProviderSpec
 
 CONTINUATION_MODES = ("vllm", "prefill")
@@ -121,24 +120,17 @@ class OpenAIChunkDecoder:
         return self._flush_usage()
 
 
-class OpenAICompatProvider(Provider):
+class OpenAICompatProvider(HttpProvider):
     """A `/chat/completions` server reached over HTTP (streaming, SSE)."""
 
     def __init__(self, spec: ProviderSpec, api_key: SecretStr | None) -> None:
-        base_url = spec.resolved_base_url()
-        if not base_url:
-            raise ConfigError(
-                f"Provider {spec.prefix!r} has no base URL: set {spec.base_url_variable} "
-                "or base_url in its config."
-            )
+        super().__init__(spec, api_key)
         mode = spec.options.get("continuation")
         if mode is not None and mode not in CONTINUATION_MODES:
             raise ConfigError(
                 f"Provider {spec.prefix!r}: continuation must be one of "
                 f"{', '.join(CONTINUATION_MODES)}, not {mode!r}."
             )
-        self.name = spec.prefix
-        self.base_url = base_url.rstrip("/")
         self.continuation: str | None = mode  # type: ignore[assignment]
         self.capabilities = Capabilities(
             continuation=mode is not None,
@@ -146,16 +138,6 @@ class OpenAICompatProvider(Provider):
             multi_sample=bool(spec.options.get("multi_sample", True)),
         )
         self._stream_usage = bool(spec.options.get("stream_usage", True))
-        self._extra_headers = header_option(spec.options)
-        self._api_key = api_key
-        self._transport = HttpTransport(spec.prefix, spec.limits, key_variable=spec.key_variable)
-
-    def __repr__(self) -> str:
-        return f"OpenAICompatProvider(prefix={self.name!r}, base_url={self.base_url!r})"
-
-    @property
-    def transport(self) -> HttpTransport:
-        return self._transport
 
     def body(self, request: ChatRequest) -> dict[str, Any]:
         """The JSON body sent for `request`."""
@@ -199,24 +181,13 @@ class OpenAICompatProvider(Provider):
         body.update(request.extra)
         return body
 
-    def _headers(self) -> dict[str, str]:
-        headers = dict(self._extra_headers)
-        if self._api_key is not None:
-            headers["authorization"] = f"Bearer {self._api_key.get_secret_value()}"
-        return headers
+    def auth_headers(self, key: str) -> dict[str, str]:
+        return {"authorization": f"Bearer {key}"} if key else {}
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[Delta]:
-        call = StreamCall(
-            url=f"{self.base_url}/chat/completions",
-            model=request.model,
-            body=self.body(request),
-            headers=self._headers(),
-            decoder=lambda: OpenAIChunkDecoder(self.name, request.model),
-            secret=self._api_key,
+    def stream(self, request: ChatRequest) -> AsyncIterator[Delta]:
+        return self.post_stream(
+            "/chat/completions",
+            request.model,
+            self.body(request),
+            lambda: OpenAIChunkDecoder(self.name, request.model),
         )
-        async with aclosing(self._transport.stream(call)) as deltas:
-            async for delta in deltas:
-                yield delta
-
-    async def aclose(self) -> None:
-        await self._transport.aclose()
