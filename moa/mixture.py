@@ -17,6 +17,7 @@ every mixture it is passed to; a call that could exceed either is refused before
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import queue
 import threading
@@ -201,7 +202,9 @@ class Mixture:
                     return
         finally:
             if thread.is_alive():
-                task["loop"].call_soon_threadsafe(task["task"].cancel)
+                # The loop may be closing on its own already; then there is nothing to cancel.
+                with contextlib.suppress(RuntimeError):
+                    task["loop"].call_soon_threadsafe(task["task"].cancel)
             thread.join()
 
     async def aclose(self) -> None:

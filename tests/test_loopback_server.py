@@ -49,7 +49,7 @@ def test_openai_client_streaming_with_usage_chunk(loopback: LoopbackServer) -> N
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens == 4
-    assert loopback.active_streams == 0
+    assert loopback.wait_idle()
 
 
 def test_echo_is_the_default_and_a_callable_reply_sees_the_body() -> None:
@@ -138,10 +138,7 @@ def test_stall_keeps_a_stream_open_until_the_client_leaves(loopback: LoopbackSer
             http.stream("POST", "/chat/completions", json=body) as response:
         for _ in response.iter_bytes():
             assert loopback.active_streams == 1
-    deadline = time.monotonic() + 5
-    while loopback.active_streams and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert loopback.active_streams == 0
+    assert loopback.wait_idle()
 
 
 def test_drop_breaks_the_chunked_body(loopback: LoopbackServer) -> None:

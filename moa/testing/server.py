@@ -90,6 +90,13 @@ class LoopbackServer:
         """Streamed responses in progress right now."""
         return self._active
 
+    def wait_idle(self, timeout: float = 5.0) -> bool:
+        """Wait until no stream is open (a reply's last bytes race the handler's cleanup)."""
+        deadline = time.monotonic() + timeout
+        while self.active_streams and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return self.active_streams == 0
+
     def set_behavior(self, model: str, behavior: ModelBehavior) -> None:
         """Set a model's behaviour; its fault counter starts again."""
         self._models[model] = behavior
