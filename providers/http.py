@@ -245,7 +245,9 @@ class HttpTransport:
                 first_choice = received.get(0) or next(iter(received.values()))
                 raise _interrupted(exc, "".join(first_choice)) from exc
             finally:
-                await opened.stack.aclose()
+                # Shielded: a cancelled caller must still close the response (its socket).
+                with anyio.CancelScope(shield=True):
+                    await opened.stack.aclose()
 
     async def _open(self, call: StreamCall, who: str, deadline: float) -> _OpenStream:
         """Send the request and read up to its first delta, retrying what may succeed."""
@@ -321,7 +323,8 @@ class HttpTransport:
                 provider=self.provider, model=call.model, retryable=True,
             ) from exc
         except BaseException:
-            await stack.aclose()
+            with anyio.CancelScope(shield=True):
+                await stack.aclose()
             raise
 
     async def _next_event(
