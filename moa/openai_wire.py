@@ -1,0 +1,220 @@
+"""The OpenAI chat-completions wire format of mixtures, shared by the wrapper and the server.
+
+`parse_request` validates a request body (every field is honoured or rejected, never dropped);
+`completion` and `ChunkStream` turn a run into the `chat.completion` object or the
+`chat.completion.chunk` events the official SDK parses.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from moa.errors import MoaError
+from moa.events import Event, FinalDelta, RunFinished
+from moa.result import MixtureResult
+
+
+class RequestError(MoaError):
+    """A chat-completions request the mixture cannot serve; `param` names the field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        self.param = param
+        super().__init__(message)
+
+
+NEUTRAL = {"top_p": 1, "frequency_penalty": 0, "presence_penalty": 0, "logprobs": False}
+"""Fields accepted only at the value that changes nothing (a mixture cannot apply them)."""
+INFORMATIONAL = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")
+"""Fields with no effect on a mixture's answer; accepted (and kept in the trace)."""
+REJECTED = ("tools", "tool_choice", "functions", "function_call", "logit_bias", "top_logprobs",
+            "audio", "modalities", "prediction", "web_search_options", "reasoning_effort")
+
+
+@dataclass
+class ChatCall:
+    """A validated request: what to run and how to answer."""
+
+    model: str
+    messages: list[dict[str, Any]]
+    stream: bool = False
+    include_usage: bool = False
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """temperature / max_tokens / stop / seed for the final aggregator."""
+
+
+def _number(body: dict[str, Any], name: str, low: float, high: float) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise RequestError(f"'{name}' must be a number from {low:g} to {high:g}.", name)
+    return float(value)
+
+
+def _integer(body: dict[str, Any], name: str, low: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise RequestError(f"'{name}' must be an integer of at least {low}.", name)
+    return value
+
+
+def _messages(raw: Any) -> list[dict[str, Any]]:
+    if not isinstance(raw, list) or not raw:
+        raise RequestError("'messages' must be a non-empty list of messages.", "messages")
+    out = []
+    for i, message in enumerate(raw):
+        if not isinstance(message, dict) or message.get("role") not in (
+            "system", "developer", "user", "assistant"
+        ):
+            raise RequestError(
+                f"messages[{i}] must be an object with role system, user or assistant.",
+                f"messages[{i}]",
+            )
+        content = message.get("content")
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+                raise RequestError(
+                    f"messages[{i}].content: only text parts are supported.",
+                    f"messages[{i}].content",
+                )
+            content = "".join(str(p.get("text", "")) for p in content)
+        if not isinstance(content, str):
+            raise RequestError(f"messages[{i}].content must be a string.", f"messages[{i}].content")
+        role = "system" if message["role"] == "developer" else message["role"]
+        out.append({"role": role, "content": content})
+    return out
+
+
+def parse_request(body: Any) -> ChatCall:
+    """Validate a chat-completions body; raise `RequestError` naming the field at fault."""
+    if not isinstance(body, dict):
+        raise RequestError("The request body must be a JSON object.")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise RequestError("'model' must name a mixture.", "model")
+    for name in REJECTED:
+        if body.get(name) not in (None, [], {}):
+            raise RequestError(f"'{name}' is not supported by a mixture.", name)
+    for name, neutral in NEUTRAL.items():
+        if body.get(name) not in (None, neutral):
+            raise RequestError(f"'{name}' is not supported by a mixture (only {neutral}).", name)
+    fmt = body.get("response_format")
+    if fmt not in (None, {"type": "text"}):
+        raise RequestError("'response_format' other than text is not supported.", "response_format")
+    known = {"model", "messages", "stream", "stream_options", "temperature", "max_tokens",
+             "max_completion_tokens", "stop", "seed", "n", "response_format",
+             *NEUTRAL, *INFORMATIONAL, *REJECTED}
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise RequestError(f"Unsupported parameter '{unknown[0]}'.", unknown[0])
+    if body.get("n") not in (None, 1):
+        raise RequestError("'n' must be 1: a mixture returns one synthesized answer.", "n")
+    stream = body.get("stream") or False
+    if not isinstance(stream, bool):
+        raise RequestError("'stream' must be true or false.", "stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise RequestError("'stream_options' must be an object.", "stream_options")
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise RequestError("'stop' must be a string or a list of strings.", "stop")
+    max_tokens = _integer(body, "max_completion_tokens", 1) or _integer(body, "max_tokens", 1)
+    overrides = {
+        "temperature": _number(body, "temperature", 0, 2),
+        "max_tokens": max_tokens,
+        "stop": stop or None,
+        "seed": _integer(body, "seed", -(2**63)),
+    }
+    return ChatCall(
+        model=model,
+        messages=_messages(body.get("messages")),
+        stream=stream,
+        include_usage=bool(options.get("include_usage")),
+        overrides={k: v for k, v in overrides.items() if v is not None},
+    )
+
+
+def new_id() -> str:
+    return f"chatcmpl-moa-{uuid.uuid4().hex[:24]}"
+
+
+def usage_dict(result: MixtureResult) -> dict[str, int]:
+    """The whole mixture's usage: every call's tokens, since every call is paid for."""
+    usage = result.usage
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens}
+
+
+def trace(result: MixtureResult) -> dict[str, Any]:
+    """The mixture's trace (agents, usage, cost, timings) without the answer text."""
+    data = result.to_dict()
+    data.pop("text", None)
+    for agent in data.get("agents", []):
+        agent.pop("text", None)
+    return data
+
+
+def finish_reason(result: MixtureResult) -> str:
+    final = next((o for o in result.outputs if o.agent.final), None)
+    return "length" if final is not None and final.finish_reason == "length" else "stop"
+
+
+def completion(result: MixtureResult, model: str) -> dict[str, Any]:
+    """A `chat.completion` object for a finished run, with the trace under `moa`."""
+    return {
+        "id": new_id(),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": result.text},
+            "finish_reason": finish_reason(result),
+            "logprobs": None,
+        }],
+        "usage": usage_dict(result),
+        "moa": trace(result),
+    }
+
+
+class ChunkStream:
+    """Turns a run's events into `chat.completion.chunk` objects (dicts), in order."""
+
+    def __init__(self, model: str, include_usage: bool) -> None:
+        self.model = model
+        self.include_usage = include_usage
+        self.id = new_id()
+        self.created = int(time.time())
+        self.started = False
+
+    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model, "choices": choices, **extra}
+
+    def _delta(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return self._chunk([{"index": 0, "delta": delta, "finish_reason": finish,
+                             "logprobs": None}])
+
+    def feed(self, event: Event) -> list[dict[str, Any]]:
+        """The chunks this event produces (the answer's deltas and, at the end, the finish)."""
+        out: list[dict[str, Any]] = []
+        if not self.started and isinstance(event, FinalDelta | RunFinished):
+            self.started = True
+            out.append(self._delta({"role": "assistant", "content": ""}))
+        if isinstance(event, FinalDelta) and event.text:
+            out.append(self._delta({"content": event.text}))
+        elif isinstance(event, RunFinished):
+            result = event.result
+            last = self._delta({}, finish_reason(result))
+            last["moa"] = trace(result)
+            out.append(last)
+            if self.include_usage:
+                out.append(self._chunk([], usage=usage_dict(result)))
+        return out
