@@ -56,6 +56,8 @@ class ProviderSpec(BaseModel):
     base_url_env: str | None = None
     """Variable overriding the base URL; default `PREFIX_BASE_URL`."""
     key_required: bool = True
+    key: SecretStr | None = Field(None, exclude=True, repr=False)
+    """An explicit API key (e.g. a wrapped client's); otherwise the key variable is read."""
     limits: Limits = Field(default_factory=Limits)
     options: dict[str, object] = Field(default_factory=dict)
     """Backend-specific options: engine settings for embedded engines; for OpenAI-compatible
@@ -75,6 +77,8 @@ class ProviderSpec(BaseModel):
         return self.base_url_env or f"{self.env_stem}_BASE_URL"
 
     def api_key(self) -> SecretStr | None:
+        if self.key is not None:
+            return self.key
         value = os.environ.get(self.key_variable)
         return SecretStr(value) if value else None
 

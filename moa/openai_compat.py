@@ -1,0 +1,209 @@
+"""A drop-in wrapper for the official `openai` client (extra `moa-stack[openai]`).
+
+    client = moa.wrap(openai.OpenAI())            # or moa.OpenAI(...), moa.AsyncOpenAI(...)
+    client.chat.completions.create(model="moa-lite", messages=[...])      # runs the mixture
+    client.chat.completions.create(model="gpt-4o-mini", messages=[...])   # plain pass-through
+
+A `model` names a mixture when it is registered with the wrapper (`mixtures=`), a preset, or
+`moa/<name>`. Everything else — other models, other endpoints, attributes — goes to the wrapped
+client untouched. Mixtures reach the wrapped client's server and key through the provider
+prefix `client/` (e.g. `client/gpt-4o-mini` in a mixture config); other prefixes resolve as usual.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from pydantic import SecretStr
+
+from moa.config import PRESETS, MixtureConfig, load
+from moa.mixture import Mixture
+from moa.openai_wire import ChatCall, ChunkStream, RequestError, completion, parse_request
+from moa.providers.registry import ProviderSpec, Registry
+
+CLIENT_PREFIX = "client"
+TRANSPORT_OPTIONS = ("extra_headers", "extra_query", "timeout")
+
+
+def _given(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments actually passed (the SDK's NOT_GIVEN / omit sentinels dropped)."""
+    import openai
+
+    return {k: v for k, v in kwargs.items() if not isinstance(v, openai.NotGiven | openai.Omit)}
+
+
+class _Router:
+    """Decides which `create` calls are mixtures, and runs them."""
+
+    def __init__(self, client: Any, mixtures: dict[str, Any] | None) -> None:
+        self.registry = Registry()
+        key = getattr(client, "api_key", None)
+        self.registry.register(ProviderSpec(
+            prefix=CLIENT_PREFIX, base_url=str(client.base_url).rstrip("/"),
+            key=SecretStr(key) if key else None, key_required=False,
+        ))
+        self.mixtures = {
+            name: load(cfg, registry=self.registry) for name, cfg in (mixtures or {}).items()
+        }
+
+    def config(self, model: Any) -> MixtureConfig | None:
+        if not isinstance(model, str):
+            return None
+        name = model.removeprefix("moa/")
+        if name in self.mixtures:
+            return self.mixtures[name]
+        if name in PRESETS:
+            return load(name)
+        if model.startswith("moa/"):
+            raise RequestError(f"No mixture named {name!r}; presets: {', '.join(PRESETS)}.")
+        return None
+
+    def call(self, kwargs: dict[str, Any]) -> ChatCall:
+        body = _given(kwargs)
+        for name in TRANSPORT_OPTIONS:
+            if body.pop(name, None) is not None:
+                raise RequestError(f"'{name}' is not supported for a mixture call.", name)
+        body.update(body.pop("extra_body", None) or {})
+        return parse_request(body)
+
+    def mixture(self, config: MixtureConfig) -> Mixture:
+        return Mixture(config, registry=self.registry)
+
+
+def _chunk(data: dict[str, Any]) -> Any:
+    from openai.types.chat import ChatCompletionChunk
+
+    return ChatCompletionChunk.model_validate(data)
+
+
+class MixtureStream:
+    """A stream of `ChatCompletionChunk`, used like the SDK's `Stream` (iterator, `with`)."""
+
+    def __init__(self, mixture: Mixture, call: ChatCall) -> None:
+        self._events = mixture.stream_sync(call.messages, **call.overrides)
+        self._chunks = ChunkStream(call.model, call.include_usage)
+
+    def __iter__(self) -> Iterator[Any]:
+        for event in self._events:
+            for data in self._chunks.feed(event):
+                yield _chunk(data)
+
+    def close(self) -> None:
+        self._events.close()  # type: ignore[attr-defined]
+
+    def __enter__(self) -> MixtureStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncMixtureStream:
+    """An async stream of `ChatCompletionChunk`, used like the SDK's `AsyncStream`."""
+
+    def __init__(self, mixture: Mixture, call: ChatCall) -> None:
+        self._events = mixture.stream(call.messages, **call.overrides)
+        self._chunks = ChunkStream(call.model, call.include_usage)
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        async for event in self._events:
+            for data in self._chunks.feed(event):
+                yield _chunk(data)
+
+    async def close(self) -> None:
+        await self._events.aclose()  # type: ignore[attr-defined]
+
+    async def __aenter__(self) -> AsyncMixtureStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class _Proxy:
+    """Forwards every attribute it does not define to `_target`."""
+
+    def __init__(self, target: Any) -> None:
+        self._target = target
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._target, name)
+
+
+class _Completions(_Proxy):
+    def __init__(self, target: Any, router: _Router, is_async: bool) -> None:
+        super().__init__(target)
+        self._router, self._async = router, is_async
+
+    def create(self, **kwargs: Any) -> Any:
+        config = self._router.config(kwargs.get("model"))
+        if config is None:
+            return self._target.create(**kwargs)
+        call = self._router.call(kwargs)
+        mixture = self._router.mixture(config)
+        if self._async:
+            return self._acreate(mixture, call)
+        if call.stream:
+            return MixtureStream(mixture, call)
+        from openai.types.chat import ChatCompletion
+
+        return ChatCompletion.model_validate(completion(mixture.run_sync(
+            call.messages, **call.overrides), call.model))
+
+    async def _acreate(self, mixture: Mixture, call: ChatCall) -> Any:
+        if call.stream:
+            return AsyncMixtureStream(mixture, call)
+        from openai.types.chat import ChatCompletion
+
+        result = await mixture.run(call.messages, **call.overrides)
+        await mixture.aclose()
+        return ChatCompletion.model_validate(completion(result, call.model))
+
+
+class _Chat(_Proxy):
+    def __init__(self, target: Any, router: _Router, is_async: bool) -> None:
+        super().__init__(target)
+        self.completions = _Completions(target.completions, router, is_async)
+
+
+class WrappedClient(_Proxy):
+    """An `openai.OpenAI` / `openai.AsyncOpenAI` whose chat completions can run mixtures."""
+
+    def __init__(self, client: Any, mixtures: dict[str, Any] | None = None) -> None:
+        import openai
+
+        super().__init__(client)
+        self._router = _Router(client, mixtures)
+        self.chat = _Chat(client.chat, self._router, isinstance(client, openai.AsyncOpenAI))
+
+    def __repr__(self) -> str:
+        return f"moa.wrap({type(self._target).__name__}(base_url={str(self._target.base_url)!r}))"
+
+    @property
+    def registry(self) -> Registry:
+        """The registry mixtures of this client use (with the `client/` prefix)."""
+        return self._router.registry
+
+
+def wrap(client: Any, mixtures: dict[str, Any] | None = None) -> WrappedClient:
+    """Wrap an existing `openai.OpenAI` or `openai.AsyncOpenAI` client.
+
+    `mixtures` maps extra model names to mixtures (a preset name, a file path, a dict or a
+    `MixtureConfig`).
+    """
+    return WrappedClient(client, mixtures)
+
+
+def OpenAI(*args: Any, mixtures: dict[str, Any] | None = None, **kwargs: Any) -> WrappedClient:
+    """`openai.OpenAI(...)`, wrapped: same arguments, plus `mixtures`."""
+    import openai
+
+    return wrap(openai.OpenAI(*args, **kwargs), mixtures)
+
+
+def AsyncOpenAI(*args: Any, mixtures: dict[str, Any] | None = None, **kwargs: Any) -> WrappedClient:
+    """`openai.AsyncOpenAI(...)`, wrapped: same arguments, plus `mixtures`."""
+    import openai
+
+    return wrap(openai.AsyncOpenAI(*args, **kwargs), mixtures)

@@ -1,0 +1,117 @@
+"""`moa.wrap` around the official `openai` client, against the loopback server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import anyio
+import openai
+import pytest
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+import moa
+from moa.openai_wire import RequestError
+from moa.testing import LoopbackServer, ModelBehavior
+
+AGG = "All three agree: it is blue."
+HI = [{"role": "user", "content": "Sky colour?"}]
+KEY = "sk-wrapped-client-key-123"
+TEAM = {
+    "mode": "layered",
+    "layers": [{"agents": [{"model": "client/a"}, {"model": "client/b"}]}],
+    "aggregator": {"model": "client/agg"},
+}
+
+
+@pytest.fixture
+def srv() -> Iterator[LoopbackServer]:
+    behaviors = {
+        "a": ModelBehavior(reply="Blue."),
+        "b": ModelBehavior(reply="Blue, by Rayleigh scattering."),
+        "agg": ModelBehavior(reply=AGG),
+        "plain": ModelBehavior(reply="Just one model."),
+    }
+    with LoopbackServer(behaviors) as server:
+        yield server
+
+
+def wrapped(srv: LoopbackServer) -> moa.openai_compat.WrappedClient:
+    return moa.OpenAI(base_url=srv.base_url, api_key=KEY, max_retries=0,
+                      mixtures={"team": TEAM})
+
+
+def test_mixture_call_returns_a_chat_completion(srv: LoopbackServer) -> None:
+    client = wrapped(srv)
+    response = client.chat.completions.create(
+        model="team", messages=HI, temperature=0.1, max_tokens=50, seed=7,  # type: ignore[arg-type]
+    )
+    assert isinstance(response, ChatCompletion)
+    assert response.choices[0].message.content == AGG
+    assert response.usage is not None and response.usage.total_tokens > 0
+    assert sorted(r.model for r in srv.requests) == ["a", "agg", "b"]
+    final = next(r for r in srv.requests if r.model == "agg")
+    assert final.body["temperature"] == 0.1 and final.body["max_tokens"] == 50
+    assert final.body["seed"] == 7
+    assert all(r.headers.get("authorization") == f"Bearer {KEY}" for r in srv.requests)
+
+
+def test_streaming_like_the_sdk_stream(srv: LoopbackServer) -> None:
+    client = wrapped(srv)
+    with client.chat.completions.create(
+        model="moa/team", messages=HI, stream=True,  # type: ignore[arg-type]
+        stream_options={"include_usage": True},
+    ) as stream:
+        chunks = list(stream)
+    assert all(isinstance(c, ChatCompletionChunk) for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == AGG
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+
+def test_async_client(srv: LoopbackServer) -> None:
+    async def main() -> tuple[str, str]:
+        client = moa.AsyncOpenAI(base_url=srv.base_url, api_key=KEY, mixtures={"team": TEAM})
+        response = await client.chat.completions.create(model="team", messages=HI)  # type: ignore[arg-type]
+        stream = await client.chat.completions.create(model="team", messages=HI, stream=True)  # type: ignore[arg-type]
+        parts = []
+        async with stream:
+            async for chunk in stream:
+                parts.append(chunk.choices[0].delta.content or "" if chunk.choices else "")
+        await client.close()
+        return response.choices[0].message.content or "", "".join(parts)
+
+    assert anyio.run(main) == (AGG, AGG)
+
+
+def test_other_models_and_attributes_pass_through(srv: LoopbackServer) -> None:
+    client = wrapped(srv)
+    response = client.chat.completions.create(model="plain", messages=HI)  # type: ignore[arg-type]
+    assert response.choices[0].message.content == "Just one model."
+    assert [r.model for r in srv.requests] == ["plain"]
+    assert client.models.list().data  # an endpoint the wrapper does not touch
+    assert client.base_url == openai.OpenAI(base_url=srv.base_url, api_key="x").base_url
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [({"n": 2}, "'n' must be 1"), ({"tools": [{"type": "function"}]}, "'tools'"),
+     ({"logprobs": True}, "'logprobs'"), ({"extra_headers": {"x": "1"}}, "extra_headers")],
+)
+def test_unsupported_fields_are_rejected_not_dropped(
+    srv: LoopbackServer, extra: dict, needle: str
+) -> None:
+    with pytest.raises(RequestError, match=needle):
+        wrapped(srv).chat.completions.create(model="team", messages=HI, **extra)  # type: ignore[arg-type]
+    assert not srv.requests
+
+
+def test_unknown_moa_name_is_a_clear_error(srv: LoopbackServer) -> None:
+    with pytest.raises(RequestError, match="No mixture named 'nope'"):
+        wrapped(srv).chat.completions.create(model="moa/nope", messages=HI)  # type: ignore[arg-type]
+
+
+def test_the_key_never_shows(srv: LoopbackServer) -> None:
+    client = wrapped(srv)
+    spec = client.registry.spec("client")
+    assert KEY not in repr(client) and KEY not in repr(spec) and KEY not in str(spec)
+    assert KEY not in spec.model_dump_json()
