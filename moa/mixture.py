@@ -173,14 +173,20 @@ class Mixture:
         ready = threading.Event()
         task: dict[str, Any] = {}
 
+        async def consume() -> None:
+            events = self.stream(messages, **overrides)
+            async with aclosing(events):
+                async for event in events:
+                    items.put(("event", event))
+
         async def pump() -> None:
-            task["loop"], task["task"] = asyncio.get_running_loop(), asyncio.current_task()
+            # The run is a child task, so cancelling it leaves this task free to close the
+            # providers' connections on its own loop.
+            inner = asyncio.ensure_future(consume())
+            task["loop"], task["task"] = asyncio.get_running_loop(), inner
             ready.set()
             try:
-                events = self.stream(messages, **overrides)
-                async with aclosing(events):
-                    async for event in events:
-                        items.put(("event", event))
+                await inner
             except BaseException as err:  # handed to the consuming thread
                 items.put(("error", err))
             finally:
