@@ -13,9 +13,10 @@ import json
 import logging
 import math
 import random
+import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import AsyncExitStack, aclosing, asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import AsyncExitStack, aclosing, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
@@ -135,24 +136,53 @@ class _OpenStream:
 
 
 class _LoopState:
-    """The client and semaphores of one event loop (they cannot cross loops)."""
+    """The connection pools and semaphores of one event loop (they cannot cross loops)."""
 
     def __init__(self, limits: Limits) -> None:
         self.token = anyio.lowlevel.current_token()
-        self.client = httpx.AsyncClient(
+        self.limits = limits
+        self.pools: list[httpx.AsyncClient] = []
+        self.leases: list[int] = []
+        self.ssl: ssl.SSLContext | None = None
+        self.provider_slots = anyio.Semaphore(limits.max_concurrency)
+        self.model_slots: dict[str, anyio.Semaphore] = {}
+
+    def _new_pool(self) -> httpx.AsyncClient:
+        limits = self.limits
+        self.ssl = self.ssl or httpx.create_ssl_context()  # built once: it costs milliseconds
+        size = min(limits.pool_size, limits.max_concurrency)
+        return httpx.AsyncClient(
             timeout=httpx.Timeout(
                 connect=limits.connect_timeout,
                 read=limits.read_timeout,
                 write=limits.read_timeout,
                 pool=None,
             ),
-            limits=httpx.Limits(
-                max_connections=limits.max_concurrency,
-                max_keepalive_connections=limits.max_concurrency,
-            ),
+            limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
+            verify=self.ssl,
         )
-        self.provider_slots = anyio.Semaphore(limits.max_concurrency)
-        self.model_slots: dict[str, anyio.Semaphore] = {}
+
+    @contextmanager
+    def lease(self) -> Iterator[httpx.AsyncClient]:
+        """The least busy pool (a new one when every pool is full) for one call.
+
+        httpcore's pool bookkeeping costs O(connections²) per request, so a provider with many
+        open calls spreads them over several small pools.
+        """
+        index = min(range(len(self.pools)), key=self.leases.__getitem__, default=-1)
+        if index < 0 or self.leases[index] >= self.limits.pool_size:
+            self.pools.append(self._new_pool())
+            self.leases.append(0)
+            index = len(self.pools) - 1
+        self.leases[index] += 1
+        try:
+            yield self.pools[index]
+        finally:
+            self.leases[index] -= 1
+
+    async def aclose(self) -> None:
+        for pool in self.pools:
+            await pool.aclose()
 
 
 class HttpTransport:
@@ -178,7 +208,8 @@ class HttpTransport:
         return self._state
 
     @asynccontextmanager
-    async def _slot(self, model: str) -> AsyncIterator[None]:
+    async def _slot(self, model: str) -> AsyncIterator[httpx.AsyncClient]:
+        """Wait for the provider's (and model's) concurrency slot; yield a connection pool."""
         state = self._loop_state()
         per_model = self.limits.max_concurrency_per_model
         async with AsyncExitStack() as stack:
@@ -186,12 +217,12 @@ class HttpTransport:
                 slots = state.model_slots.setdefault(model, anyio.Semaphore(per_model))
                 await stack.enter_async_context(slots)
             await stack.enter_async_context(state.provider_slots)
-            yield
+            yield stack.enter_context(state.lease())
 
     async def aclose(self) -> None:
         state, self._state = self._state, None
         if state is not None and state.token == anyio.lowlevel.current_token():
-            await state.client.aclose()
+            await state.aclose()
 
     def backoff(self, attempt: int) -> float:
         """Exponential backoff with jitter after failed attempt number `attempt` (from 1)."""
@@ -216,10 +247,10 @@ class HttpTransport:
 
     async def _stream(self, call: StreamCall) -> AsyncIterator[Delta]:
         who = f"{self.provider}/{call.model}"
-        async with self._slot(call.model):
+        async with self._slot(call.model) as client:
             total = self.limits.total_timeout
             deadline = anyio.current_time() + total if total else math.inf
-            opened = await self._open(call, who, deadline)
+            opened = await self._open(call, client, who, deadline)
             received: dict[int, list[str]] = {}
             try:
                 pending = list(opened.first)
@@ -249,7 +280,9 @@ class HttpTransport:
                 with anyio.CancelScope(shield=True):
                     await opened.stack.aclose()
 
-    async def _open(self, call: StreamCall, who: str, deadline: float) -> _OpenStream:
+    async def _open(
+        self, call: StreamCall, client: httpx.AsyncClient, who: str, deadline: float
+    ) -> _OpenStream:
         """Send the request and read up to its first delta, retrying what may succeed."""
 
         def give_up(state: RetryCallState) -> bool:
@@ -275,11 +308,12 @@ class HttpTransport:
             before_sleep=before_sleep,
             reraise=True,
         )
-        return await retrying(self._attempt, call, who, deadline)
+        return await retrying(self._attempt, call, client, who, deadline)
 
-    async def _attempt(self, call: StreamCall, who: str, deadline: float) -> _OpenStream:
+    async def _attempt(
+        self, call: StreamCall, client: httpx.AsyncClient, who: str, deadline: float
+    ) -> _OpenStream:
         log.debug("%s: POST %s", who, call.url)
-        client = self._loop_state().client
         stack = AsyncExitStack()
         try:
             with anyio.CancelScope(deadline=deadline) as scope:

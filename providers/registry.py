@@ -41,6 +41,10 @@ class Limits(BaseModel):
     total_timeout: float | None = Field(600.0, gt=0, description="Whole-call deadline.")
     max_concurrency: int = Field(16, ge=1, description="Open calls to this provider at once.")
     max_concurrency_per_model: int | None = Field(None, ge=1)
+    pool_size: int = Field(
+        16, ge=1, description="Connections per connection pool; more open calls use more pools "
+        "(httpcore's pool bookkeeping grows with the square of its size)."
+    )
 
 
 class ProviderSpec(BaseModel):

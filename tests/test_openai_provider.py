@@ -410,6 +410,18 @@ async def test_per_model_concurrency_limit(loopback: LoopbackServer) -> None:
     await provider.aclose()
 
 
+async def test_many_open_calls_spread_over_small_pools(loopback: LoopbackServer) -> None:
+    loopback.set_behavior("m", ModelBehavior(reply="ok", ttft_s=0.3))
+    provider = make(loopback, max_concurrency=40, pool_size=16)
+    await provider.complete(ChatRequest(model="m", messages=HI))
+    await provider.complete(ChatRequest(model="m", messages=HI))
+    state = provider.transport._state
+    assert state is not None and len(state.pools) == 1, "sequential calls share one pool"
+    assert await _peak_streams(loopback, [(provider, "m")] * 40) == 40
+    assert len(state.pools) == 3 and state.leases == [0] * len(state.pools)
+    await provider.aclose()
+
+
 async def test_closing_the_stream_closes_the_socket(loopback: LoopbackServer) -> None:
     loopback.set_behavior("m", ModelBehavior(reply=REPLY * 20, tokens_per_s=200))
     provider = make(loopback)

@@ -185,36 +185,30 @@ def test_client_disconnect_cancels_the_upstream_calls(
 def test_moa_serve_command_serves_the_options_mixture_and_presets(
     upstream: LoopbackServer, tmp_path
 ) -> None:
-    import socket
-    import subprocess
-    import sys
+    from moa.testing.processes import serve_process
 
     config = tmp_path / "serve.toml"
     config.write_text(
         f'mode = "layered"\n[providers.loop]\nkind = "openai"\n'
         f'base_url = "{upstream.base_url}"\nkey_required = false\n'
     )
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moa.cli", "serve", "-c", str(config), "-p", "loop/a",
-         "-p", "loop/b", "-a", "loop/agg", "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                models = [m.id for m in client.models.list().data]
-                break
-            except openai.APIConnectionError:
-                assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
-                time.sleep(0.05)
+    options = ["-c", str(config), "-p", "loop/a", "-p", "loop/b", "-a", "loop/agg"]
+    with serve_process(*options) as url:
+        client = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
+        models = [m.id for m in client.models.list().data]
         assert {"moa", "moa-lite", "self-moa", "local"} <= set(models)
         reply = client.chat.completions.create(model="moa", messages=HI)  # type: ignore[arg-type]
         assert reply.choices[0].message.content == AGG
-    finally:
-        proc.terminate()
-        proc.wait(10)
+
+
+def test_bench_serve_runs_three_processes_and_checks_every_stream() -> None:
+    import argparse
+
+    from moa.bench import serve
+
+    rows, _ = serve.run(argparse.Namespace(clients="3", rounds=1))
+    assert [(r["clients"], r["path"]) for r in rows] == [
+        (3, "direct"), (3, "direct-one-pool"), (3, "server")
+    ]
+    assert all(r["bad_streams"] == 0 and r["ttft_p50_ms"] > 0 for r in rows)
+    assert "overhead_p50_ms" in rows[-1]

@@ -1,10 +1,13 @@
-"""`moa bench serve`: concurrent streaming clients through the OpenAI-compatible server.
+"""`moa bench serve`: concurrent streaming clients through `moa serve`, against direct calls.
 
-For each concurrency N, the same mixture (2 proposers + aggregator on the loopback server) is
-run N times at once twice: directly with `Mixture.stream` in this process (the baseline), and
-through `moa.server` by N streaming HTTP clients. TTFT is the time to the answer's first token;
-the server's overhead is the difference of the p50s. Every stream is checked: the text must be
-the aggregator's reply exactly, and it must end with `[DONE]`.
+Three processes, as in a deployment: the loopback upstream (the fake models), `moa serve`, and
+this one, which holds the clients. For each concurrency N the same mixture (2 proposers +
+aggregator) is run N times at once, in rounds that take every path in turn: directly with
+`Mixture.stream` in this process (the baseline); the same with every upstream connection in one
+httpx pool (`pool_size` 512 instead of 16, which shows what small pools save); and through the
+server by N streaming HTTP clients. TTFT is the time to the answer's first token; the server's
+overhead is the difference of the p50s. Every stream is checked: the text must be the
+aggregator's reply exactly, and a served stream must end with `[DONE]`.
 """
 
 from __future__ import annotations
@@ -12,20 +15,32 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 REPLY = " ".join(f"token{i}" for i in range(40))
-CONFIG = {
-    "name": "bench-serve",
-    "mode": "layered",
-    "layers": [{"agents": [{"model": "loop/a"}, {"model": "loop/b"}]}],
-    "aggregator": {"model": "loop/agg"},
-}
+TTFT_S, TOKENS_PER_S = 0.05, 100.0
+POOL = 16
+CONFIG = """\
+name = "bench-serve"
+mode = "layered"
+layers = [{{agents = [{{model = "loop/a"}}, {{model = "loop/b"}}]}}]
+aggregator = {{model = "loop/agg"}}
+
+[providers.loop]
+kind = "openai"
+base_url = "{base_url}"
+key_required = false
+limits = {{max_concurrency = 512, pool_size = {pool_size}}}
+"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clients", default="1,16,64", help="concurrencies (default 1,16,64)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating direct/server rounds per concurrency (default 3)")
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -58,16 +73,15 @@ async def _direct(mixture: Any, n: int) -> tuple[list[float], int, float]:
     return ttfts, bad, time.perf_counter() - start
 
 
-async def _served(url: str, n: int) -> tuple[list[float], int, float]:
+async def _served(clients: list[Any], n: int) -> tuple[list[float], int, float]:
     import anyio
-    import httpx
 
     ttfts: list[float] = []
     bad = 0
     body = {"model": "moa", "messages": [{"role": "user", "content": "Benchmark question?"}],
             "stream": True}
 
-    async def one(client: httpx.AsyncClient) -> None:
+    async def one(client: Any) -> None:
         nonlocal bad
         start, first, text, done = time.perf_counter(), None, [], False
         async with client.stream("POST", "/chat/completions", json=body) as response:
@@ -85,49 +99,86 @@ async def _served(url: str, n: int) -> tuple[list[float], int, float]:
         ttfts.append(first or 0.0)
         bad += not done or "".join(text) != REPLY
 
-    limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
-        start = time.perf_counter()
-        async with anyio.create_task_group() as tg:
-            for _ in range(n):
-                tg.start_soon(one, client)
-        return ttfts, bad, time.perf_counter() - start
+    start = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for i in range(n):
+            tg.start_soon(one, clients[i % len(clients)])
+    return ttfts, bad, time.perf_counter() - start
+
+
+async def _measure(
+    mixtures: dict[str, Any], url: str, clients: list[int], rounds: int
+) -> dict[tuple[int, str], list[Any]]:
+    """For each concurrency, `rounds` rounds of every path in turn, in one event loop."""
+    from contextlib import AsyncExitStack
+    from functools import partial
+
+    import httpx
+
+    # Small pools on the client side too: httpcore's bookkeeping grows with a pool's square.
+    limits = httpx.Limits(max_connections=POOL, max_keepalive_connections=POOL)
+    async with AsyncExitStack() as stack:
+        pools = [
+            await stack.enter_async_context(httpx.AsyncClient(base_url=url, timeout=60,
+                                                              limits=limits))
+            for _ in range(-(-max(clients) // POOL))
+        ]
+        paths = {path: partial(_direct, mixture) for path, mixture in mixtures.items()}
+        paths["server"] = partial(_served, pools)
+        for run_path in paths.values():
+            await run_path(2)  # warm up: tokenizer, connection pools
+        results: dict[tuple[int, str], list[Any]] = {}
+        for n in clients:
+            for _ in range(rounds):
+                for path, run_path in paths.items():
+                    results.setdefault((n, path), []).append(await run_path(n))
+        return results
+
+
+def _row(n: int, path: str, results: list[tuple[list[float], int, float]]) -> dict[str, Any]:
+    ttfts = [t for r in results for t in r[0]]
+    return {
+        "clients": n,
+        "path": path,
+        "requests_per_s": round(n * len(results) / sum(r[2] for r in results), 1),
+        "ttft_p50_ms": round(1000 * statistics.median(ttfts), 1),
+        "ttft_p99_ms": round(1000 * _pct(ttfts, 0.99), 1),
+        "bad_streams": sum(r[1] for r in results),
+    }
 
 
 def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
     import anyio
 
     from moa.mixture import Mixture
-    from moa.server import ServerThread, create_app
-    from moa.testing import LoopbackServer, ModelBehavior
+    from moa.testing.processes import loopback_process, serve_process
 
     clients = [int(c) for c in args.clients.split(",")]
-    behavior = ModelBehavior(reply=REPLY, ttft_s=0.05, tokens_per_s=400)
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
-    with LoopbackServer(default=behavior) as upstream:
-        mixture = Mixture(CONFIG, registry=upstream.registry())
-        app = create_app({"moa": mixture.config}, registry=upstream.registry(),
-                         max_concurrency=max(clients), max_queue=max(clients))
-        with ServerThread(app) as server:
-            anyio.run(_direct, mixture, 2)  # warm up: tokenizer, connection pools
-            anyio.run(_served, server.base_url, 2)
-            for n in clients:
-                direct = anyio.run(_direct, mixture, n)
-                served = anyio.run(_served, server.base_url, n)
-                for path, (ttfts, bad, wall) in (("direct", direct), ("server", served)):
-                    rows.append({
-                        "clients": n,
-                        "path": path,
-                        "requests_per_s": round(n / wall, 1),
-                        "ttft_p50_ms": round(1000 * statistics.median(ttfts), 1),
-                        "ttft_p99_ms": round(1000 * _pct(ttfts, 0.99), 1),
-                        "bad_streams": bad,
-                    })
-                overhead = rows[-1]["ttft_p50_ms"] - rows[-2]["ttft_p50_ms"]
-                rows[-1]["overhead_p50_ms"] = round(overhead, 1)
-                notes.append(f"{n} clients: server adds {overhead:.1f} ms p50 TTFT; "
-                             f"{rows[-1]['bad_streams']} streams lost or corrupted.")
-    notes.append("Mixture: 2 proposers + aggregator on the loopback server (TTFT 50 ms, "
-                 "400 tokens/s, 40-token replies); server, upstream and clients share 1 process.")
+    upstream = loopback_process("--reply", REPLY, "--ttft", str(TTFT_S),
+                                "--tokens-per-s", str(TOKENS_PER_S))
+    with tempfile.TemporaryDirectory() as tmp, upstream as upstream_url:
+        configs = {}
+        for path, pool_size in (("direct", POOL), ("direct-one-pool", 512)):
+            configs[path] = Path(tmp) / f"{path}.toml"
+            configs[path].write_text(CONFIG.format(base_url=upstream_url, pool_size=pool_size))
+        mixtures = {path: Mixture(config) for path, config in configs.items()}
+        concurrency = str(max(clients))
+        with serve_process("-c", str(configs["direct"]), "--max-concurrency", concurrency,
+                           "--max-queue", concurrency) as server_url:
+            results = anyio.run(_measure, mixtures, server_url, clients, args.rounds)
+    for (n, path), runs in results.items():
+        rows.append(_row(n, path, runs))
+        if path == "server":
+            direct = next(r for r in rows if r["clients"] == n and r["path"] == "direct")
+            overhead = rows[-1]["ttft_p50_ms"] - direct["ttft_p50_ms"]
+            rows[-1]["overhead_p50_ms"] = round(overhead, 1)
+            notes.append(f"{n} clients: server adds {overhead:.1f} ms p50 TTFT; "
+                         f"{rows[-1]['bad_streams']} streams lost or corrupted.")
+    notes.append(
+        f"Mixture: 2 proposers + aggregator on the loopback upstream (TTFT {TTFT_S * 1000:.0f} "
+        f"ms, {TOKENS_PER_S:.0f} tokens/s, 40-token replies); upstream, `moa serve` and the "
+        f"clients each run in their own process; {args.rounds} rounds per concurrency."
+    )
     return rows, notes
