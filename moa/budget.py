@@ -89,7 +89,7 @@ class SessionBudget(Ledger):
         super().__init__(limit=Budget(usd=usd, tokens=tokens))
 
 
-@dataclass
+@dataclass(eq=False)
 class Reservation:
     """The worst case reserved for one call until it settles."""
 
@@ -109,6 +109,7 @@ class BudgetGuard:
         self.request = Ledger(limit=request or Budget())
         self.session = session
         self._ledgers = [self.request] + ([session] if session is not None else [])
+        self._open: list[Reservation] = []
 
     def worst_case(
         self, model: str, messages: list[Message], max_tokens: int
@@ -142,24 +143,27 @@ class BudgetGuard:
 
         Without any limit nothing is counted: the reservation only carries the model.
         """
-        if self.unlimited:
-            return Reservation(model=model, usd=None, tokens=0)
-        reason = self.why_not(model, messages, max_tokens)
-        if reason:
+        usd, tokens = None, 0
+        if not self.unlimited:
+            reason = self.why_not(model, messages, max_tokens)
+            if reason:
+                for ledger in self._ledgers:
+                    ledger.refused += 1
+                raise BudgetExceeded(f"Call to {model} refused: {reason}.")
+            usd, tokens = self.worst_case(model, messages, max_tokens)
             for ledger in self._ledgers:
-                ledger.refused += 1
-            raise BudgetExceeded(f"Call to {model} refused: {reason}.")
-        usd, tokens = self.worst_case(model, messages, max_tokens)
-        for ledger in self._ledgers:
-            ledger.reserved_usd += usd or 0.0
-            ledger.reserved_tokens += tokens
-        return Reservation(model=model, usd=usd, tokens=tokens)
+                ledger.reserved_usd += usd or 0.0
+                ledger.reserved_tokens += tokens
+        reservation = Reservation(model=model, usd=usd, tokens=tokens)
+        self._open.append(reservation)
+        return reservation
 
     def settle(self, reservation: Reservation, usage: Usage | None) -> float | None:
         """Replace the reservation by the reported usage; return the call's cost."""
         if not reservation.open:
             return None
         reservation.open = False
+        self._open.remove(reservation)
         cost = self.price(reservation.model, usage) if usage is not None else None
         for ledger in self._ledgers:
             ledger.reserved_usd -= reservation.usd or 0.0
@@ -170,6 +174,11 @@ class BudgetGuard:
                 ledger.calls += 1
                 ledger.unpriced += cost is None
         return cost
+
+    def release(self) -> None:
+        """Give back every reservation still open (calls that never ran): the run is over."""
+        for reservation in list(self._open):
+            self.settle(reservation, None)
 
     def remaining_fraction(self) -> float | None:
         """Smallest free share over the request and session limits, or None when unlimited."""

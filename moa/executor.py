@@ -247,6 +247,7 @@ class Execution:
                 f"The mixture did not finish within its deadline of {deadline:g} s."
             )
         self._close_unfinished()
+        self.guard.release()
         result = self.result()
         if self.fatal is not None:
             self.fatal.partial = result

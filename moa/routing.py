@@ -353,14 +353,23 @@ class RunContext:
                     output.finish_reason = delta.finish_reason
                 if delta.usage:
                     usage = delta.usage
-        except (ProviderError, MoaError) as err:
-            self.guard.settle(reservation, None)
-            output.text, output.error = "".join(parts), str(err)
-            output.truncated = bool(parts)
+        except BaseException as err:
+            # A call stopped after it generated text was billed for that text; a cancelled
+            # call must give its reservation back too.
+            output.text = "".join(parts)
+            spent = Usage(count_messages(messages), count_tokens(output.text)) if parts else None
+            output.cost_usd = self.guard.settle(reservation, spent)
+            if not isinstance(err, (ProviderError, MoaError)):
+                raise
+            output.error, output.truncated = str(err), bool(parts)
             output.latency_s = time.perf_counter() - started
             self.emit(
                 AgentFailed(t=self.now(), agent=agent, error=str(err), partial_text=output.text)
             )
+            if spent:
+                output.usage = spent
+                self.emit(UsageReport(t=self.now(), agent=agent, usage=spent,
+                                      cost_usd=output.cost_usd))
             return Reply(output)
         output.text = "".join(parts)
         output.usage = usage or Usage(count_messages(messages), count_tokens(output.text))
@@ -653,6 +662,8 @@ class RoutedMixture:
                 )
             )
             raise
+        finally:
+            guard.release()
         emit(RunFinished(t=ctx.now(), result=ctx.result(text, f"routed-{strategy}")))
 
     async def stream(

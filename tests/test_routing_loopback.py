@@ -214,3 +214,43 @@ def test_run_sync_and_config_file(tmp_path: Any, server: LoopbackServer) -> None
     result = mixture.run_sync("What is 2 + 2?")
     assert result.calls == 3 and result.cost_usd and result.cost_usd > 0
     assert _models(server) == ["cheap", "cheap", "cheap"]
+
+
+def test_a_proposer_dropped_mid_stream_is_charged_for_what_it_sent(
+    server: LoopbackServer,
+) -> None:
+    server.set_behavior(
+        "strong", ModelBehavior(reply="One two three four five.", drop_after=3, fail_times=1)
+    )
+    mixture = RoutedMixture(_config(router={"policy": "fixed", "tier": "cheap"}),
+                            registry=server.registry())
+    mixture.router.proposer_tier = "strong"
+    events = anyio.run(_events, mixture, "What is 2 + 2?")
+    result = events[-1].result
+    failed = [o for o in result.outputs if not o.ok]
+    assert len(failed) == 1 and all(o.truncated and o.usage.completion_tokens > 0 for o in failed)
+    assert all(o.cost_usd and o.cost_usd > 0 for o in failed)
+    charged = [e for e in events if isinstance(e, UsageReport)]
+    assert len(charged) == len(result.outputs), "every call, failed ones too, reports its usage"
+
+
+def test_refused_and_cancelled_runs_give_their_reservations_back(server: LoopbackServer) -> None:
+    session = SessionBudget(tokens=10_000)
+    # The third proposer's reservation does not fit: the first two must be given back.
+    tight = RoutedMixture(_config(budget={"tokens": 200}), registry=server.registry(),
+                          session=session)
+    with pytest.raises(BudgetExceeded):
+        anyio.run(lambda: tight.run("What is 2 + 2?"))
+    assert session.reserved_tokens == 0 and session.spent_tokens == 0
+
+    server.set_behavior("cheap", ModelBehavior(reply="word " * 200, tokens_per_s=50))
+    slow = RoutedMixture(_config(), registry=server.registry(), session=session)
+
+    async def cancel_midway() -> None:
+        with anyio.move_on_after(0.3):
+            await slow.run("What is 2 + 2?")
+
+    anyio.run(cancel_midway)
+    assert server.wait_idle()
+    assert session.reserved_tokens == 0 and session.reserved_usd == pytest.approx(0, abs=1e-12)
+    assert 0 < session.spent_tokens < 10_000, "what the cancelled calls streamed is charged"
