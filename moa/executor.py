@@ -147,12 +147,16 @@ class Execution:
         self.board = Board()
         self.layers = self._build(registry, overrides or Overrides())
         self.final = self.layers[-1][0]
-        self.mode, self.notices = self._choose_mode(mode or config.mode)
+        requested = mode or config.mode
+        self.mode, self.fallback = self._choose_mode(requested)
+        # A fallback is news when staircase was asked for; under `auto` it is only traced.
+        self.fallback_kind = "auto" if requested == "auto" else "fallback"
+        self.notices = [self.fallback] if self.fallback and requested != "auto" else []
         if self.mode == "layered":
             for node in self.nodes:
                 node.feed.chunk_size = None
         self.quorum_start = (
-            config.staircase.start_k if self.notices and self.mode == "layered" else None
+            config.staircase.start_k if self.fallback and self.mode == "layered" else None
         )
         self.fatal: MixtureError | None = None
         self.ttft: float | None = None
@@ -199,9 +203,10 @@ class Execution:
             layers.append(nodes)
         return layers
 
-    def _choose_mode(self, requested: str) -> tuple[str, list[str]]:
+    def _choose_mode(self, requested: str) -> tuple[str, str]:
+        """The mode this run uses, and why it is not staircase when that was possible."""
         if requested == "layered":
-            return "layered", []
+            return "layered", ""
         blockers = sorted(
             {
                 n.agent.model
@@ -211,13 +216,13 @@ class Execution:
             }
         )
         if not blockers:
-            return "staircase", []
+            return "staircase", ""
         k = self.config.staircase.start_k
         how = f"a quorum start (the fastest {k} references)" if k else "layered mode"
-        return "layered", [
+        return "layered", (
             f"Staircase streaming needs backends that can continue an assistant turn; "
             f"{', '.join(blockers)} cannot, so this run uses {how}."
-        ]
+        )
 
     # ---- events --------------------------------------------------------------------------
 
@@ -234,8 +239,8 @@ class Execution:
         """Run the graph; never raises a run failure (sets `fatal` and emits `RunFailed`)."""
         self.t0 = time.monotonic()
         self.emit(RunStarted(self._now(), self.config.name, self.mode, [n.id for n in self.nodes]))
-        for message in self.notices:
-            self.emit(Notice(self._now(), message, kind="fallback"))
+        if self.fallback:
+            self.emit(Notice(self._now(), self.fallback, kind=self.fallback_kind))
         deadline = self.config.deadline_s
         with anyio.move_on_after(deadline) as timer:
             async with anyio.create_task_group() as tg:

@@ -172,11 +172,21 @@ async def test_fallback_notice_when_a_backend_cannot_continue(srv: LoopbackServe
     )
     (notice,) = [e for e in events if isinstance(e, Notice)]
     assert "plain/agg cannot" in notice.message and "quorum start" in notice.message
-    assert result.mode == "layered" and result.notices == [notice.message] and result.text == AGG
+    assert notice.kind == "auto" and result.notices == [], "auto's choice is traced, not flagged"
+    assert result.mode == "layered" and result.text == AGG
     (body,) = bodies(srv, "agg")
     assert "continue_final_message" not in body and body["messages"][-1]["role"] == "user"
     refs = references(body["messages"][0]["content"])
     assert refs == [P1]  # the fastest one finished, the other was not waited for
+
+
+async def test_asked_for_staircase_reports_its_fallback(srv: LoopbackServer) -> None:
+    registry = srv.registry(prefix="plain", continuation=None)
+    cfg = config(["plain/p1", "plain/p2"], agg="plain/agg")
+    events, result = await run(Mixture(cfg, registry=registry, mode="staircase"))
+    (notice,) = [e for e in events if isinstance(e, Notice)]
+    assert notice.kind == "fallback" and "layered mode" in notice.message
+    assert result.mode == "layered" and result.notices == [notice.message]
 
 
 async def test_identical_chunks_are_fed_once(srv: LoopbackServer) -> None:

@@ -112,7 +112,8 @@ class LiveView:
             self._answer += event.text
             return
         if isinstance(event, Notice):
-            self._notices.append(event.message)
+            if event.kind != "auto":  # `auto` chose layered mode as designed: nothing to flag
+                self._notices.append(event.message)
             return
         agent = getattr(event, "agent", None)
         if agent is None:
