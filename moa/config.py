@@ -148,13 +148,7 @@ class MixtureConfig(BaseModel):
 
     def registry(self, base: Registry | None = None) -> Registry:
         """A registry with this config's providers added to `base` (the default one)."""
-        base = base or default_registry
-        if not self.providers:
-            return base
-        registry = Registry(base.specs())
-        for spec in self.providers.values():
-            registry.register(spec)
-        return registry
+        return (base or default_registry).extended(self.providers.values())
 
     def agent_fields(self) -> list[tuple[str, AgentConfig]]:
         """Every agent with the config path that names it, e.g. 'layers.0.agents.2'."""

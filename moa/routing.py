@@ -120,13 +120,7 @@ class RoutingConfig(BaseModel):
         return self.strong if tier == "strong" else self.cheap
 
     def registry(self, base: Registry | None = None) -> Registry:
-        base = base or default_registry
-        if not self.providers:
-            return base
-        registry = Registry(base.specs())
-        for spec in self.providers.values():
-            registry.register(spec)
-        return registry
+        return (base or default_registry).extended(self.providers.values())
 
 
 def load_routing(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Iterable
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
@@ -141,6 +142,16 @@ class Registry:
         """Add or replace a prefix; a cached instance of it is dropped."""
         self._specs[spec.prefix] = spec
         self._instances.pop(spec.prefix, None)
+
+    def extended(self, specs: Iterable[ProviderSpec]) -> Registry:
+        """This registry when `specs` is empty, else a new one with `specs` added (or replaced)."""
+        specs = list(specs)
+        if not specs:
+            return self
+        registry = Registry(self.specs())
+        for spec in specs:
+            registry.register(spec)
+        return registry
 
     def specs(self) -> list[ProviderSpec]:
         return list(self._specs.values())
