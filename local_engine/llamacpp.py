@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -70,6 +71,8 @@ class ModelPool:
     size: int
     instances: list[LoadedModel] = field(default_factory=list)
     grow: threading.Lock = field(default_factory=threading.Lock)
+    queue: deque[object] = field(default_factory=deque)
+    """Tickets of the requests waiting for an instance, oldest first."""
 
     def _idle(self) -> LoadedModel | None:
         """An idle instance, now claimed (never blocks)."""
@@ -87,13 +90,22 @@ class ModelPool:
 
     @asynccontextmanager
     async def claim(self) -> AsyncIterator[LoadedModel]:
-        while True:
-            model = self._idle()
-            if model is None and len(self.instances) < self.size:
-                model = await anyio.to_thread.run_sync(self._grow)
-            if model is not None:
-                break
-            await anyio.sleep(POLL_S)
+        """Wait for an instance, first come first served: a request that keeps coming back
+        (a staircase aggregator's steps) never starves the ones queued before it."""
+        ticket = object()
+        with self.grow:
+            self.queue.append(ticket)
+        try:
+            while True:
+                model = self._idle() if self.queue[0] is ticket else None
+                if model is None and self.queue[0] is ticket and len(self.instances) < self.size:
+                    model = await anyio.to_thread.run_sync(self._grow)
+                if model is not None:
+                    break
+                await anyio.sleep(POLL_S)
+        finally:
+            with self.grow:
+                self.queue.remove(ticket)
         try:
             yield model
         finally:

@@ -210,6 +210,9 @@ def _preset(name: str) -> MixtureConfig:
             name=name,
             layers=[LayerConfig(agents=[AgentConfig(model=LOCAL_MODEL, n=3, max_tokens=128)])],
             aggregator=AgentConfig(model=LOCAL_MODEL, max_tokens=192, temperature=0.3),
+            # One generation at a time on the CPU: staircase cannot overlap the proposers and
+            # its steps cost extra prefills (docs/staircase.md has the figures).
+            mode="layered",
         )
     raise ConfigError(f"Unknown preset {name!r}; presets: {', '.join(PRESETS)}.")
 

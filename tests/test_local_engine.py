@@ -15,7 +15,7 @@ from moa.providers.registry import ProviderSpec, Registry
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (moa-stack[local]) missing")
 
-from moa.local_engine.llamacpp import model_pool, render_prompt  # noqa: E402
+from moa.local_engine.llamacpp import ModelPool, model_pool, render_prompt  # noqa: E402
 from moa.local_engine.model_files import bundled_model_path, resolve_model_path  # noqa: E402
 
 QUESTION = [{"role": "user", "content": "Name three colours."}]
@@ -142,6 +142,37 @@ def test_parallel_pool_serves_two_at_once() -> None:
     anyio.run(main)
     pool = model_pool(bundled_model_path(), False, {"parallel": 2, "n_threads": 1})
     assert len(pool.instances) == 2
+
+
+def test_a_request_that_keeps_coming_back_does_not_starve_the_queue() -> None:
+    """A staircase aggregator claims the model step after step; a proposer queued during its
+    first step must run before its second."""
+    import threading
+    from types import SimpleNamespace
+
+    pool = ModelPool(Path("unused.gguf"), False, {}, 1,
+                     instances=[SimpleNamespace(busy=threading.Lock())])  # type: ignore[list-item]
+    order: list[str] = []
+
+    async def stepper() -> None:
+        for _ in range(4):
+            async with pool.claim():
+                order.append("step")
+                await anyio.sleep(0.05)
+
+    async def proposer() -> None:
+        await anyio.sleep(0.02)  # arrives while the first step holds the model
+        async with pool.claim():
+            order.append("proposer")
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stepper)
+            tg.start_soon(proposer)
+
+    anyio.run(main)
+    assert order == ["step", "proposer", "step", "step", "step"]
+    assert not pool.queue
 
 
 def test_n_samples_get_their_own_indexes(engine) -> None:
