@@ -3,7 +3,8 @@
 Routes: `POST /v1/chat/completions` (SSE streaming and not), `GET /v1/models`, `GET /health`.
 Errors use OpenAI's JSON shape. Requests beyond `max_concurrency` wait in a queue of
 `max_queue`; beyond that the answer is 429, and a request that waited `queue_timeout_s` gets
-503. A client that disconnects cancels its mixture, and with it every upstream call.
+503. A client that disconnects cancels its mixture, and with it every upstream call. A stream
+that has nothing to send for `keepalive_s` gets an SSE comment line (`: keep-alive`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -33,9 +35,11 @@ from moa.providers.registry import Registry
 
 if TYPE_CHECKING:
     import uvicorn
+    from anyio.streams.memory import MemoryObjectSendStream
 
 log = logging.getLogger("moa.server")
 API_KEY_ENV = "MOA_SERVER_API_KEY"
+KEEPALIVE = ": keep-alive\n\n"
 
 
 def error(status: int, message: str, kind: str, code: str | None = None,
@@ -102,9 +106,14 @@ def create_app(
     max_queue: int = 64,
     queue_timeout_s: float = 30.0,
     max_body_bytes: int = 2_000_000,
+    keepalive_s: float = 15.0,
     registry: Registry | None = None,
 ) -> Starlette:
-    """The Starlette app serving `mixtures` (model name -> config)."""
+    """The Starlette app serving `mixtures` (model name -> config).
+
+    A stream with nothing to send for `keepalive_s` (queued, or proposers still working) gets
+    an SSE comment line, so proxies and clients with idle timeouts keep the connection.
+    """
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     shared = registry or Registry()
     gate = Gate(max_concurrency, max_queue, queue_timeout_s)
@@ -168,23 +177,51 @@ def create_app(
         return JSONResponse(completion(result, call.model))
 
     async def _stream(call: Any) -> AsyncIterator[str]:
+        """The SSE body, produced by a task that a client disconnect cancels."""
+        send, receive = anyio.create_memory_object_stream[str](math.inf)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_produce, call, send)
+            try:
+                async with receive:
+                    async for line in receive:
+                        yield line
+            finally:
+                tg.cancel_scope.cancel()  # the client went away: cancel the mixture
+
+    async def _produce(call: Any, send: MemoryObjectSendStream[str]) -> None:
         chunks = ChunkStream(call.model, call.include_usage)
-        try:
-            async with gate.slot():
-                events = mixture(call.model).stream(call.messages, **call.overrides)
-                async with contextlib.aclosing(events):
-                    async for event in events:
-                        for chunk in chunks.feed(event):
-                            yield f"data: {json.dumps(chunk)}\n\n"
-        except Overloaded as err:
-            yield _sse_error(str(err), "server_error", "overloaded")
-        except MoaError as err:
-            yield _sse_error(str(err), "upstream_error" if not isinstance(err, ConfigError)
-                             else "server_error", None)
-        except Exception:
-            log.exception("stream failed")
-            yield _sse_error("Internal server error.", "server_error", None)
-        yield "data: [DONE]\n\n"
+        last_sent = anyio.current_time()
+
+        def put(line: str) -> None:
+            nonlocal last_sent
+            last_sent = anyio.current_time()
+            send.send_nowait(line)
+
+        async def keep_alive() -> None:
+            while True:
+                await anyio.sleep(max(0.0, last_sent + keepalive_s - anyio.current_time()))
+                if anyio.current_time() - last_sent >= keepalive_s:
+                    put(KEEPALIVE)
+
+        async with send, anyio.create_task_group() as tg:
+            tg.start_soon(keep_alive)
+            try:
+                async with gate.slot():
+                    events = mixture(call.model).stream(call.messages, **call.overrides)
+                    async with contextlib.aclosing(events):
+                        async for event in events:
+                            for chunk in chunks.feed(event):
+                                put(f"data: {json.dumps(chunk)}\n\n")
+            except Overloaded as err:
+                put(_sse_error(str(err), "server_error", "overloaded"))
+            except MoaError as err:
+                kind = "server_error" if isinstance(err, ConfigError) else "upstream_error"
+                put(_sse_error(str(err), kind, None))
+            except Exception:
+                log.exception("stream failed")
+                put(_sse_error("Internal server error.", "server_error", None))
+            put("data: [DONE]\n\n")
+            tg.cancel_scope.cancel()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -79,6 +79,22 @@ def test_sdk_streaming_chunks_usage_and_done(upstream: LoopbackServer) -> None:
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
 
 
+def test_silent_stretches_get_keep_alive_comments_the_sdk_ignores(
+    upstream: LoopbackServer,
+) -> None:
+    upstream.set_behavior("a", ModelBehavior(reply="Paris.", ttft_s=0.4))
+    with serving(upstream, keepalive_s=0.1) as server:
+        with httpx.stream("POST", f"{server.base_url}/chat/completions", timeout=10,
+                          json={"model": "moa", "messages": HI, "stream": True}) as response:
+            lines = [line for line in response.iter_lines() if line]
+        stream = sdk(server).chat.completions.create(model="moa", messages=HI, stream=True)  # type: ignore[arg-type]
+        with stream:
+            text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    first_data = next(i for i, line in enumerate(lines) if line.startswith("data: "))
+    assert first_data >= 2 and set(lines[:first_data]) == {": keep-alive"}
+    assert lines[-1] == "data: [DONE]" and text == AGG
+
+
 def test_async_sdk_streaming(upstream: LoopbackServer) -> None:
     async def main(url: str) -> str:
         client = openai.AsyncOpenAI(base_url=url, api_key="x", max_retries=0)

@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="mixtures run at once (default 16)")
     parser.add_argument("--max-queue", type=int, default=64, metavar="N",
                         help="requests that may wait for a slot; beyond it 429 (default 64)")
+    parser.add_argument("--keepalive", type=float, default=15.0, metavar="SECONDS",
+                        help="SSE comment after this much silence in a stream (default 15)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     mixtures = {name: preset(name) for name in PRESETS}
     mixtures["moa"] = mixture_from_args(args)
     app = create_app(mixtures, api_key=args.api_key, max_concurrency=args.max_concurrency,
-                     max_queue=args.max_queue)
+                     max_queue=args.max_queue, keepalive_s=args.keepalive)
     print(f"moa: serving {', '.join(mixtures)} on http://{args.host}:{args.port}/v1",
           file=sys.stderr)
     serve(app, host=args.host, port=args.port)
