@@ -362,7 +362,7 @@ class Execution:
         if len(node.upstream) - failed < node.quorum:
             raise NotEnoughProposers(
                 f"{failed} of the {len(node.upstream)} agents of layer {node.id.layer} failed, "
-                f"so fewer than min_proposers={node.quorum} can answer."
+                f"so fewer than min_proposers={node.quorum} can answer. {_why(node.upstream)}"
             )
 
     def _check_quorum(self, node: Node, view: ReferenceView) -> None:
@@ -370,7 +370,7 @@ class Execution:
         if done < node.quorum or not view.order:
             raise NotEnoughProposers(
                 f"Only {done} of the {len(node.upstream)} agents of layer {node.id.layer} "
-                f"answered; min_proposers is {node.quorum}."
+                f"answered; min_proposers is {node.quorum}. {_why(node.upstream)}"
             )
 
     # ---- prompts ----------------------------------------------------------------------------
@@ -583,3 +583,12 @@ class Execution:
             notices=list(self.notices),
             budget=self.guard.report(),
         )
+
+
+def _why(nodes: list[Node]) -> str:
+    """The distinct errors of the failed `nodes`, each with the agents that hit it."""
+    by_error: dict[str, list[str]] = {}
+    for node in nodes:
+        if node.output.error:
+            by_error.setdefault(node.output.error.rstrip("."), []).append(node.id.key)
+    return " ".join(f"{', '.join(keys)}: {error}." for error, keys in by_error.items())

@@ -352,8 +352,10 @@ class HttpTransport:
             ) from exc
         except httpx.TransportError as exc:
             await stack.aclose()
+            url = httpx.URL(call.url)
+            detail = str(exc).rstrip(".") or type(exc).__name__
             raise ProviderError(
-                f"{who}: connection failed ({type(exc).__name__}).",
+                f"{who}: connection to {url.scheme}://{url.netloc.decode()} failed ({detail}).",
                 provider=self.provider, model=call.model, retryable=True,
             ) from exc
         except BaseException:

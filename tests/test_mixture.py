@@ -187,6 +187,10 @@ async def test_min_proposers_and_dropped_truncated(srv: LoopbackServer) -> None:
         await m.run("q")
     failures = [o for o in err.value.partial.failed if "cancelled" not in (o.error or "")]
     assert [o.agent.index for o in failures] == [0, 1] and all(o.truncated for o in failures)
+    message = str(err.value)
+    assert "L1.1: loop/Qwen/Qwen2.5-72B-Instruct-Turbo:" in message and "L1.2: " in message, (
+        "the error names each failed agent and why"
+    )
     assert not aggregator_bodies(srv)
     config.layers[0].min_proposers = 1
     result = await Mixture(config, registry=fast_registry(srv)).run("q")
