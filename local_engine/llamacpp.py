@@ -73,6 +73,7 @@ class ModelPool:
     grow: threading.Lock = field(default_factory=threading.Lock)
     queue: deque[object] = field(default_factory=deque)
     """Tickets of the requests waiting for an instance, oldest first."""
+    queue_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _idle(self) -> LoadedModel | None:
         """An idle instance, now claimed (never blocks)."""
@@ -93,18 +94,20 @@ class ModelPool:
         """Wait for an instance, first come first served: a request that keeps coming back
         (a staircase aggregator's steps) never starves the ones queued before it."""
         ticket = object()
-        with self.grow:
+        with self.queue_lock:
             self.queue.append(ticket)
         try:
             while True:
-                model = self._idle() if self.queue[0] is ticket else None
-                if model is None and self.queue[0] is ticket and len(self.instances) < self.size:
-                    model = await anyio.to_thread.run_sync(self._grow)
+                model = None
+                if self.queue[0] is ticket:
+                    model = self._idle()
+                    if model is None and len(self.instances) < self.size:
+                        model = await anyio.to_thread.run_sync(self._grow)
                 if model is not None:
                     break
                 await anyio.sleep(POLL_S)
         finally:
-            with self.grow:
+            with self.queue_lock:
                 self.queue.remove(ticket)
         try:
             yield model
