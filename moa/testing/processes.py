@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,24 +38,28 @@ def serve_process(*options: str, timeout: float = 30.0) -> Iterator[str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moa.cli", "serve", *options, "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                httpx.get(f"{url}/health").raise_for_status()
-                break
-            except httpx.TransportError as err:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    process.kill()
-                    _, stderr = process.communicate()
-                    raise RuntimeError(f"moa serve did not start: {stderr.strip()}") from err
-                time.sleep(0.05)
-        yield f"{url}/v1"
-    finally:
-        process.terminate()
-        process.wait(10)
+    # A file, not a pipe: nobody reads it while the server runs.
+    with tempfile.TemporaryFile("w+") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "moa.cli", "serve", *options, "--port", str(port)],
+            stdout=subprocess.DEVNULL, stderr=log, text=True,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    httpx.get(f"{url}/health").raise_for_status()
+                    break
+                except httpx.TransportError as err:
+                    if process.poll() is not None or time.monotonic() > deadline:
+                        process.kill()
+                        process.wait()
+                        log.seek(0)
+                        why = log.read().strip()
+                        raise RuntimeError(f"moa serve did not start: {why}") from err
+                    time.sleep(0.05)
+            yield f"{url}/v1"
+        finally:
+            process.terminate()
+            process.wait(10)
