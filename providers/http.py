@@ -9,6 +9,7 @@ the caller gets `StreamInterrupted` with the text received so far.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -135,6 +136,13 @@ class _OpenStream:
     first: list[Delta] = field(default_factory=list)
 
 
+@functools.cache
+def _ssl_context() -> ssl.SSLContext:
+    """One TLS context for the process: loading the CA bundle takes ~25 ms, and every event loop
+    (each `run_sync`) would otherwise pay it again. Honours SSL_CERT_FILE / SSL_CERT_DIR."""
+    return httpx.create_ssl_context()
+
+
 class _LoopState:
     """The connection pools and semaphores of one event loop (they cannot cross loops)."""
 
@@ -143,13 +151,11 @@ class _LoopState:
         self.limits = limits
         self.pools: list[httpx.AsyncClient] = []
         self.leases: list[int] = []
-        self.ssl: ssl.SSLContext | None = None
         self.provider_slots = anyio.Semaphore(limits.max_concurrency)
         self.model_slots: dict[str, anyio.Semaphore] = {}
 
     def _new_pool(self) -> httpx.AsyncClient:
         limits = self.limits
-        self.ssl = self.ssl or httpx.create_ssl_context()  # built once: it costs milliseconds
         size = min(limits.pool_size, limits.max_concurrency)
         return httpx.AsyncClient(
             timeout=httpx.Timeout(
@@ -159,7 +165,7 @@ class _LoopState:
                 pool=None,
             ),
             limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
-            verify=self.ssl,
+            verify=_ssl_context(),
         )
 
     @contextmanager
