@@ -172,25 +172,32 @@ def fit_marginal(
     strong_share: float | None = None,
     target_cost: float | None = None,
 ) -> Fit:
-    """Marginal utility: fit p(majority right | agreement, min_confidence), the strong tier's
-    lift, and the multiplier λ that meets the target."""
-    use_conf = all(s.signals.get("min_confidence") is not None for s in samples)
+    """Marginal utility: fit p(majority right | agreement, min_confidence, verifier), the strong
+    tier's lift, and the multiplier λ that meets the target. A signal some sample lacks (no
+    logprobs, verifier off) is left out of the fit."""
+    optional = [
+        name for name in ("min_confidence", "verifier")
+        if all(s.signals.get(name) is not None for s in samples)
+    ]
     rows = [
-        [float(s.signals.get("agreement") or 0.0)]
-        + ([float(s.signals["min_confidence"])] if use_conf else [])
+        [float(s.signals.get("agreement") or 0.0)] + [float(s.signals[n]) for n in optional]
         for s in samples
     ]
     weights = _logistic(rows, [s.skip_correct for s in samples])
+    fitted = dict(zip(optional, weights[2:], strict=True))
     wrong = [s for s in samples if not s.skip_correct]
     lift = sum(s.strong_correct for s in wrong) / len(wrong) if wrong else 0.5
     router: dict[str, Any] = {
         "policy": "marginal",
-        "bias": round(weights[0], 4),
+        # The router adds w_verifier·(verifier − 0.5); the fit used the raw score.
+        "bias": round(weights[0] + 0.5 * fitted.get("verifier", 0.0), 4),
         "w_agreement": round(weights[1], 4),
-        "w_confidence": round(weights[2], 4) if use_conf else 0.0,
+        "w_confidence": round(fitted.get("min_confidence", 0.0), 4),
         "cheap_lift": 0.0,
         "strong_lift": round(lift, 4),
     }
+    if "verifier" in fitted:
+        router["w_verifier"] = round(fitted["verifier"], 4)
     gains = []
     for row in rows:
         z = weights[0] + sum(w * x for w, x in zip(weights[1:], row, strict=True))

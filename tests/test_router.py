@@ -109,3 +109,29 @@ def test_config_and_policy_specs() -> None:
         parse_policy("nonsense")
     with pytest.raises(ConfigError, match="key=value"):
         parse_policy("threshold:0.5")
+
+
+def test_marginal_fit_learns_the_verifier_weight_when_the_verifier_is_on() -> None:
+    import random
+
+    from moa.calibration import Sample, fit_marginal
+    from moa.router import MarginalUtilityRouter
+
+    rng = random.Random(7)
+    samples = []
+    for _ in range(200):
+        verifier = rng.random()
+        samples.append(Sample(
+            signals={"agreement": rng.choice([0.5, 1.0]), "verifier": verifier},
+            skip_correct=rng.random() < verifier,  # the judge's score is what predicts it
+            strong_correct=True, probe_cost=1.0, strong_cost=1.0,
+        ))
+    fit = fit_marginal(samples, strong_share=0.3)
+    assert fit.router["w_verifier"] > 2 > abs(fit.router["w_agreement"])
+    router = MarginalUtilityRouter(**{k: v for k, v in fit.router.items() if k != "policy"})
+    low, high = (router.p_correct({"agreement": 0.75, "verifier": v}) for v in (0.1, 0.9))
+    assert low < 0.3 and high > 0.7, "the fitted p tracks the rate the data were drawn with"
+
+    without = [Sample({"agreement": s.signals["agreement"]}, s.skip_correct, True, 1.0, 1.0)
+               for s in samples]
+    assert "w_verifier" not in fit_marginal(without, strong_share=0.3).router
