@@ -40,7 +40,7 @@ limits = {{max_concurrency = 512, pool_size = {pool_size}}}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clients", default="1,16,64", help="concurrencies (default 1,16,64)")
     parser.add_argument("--rounds", type=int, default=3,
-                        help="alternating direct/server rounds per concurrency (default 3)")
+                        help="rounds per concurrency, each running every path (default 3)")
 
 
 def _pct(values: list[float], q: float) -> float:
