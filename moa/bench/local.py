@@ -50,14 +50,20 @@ async def _alone(registry: Any, tokens: int) -> dict[str, Any]:
     request = ChatRequest(model=model, messages=[{"role": "user", "content": QUESTION}],
                           max_tokens=tokens, temperature=0.7, seed=1)
     start = time.perf_counter()
+    ttft, produced = await _timed_stream(provider, request, start)
+    return {"calls": 1, "tokens": produced, "total_s": time.perf_counter() - start,
+            "ttft_s": ttft}
+
+
+async def _timed_stream(provider: Any, request: Any, start: float) -> tuple[float | None, int]:
+    """Stream `request` to its end: (seconds from `start` to its first text, tokens produced)."""
     ttft, produced = None, 0
     async for delta in provider.stream(request):
         if delta.text and ttft is None:
             ttft = time.perf_counter() - start
         if delta.usage:
             produced += delta.usage.completion_tokens
-    return {"calls": 1, "tokens": produced, "total_s": time.perf_counter() - start,
-            "ttft_s": ttft}
+    return ttft, produced
 
 
 async def _sequential(registry: Any, tokens: int) -> dict[str, Any]:
@@ -75,13 +81,9 @@ async def _sequential(registry: Any, tokens: int) -> dict[str, Any]:
         answers.append(out[0].text)
         produced += out[0].usage.completion_tokens
     messages = aggregate_messages(user, readable_block([Reference(a) for a in answers]))
-    ttft = None
-    async for delta in provider.stream(ChatRequest(model=model, messages=messages,
-                                                   max_tokens=tokens, temperature=0.3)):
-        if delta.text and ttft is None:
-            ttft = time.perf_counter() - start
-        if delta.usage:
-            produced += delta.usage.completion_tokens
+    aggregate = ChatRequest(model=model, messages=messages, max_tokens=tokens, temperature=0.3)
+    ttft, aggregated = await _timed_stream(provider, aggregate, start)
+    produced += aggregated
     return {"calls": 4, "tokens": produced, "total_s": time.perf_counter() - start,
             "ttft_s": ttft}
 
