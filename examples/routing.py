@@ -14,7 +14,7 @@ import asyncio
 from moa.bench.routing_model import SimulatedModels
 from moa.errors import BudgetExceeded
 from moa.events import RouteDecision, RunFinished
-from moa.routing import RoutedMixture
+from moa.routing.strategy import RoutedMixture
 from moa.testing import LoopbackServer
 
 CONFIG = {

@@ -16,7 +16,7 @@ from starlette.routing import Mount, Route
 
 from moa import Mixture
 from moa.events import FinalDelta
-from moa.server import ServerThread, create_app
+from moa.openai.server import ServerThread, create_app
 from moa.testing import LoopbackServer, ModelBehavior
 
 

@@ -1,14 +1,25 @@
 """moa: Mixture-of-Agents inference with staircase streaming, routing and embedded engines.
 
-Heavy parts load on first use, so `import moa` stays fast and pulls in no optional extra.
+Heavy parts load on first use, so `import moa` stays fast and pulls in no optional extra; type
+checkers see every public name through the `TYPE_CHECKING` imports below.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_EVENTS = (
+    "AgentId Event RunStarted Notice AgentStarted AgentDelta AgentFinished AgentFailed "
+    "UsageReport FinalDelta RouteDecision RunFinished RunFailed"
+).split()
+_ERRORS = (
+    "MoaError ConfigError UnknownProviderError MissingKeyError ProviderError ProviderTimeout "
+    "StreamInterrupted StreamTimeout BudgetExceeded MixtureError AggregatorFailed "
+    "AggregatorOverBudget DeadlineExceeded NotEnoughProposers"
+).split()
 
 _LAZY: dict[str, str] = {
     "Mixture": "moa.mixture",
@@ -22,19 +33,62 @@ _LAZY: dict[str, str] = {
     "AgentOutput": "moa.result",
     "Registry": "moa.providers.registry",
     "ProviderSpec": "moa.providers.registry",
-    "RoutedMixture": "moa.routing",
-    "RoutingConfig": "moa.routing",
-    "RoutedResult": "moa.routing",
-    "load_routing": "moa.routing",
-    "Budget": "moa.budget",
-    "SessionBudget": "moa.budget",
-    "VerifierConfig": "moa.verifier",
-    "wrap": "moa.openai_compat",
-    "OpenAI": "moa.openai_compat",
-    "AsyncOpenAI": "moa.openai_compat",
+    "RoutedMixture": "moa.routing.strategy",
+    "RoutingConfig": "moa.routing.strategy",
+    "RoutedResult": "moa.routing.strategy",
+    "load_routing": "moa.routing.strategy",
+    "Budget": "moa.runtime.budget",
+    "SessionBudget": "moa.runtime.budget",
+    "VerifierConfig": "moa.routing.verifier",
+    "wrap": "moa.openai.client",
+    "OpenAI": "moa.openai.client",
+    "AsyncOpenAI": "moa.openai.client",
+    **dict.fromkeys(_EVENTS, "moa.events"),
+    **dict.fromkeys(_ERRORS, "moa.errors"),
 }
 
 __all__ = [*_LAZY, "__version__"]
+
+if TYPE_CHECKING:
+    from moa.config import AgentConfig, LayerConfig, MixtureConfig, StaircaseConfig, load, preset
+    from moa.errors import (
+        AggregatorFailed,
+        AggregatorOverBudget,
+        BudgetExceeded,
+        ConfigError,
+        DeadlineExceeded,
+        MissingKeyError,
+        MixtureError,
+        MoaError,
+        NotEnoughProposers,
+        ProviderError,
+        ProviderTimeout,
+        StreamInterrupted,
+        StreamTimeout,
+        UnknownProviderError,
+    )
+    from moa.events import (
+        AgentDelta,
+        AgentFailed,
+        AgentFinished,
+        AgentId,
+        AgentStarted,
+        Event,
+        FinalDelta,
+        Notice,
+        RouteDecision,
+        RunFailed,
+        RunFinished,
+        RunStarted,
+        UsageReport,
+    )
+    from moa.mixture import Mixture
+    from moa.openai.client import AsyncOpenAI, OpenAI, wrap
+    from moa.providers.registry import ProviderSpec, Registry
+    from moa.result import AgentOutput, MixtureResult
+    from moa.routing.strategy import RoutedMixture, RoutedResult, RoutingConfig, load_routing
+    from moa.routing.verifier import VerifierConfig
+    from moa.runtime.budget import Budget, SessionBudget
 
 
 def __getattr__(name: str) -> Any:

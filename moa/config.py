@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from moa.budget import Budget
+from moa.runtime.budget import Budget
 from moa.errors import ConfigError
 from moa.providers.registry import ProviderSpec, Registry, default_registry
 
@@ -88,7 +88,7 @@ class StaircaseConfig(BaseModel):
     keep_truncated: bool = True
     """Keep (labelled) the text of a proposer that failed mid-stream."""
     # An aggregator starts when every live reference delivered its first chunk, or once k
-    # have and `grace_s` passed; the step loop is in moa.executor, the design in the docs.
+    # have and `grace_s` passed; the step loop is in moa.runtime.executor, the design in the docs.
 
     def chunk_size(self, index: int) -> int:
         """Tokens in chunk `index` (0-based) of a streamed reference."""
@@ -125,7 +125,7 @@ class MixtureConfig(BaseModel):
     session_budget: Budget = Field(default_factory=Budget)
     """Hard budget over every request of one `Mixture` object."""
     routing: dict[str, Any] | None = None
-    """A routed strategy over this file's models (`moa.routing.RoutingConfig`); `moa eval`
+    """A routed strategy over this file's models (`moa.routing.strategy.RoutingConfig`); `moa eval`
     and `moa calibrate` use it, the layered executor ignores it."""
 
     @model_validator(mode="before")

@@ -9,7 +9,7 @@
 and raises the `MixtureError`, whose `.partial` holds the result assembled so far. Closing
 the generator early cancels the run (use `contextlib.aclosing` when breaking out of it).
 
-Budgets (`moa.budget`): `budget=` limits every request (it replaces the config's `budget`;
+Budgets (`moa.runtime.budget`): `budget=` limits every request (it replaces the config's `budget`;
 `run(..., budget=...)` sets one request's), `session=` is a ledger shared by every request of
 every mixture it is passed to; a call that could exceed either is refused before it starts.
 """
@@ -30,12 +30,12 @@ import anyio
 from pydantic import ValidationError
 
 from moa import pricing
-from moa.budget import Budget, BudgetGuard, Ledger, SessionBudget
+from moa.runtime.budget import Budget, BudgetGuard, Ledger, SessionBudget
 from moa.config import MixtureConfig, Mode, load
 from moa.errors import ConfigError
 from moa.events import Event, RunFinished
-from moa.executor import Execution, Overrides
-from moa.prompts import as_messages
+from moa.runtime.executor import Execution, Overrides
+from moa.runtime.prompts import as_messages
 from moa.providers.base import Message
 from moa.providers.registry import Registry
 from moa.result import MixtureResult

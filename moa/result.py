@@ -37,7 +37,7 @@ class MixtureResult:
     latency_s: float = 0.0
     notices: list[str] = field(default_factory=list)
     budget: dict[str, Any] = field(default_factory=dict)
-    """Spend against the budgets (`moa.budget.BudgetGuard.report()`): a `request` entry and,
+    """Spend against the budgets (`moa.runtime.budget.BudgetGuard.report()`): a `request` entry and,
     with a shared ledger, a `session` entry, each with spent / limits / calls / refused."""
 
     @property

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from moa.budget import Budget, BudgetGuard, SessionBudget
+from moa.runtime.budget import Budget, BudgetGuard, SessionBudget
 from moa.errors import BudgetExceeded, ConfigError
 from moa.providers.base import Usage
 from moa.tokens import count_messages

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from moa.budget import SessionBudget
+from moa.runtime.budget import SessionBudget
 from moa.cli.main import build_parser, run
 from moa.cli.options import mixture_from_args
 from moa.config import MixtureConfig

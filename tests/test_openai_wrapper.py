@@ -10,7 +10,7 @@ import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 import moa
-from moa.openai_wire import RequestError
+from moa.openai.wire import RequestError
 from moa.testing import LoopbackServer, ModelBehavior
 
 AGG = "All three agree: it is blue."
@@ -35,7 +35,7 @@ def srv() -> Iterator[LoopbackServer]:
         yield server
 
 
-def wrapped(srv: LoopbackServer) -> moa.openai_compat.WrappedClient:
+def wrapped(srv: LoopbackServer) -> moa.openai.client.WrappedClient:
     return moa.OpenAI(base_url=srv.base_url, api_key=KEY, max_retries=0,
                       mixtures={"team": TEAM})
 

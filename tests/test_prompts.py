@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from moa.errors import ConfigError
-from moa.feed import Board, Feed
-from moa.prompts import (
+from moa.runtime.feed import Board, Feed
+from moa.runtime.prompts import (
     AGGREGATE_PROMPT,
     TRIMMED_LABEL,
     TRUNCATED_LABEL,
@@ -18,7 +18,7 @@ from moa.prompts import (
     near_identical,
     readable_block,
 )
-from moa.staircase import ReferenceView
+from moa.runtime.staircase import ReferenceView
 from moa.tokens import count_tokens
 
 HISTORY = [

@@ -6,7 +6,7 @@ import pytest
 
 from moa.errors import ConfigError
 from moa.events import RouteDecision
-from moa.router import (
+from moa.routing.router import (
     FixedRouter,
     MarginalUtilityRouter,
     RandomRouter,
@@ -114,8 +114,8 @@ def test_config_and_policy_specs() -> None:
 def test_marginal_fit_learns_the_verifier_weight_when_the_verifier_is_on() -> None:
     import random
 
-    from moa.calibration import Sample, fit_marginal
-    from moa.router import MarginalUtilityRouter
+    from moa.routing.calibration import Sample, fit_marginal
+    from moa.routing.router import MarginalUtilityRouter
 
     rng = random.Random(7)
     samples = []

@@ -8,7 +8,7 @@ from typing import Any
 import anyio
 import pytest
 
-from moa.budget import SessionBudget
+from moa.runtime.budget import SessionBudget
 from moa.errors import BudgetExceeded
 from moa.events import (
     AgentFinished,
@@ -20,7 +20,7 @@ from moa.events import (
     RunStarted,
     UsageReport,
 )
-from moa.routing import RoutedMixture, stage_seed
+from moa.routing.strategy import RoutedMixture, stage_seed
 from moa.testing import LoopbackServer, ModelBehavior
 
 PRICES = {"loop/cheap": (1.0, 2.0), "loop/strong": (10.0, 30.0)}

@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from moa.config import MixtureConfig
-from moa.server import ServerThread, create_app
+from moa.openai.server import ServerThread, create_app
 from moa.testing import LoopbackServer, ModelBehavior
 
 AGG = "Paris is the capital of France."

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from moa.providers.base import TokenLogprob
-from moa.signals import (
+from moa.routing.signals import (
     agreement,
     confidence,
     extract_answer,

@@ -12,9 +12,9 @@ import pytest
 
 from moa.config import MixtureConfig
 from moa.events import AgentFinished, AgentStarted, FinalDelta, Notice, RunFinished
-from moa.feed import Board, Feed
+from moa.runtime.feed import Board, Feed
 from moa.mixture import Mixture
-from moa.prompts import AGGREGATE_PROMPT, STREAMING_NOTE, TRUNCATED_LABEL
+from moa.runtime.prompts import AGGREGATE_PROMPT, STREAMING_NOTE, TRUNCATED_LABEL
 from moa.testing import LoopbackServer, ModelBehavior
 
 pytestmark = pytest.mark.anyio

@@ -18,7 +18,7 @@ from types import ModuleType
 from typing import Any
 
 from moa.bench import routing_sim
-from moa.signals import extract_answer
+from moa.routing.signals import extract_answer
 from moa.testing import ModelBehavior
 
 _QUESTION = re.compile(r"Question (\d+):")

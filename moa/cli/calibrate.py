@@ -92,9 +92,9 @@ def write_router(path: Path, router: dict[str, Any]) -> None:
 
 
 async def _fit(args: argparse.Namespace) -> Any:
-    from moa.calibration import collect, fit_marginal, fit_threshold
-    from moa.evaluate import load_tasks
-    from moa.routing import load_routing
+    from moa.routing.calibration import collect, fit_marginal, fit_threshold
+    from moa.routing.evaluate import load_tasks
+    from moa.routing.strategy import load_routing
 
     config = load_routing(args.config)
     tasks = load_tasks(args.labelled, args.limit)

@@ -101,8 +101,8 @@ def _routing_source(args: argparse.Namespace, files: dict[str, dict[str, Any]]) 
 
 
 def _runner(target: Any) -> Any:
-    """A `moa.evaluate.Runner` over anything with `await run(question, seed=...)`."""
-    from moa.evaluate import outcome_of
+    """A `moa.routing.evaluate.Runner` over anything with `await run(question, seed=...)`."""
+    from moa.routing.evaluate import outcome_of
 
     async def run(question: str, seed: int) -> Any:
         return outcome_of(await target.run(question, seed=seed))
@@ -111,10 +111,10 @@ def _runner(target: Any) -> Any:
 
 
 async def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from moa.evaluate import evaluate, load_tasks, single_model
+    from moa.routing.evaluate import evaluate, load_tasks, single_model
     from moa.mixture import Mixture
-    from moa.router import parse_policy
-    from moa.routing import RoutedMixture, load_routing
+    from moa.routing.router import parse_policy
+    from moa.routing.strategy import RoutedMixture, load_routing
 
     tasks = load_tasks(args.taskfile, args.limit)
     sources = [*args.config, *filter(None, [args.routing])]

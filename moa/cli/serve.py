@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        from moa.server import create_app, serve
+        from moa.openai.server import create_app, serve
     except ImportError as err:
         raise ConfigError(
             f"moa serve needs {err.name}: pip install 'moa-stack[server]'."

@@ -3,7 +3,7 @@
 `ReferenceView` keeps, per aggregating agent, the numbering of its references (slot order for
 those present at its start, arrival order after), the chunks already fed and, for the
 `prefix_cache` layout, the rounds in which they were fed. `start_wait` is the start condition.
-The step loop itself lives in `moa.executor`; docs/staircase.md describes the design.
+The step loop itself lives in `moa.runtime.executor`; docs/staircase.md describes the design.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from moa.feed import Feed
-from moa.prompts import (
+from moa.runtime.feed import Feed
+from moa.runtime.prompts import (
     Reference,
     mark_duplicates,
     near_identical,

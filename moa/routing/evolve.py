@@ -9,7 +9,7 @@ the population by the children. It stops after T loops or as soon as the populat
 The answer is the most confident candidate holding the majority answer.
 
 Every routing choice is a `RouteDecision` event; calls, budget and events come from the
-shared `moa.routing.RunContext`.
+shared `moa.routing.strategy.RunContext`.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import anyio
 
 from moa.errors import NotEnoughProposers
 from moa.events import AgentId
-from moa.prompts import with_system
+from moa.runtime.prompts import with_system
 from moa.providers.base import Message
-from moa.router import Decision
-from moa.routing import Reply, RunContext, best_supporter, reference_messages, stage_seed
-from moa.signals import agreement, confidence, ngram_cosine
+from moa.routing.router import Decision
+from moa.routing.strategy import Reply, RunContext, best_supporter, reference_messages, stage_seed
+from moa.routing.signals import agreement, confidence, ngram_cosine
 
 RECOMBINE_PROMPT = (
     "You are given several candidate solutions to the latest user query. Some of them may be "

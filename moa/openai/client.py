@@ -19,7 +19,7 @@ from pydantic import SecretStr
 
 from moa.config import PRESETS, MixtureConfig, load
 from moa.mixture import Mixture
-from moa.openai_wire import ChatCall, ChunkStream, RequestError, completion, parse_request
+from moa.openai.wire import ChatCall, ChunkStream, RequestError, completion, parse_request
 from moa.providers.registry import ProviderSpec, Registry
 
 CLIENT_PREFIX = "client"

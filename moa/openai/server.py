@@ -30,14 +30,14 @@ from starlette.routing import Route
 from moa.config import MixtureConfig
 from moa.errors import ConfigError, MoaError
 from moa.mixture import Mixture
-from moa.openai_wire import ChunkStream, RequestError, completion, parse_request
+from moa.openai.wire import ChunkStream, RequestError, completion, parse_request
 from moa.providers.registry import Registry
 
 if TYPE_CHECKING:
     import uvicorn
     from anyio.streams.memory import MemoryObjectSendStream
 
-log = logging.getLogger("moa.server")
+log = logging.getLogger("moa.openai.server")
 API_KEY_ENV = "MOA_SERVER_API_KEY"
 KEEPALIVE = ": keep-alive\n\n"
 

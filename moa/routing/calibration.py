@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from moa.providers.registry import Registry
-from moa.router import Decision, Router, Stage, ThresholdRouter
-from moa.routing import RoutedMixture, RoutingConfig
-from moa.signals import is_correct
+from moa.routing.router import Decision, Router, Stage, ThresholdRouter
+from moa.routing.strategy import RoutedMixture, RoutingConfig
+from moa.routing.signals import is_correct
 
 
 @dataclass

@@ -1,16 +1,16 @@
 """The routed mixture: proposers, aggregation and refinement loops, each stage routed.
 
-Two model tiers (`cheap`, `strong`) and a router (`moa.router`) decide, stage by stage, which
+Two model tiers (`cheap`, `strong`) and a router (`moa.routing.router`) decide, stage by stage, which
 tier runs it or whether it is skipped: proposer slots start on the router's proposer tier; the
 aggregation sees the proposers' signals (agreement, token confidence) and may be skipped
 (return the majority answer), run cheap or run strong; each refinement loop sees the latest
-answer's signals and may stop the loop. A budget (`moa.budget`) is checked before every call.
-An optional verifier (`moa.verifier`, off by default) adds a judge call's score to the signals
+answer's signals and may stop the loop. A budget (`moa.runtime.budget`) is checked before every call.
+An optional verifier (`moa.routing.verifier`, off by default) adds a judge call's score to the signals
 of the aggregation and of each refinement loop.
 
 Configuration lives in its own table (`RoutingConfig`), either a file of its own or the
 `[routing]` table of a mixture config file. `strategy = "evolve"` runs Squeeze Evolve
-(`moa.evolve`) with the same tiers, budget and events instead.
+(`moa.routing.evolve`) with the same tiers, budget and events instead.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any, Literal
 import anyio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from moa.budget import Budget, BudgetGuard, Ledger, SessionBudget
+from moa.runtime.budget import Budget, BudgetGuard, Ledger, SessionBudget
 from moa.config import read_file
 from moa.errors import (
     AggregatorFailed,
@@ -52,7 +52,7 @@ from moa.events import (
     UsageReport,
 )
 from moa.pricing import price_function
-from moa.prompts import (
+from moa.runtime.prompts import (
     AGGREGATE_PROMPT,
     Reference,
     aggregate_messages,
@@ -63,16 +63,16 @@ from moa.prompts import (
 from moa.providers.base import ChatRequest, Message, TokenLogprob, Usage
 from moa.providers.registry import ProviderSpec, Registry, default_registry
 from moa.result import AgentOutput, MixtureResult
-from moa.router import Decision, Router, Stage, router_from_config
-from moa.signals import agreement, confidence, group_signals
+from moa.routing.router import Decision, Router, Stage, router_from_config
+from moa.routing.signals import agreement, confidence, group_signals
 from moa.tokens import count_messages, count_tokens
-from moa.verifier import VerifierConfig, judge_messages, verdict
+from moa.routing.verifier import VerifierConfig, judge_messages, verdict
 
 Tier = Literal["cheap", "strong"]
 
 
 class EvolveConfig(BaseModel):
-    """Squeeze Evolve settings (see `moa.evolve`)."""
+    """Squeeze Evolve settings (see `moa.routing.evolve`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -166,7 +166,7 @@ def load_routing(
 def reference_messages(
     messages: list[Message], references: list[str], instruction: str = AGGREGATE_PROMPT
 ) -> list[Message]:
-    """The Aggregate-and-Synthesize prompt (`moa.prompts`) over finished references."""
+    """The Aggregate-and-Synthesize prompt (`moa.runtime.prompts`) over finished references."""
     block = readable_block([Reference(text) for text in references], instruction)
     return aggregate_messages(messages, block)
 
@@ -642,7 +642,7 @@ class RoutedMixture:
         emit(RunStarted(t=0.0, mixture=self.config.name, mode=f"routed-{strategy}", agents=agents))
         try:
             if strategy == "evolve":
-                from moa.evolve import run_evolve
+                from moa.routing.evolve import run_evolve
 
                 text = await run_evolve(ctx, messages, seed)
             else:

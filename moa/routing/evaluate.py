@@ -2,7 +2,7 @@
 
 A task file is JSON Lines, one object per task with `question` and `answer`. Every
 configuration — a mixture, a single model, or a routed strategy under a router policy — runs
-every task; a reply is right when its extracted final answer (`moa.signals.extract_answer`)
+every task; a reply is right when its extracted final answer (`moa.routing.signals.extract_answer`)
 equals the normalised reference. One row per configuration: accuracy, calls, tokens, cost and
 latency.
 """
@@ -23,7 +23,7 @@ from moa.pricing import cost as price_cost
 from moa.providers.base import ChatRequest
 from moa.providers.registry import Registry
 from moa.result import MixtureResult
-from moa.signals import is_correct
+from moa.routing.signals import is_correct
 
 
 @dataclass(frozen=True)

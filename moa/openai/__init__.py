@@ -1,0 +1,1 @@
+"""The OpenAI wire format, the OpenAI-compatible server and the client wrapper."""

@@ -1,0 +1,1 @@
+"""Routing: signals, routers, the verifier, calibration, evaluation and Squeeze Evolve."""
