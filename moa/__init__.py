@@ -11,15 +11,37 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-_EVENTS = (
-    "AgentId Event RunStarted Notice AgentStarted AgentDelta AgentFinished AgentFailed "
-    "UsageReport FinalDelta RouteDecision RunFinished RunFailed"
-).split()
-_ERRORS = (
-    "MoaError ConfigError UnknownProviderError MissingKeyError ProviderError ProviderTimeout "
-    "StreamInterrupted StreamTimeout BudgetExceeded MixtureError AggregatorFailed "
-    "AggregatorOverBudget DeadlineExceeded NotEnoughProposers"
-).split()
+_EVENTS = [
+    "AgentId",
+    "Event",
+    "RunStarted",
+    "Notice",
+    "AgentStarted",
+    "AgentDelta",
+    "AgentFinished",
+    "AgentFailed",
+    "UsageReport",
+    "FinalDelta",
+    "RouteDecision",
+    "RunFinished",
+    "RunFailed",
+]
+_ERRORS = [
+    "MoaError",
+    "ConfigError",
+    "UnknownProviderError",
+    "MissingKeyError",
+    "ProviderError",
+    "ProviderTimeout",
+    "StreamInterrupted",
+    "StreamTimeout",
+    "BudgetExceeded",
+    "MixtureError",
+    "AggregatorFailed",
+    "AggregatorOverBudget",
+    "DeadlineExceeded",
+    "NotEnoughProposers",
+]
 
 _LAZY: dict[str, str] = {
     "Mixture": "moa.mixture",

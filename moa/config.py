@@ -13,9 +13,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from moa.runtime.budget import Budget
 from moa.errors import ConfigError
 from moa.providers.registry import ProviderSpec, Registry, default_registry
+from moa.runtime.budget import Budget
 
 Mode = Literal["layered", "staircase", "auto"]
 

@@ -30,15 +30,15 @@ import anyio
 from pydantic import ValidationError
 
 from moa import pricing
-from moa.runtime.budget import Budget, BudgetGuard, Ledger, SessionBudget
 from moa.config import MixtureConfig, Mode, load
 from moa.errors import ConfigError
 from moa.events import Event, RunFinished
-from moa.runtime.executor import Execution, Overrides
-from moa.runtime.prompts import as_messages
 from moa.providers.base import Message
 from moa.providers.registry import Registry
 from moa.result import MixtureResult
+from moa.runtime.budget import Budget, BudgetGuard, Ledger, SessionBudget
+from moa.runtime.executor import Execution, Overrides
+from moa.runtime.prompts import as_messages
 
 T = TypeVar("T")
 

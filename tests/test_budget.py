@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from moa.runtime.budget import Budget, BudgetGuard, SessionBudget
 from moa.errors import BudgetExceeded, ConfigError
 from moa.providers.base import Usage
+from moa.runtime.budget import Budget, BudgetGuard, SessionBudget
 from moa.tokens import count_messages
 
 PRICES = {"p/cheap": (1.0, 2.0), "p/strong": (10.0, 30.0)}

@@ -24,8 +24,8 @@ from moa.events import (
     UsageReport,
 )
 from moa.mixture import Mixture
-from moa.runtime.prompts import AGGREGATE_PROMPT, TRIMMED_LABEL, Reference, readable_block
 from moa.providers.registry import Limits, Registry
+from moa.runtime.prompts import AGGREGATE_PROMPT, TRIMMED_LABEL, Reference, readable_block
 from moa.testing import LoopbackServer, ModelBehavior
 from moa.tokens import count_messages
 

@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 
-from moa.runtime.budget import SessionBudget
 from moa.cli.main import build_parser, run
 from moa.cli.options import mixture_from_args
 from moa.config import MixtureConfig
@@ -24,6 +23,7 @@ from moa.errors import (
 from moa.events import AgentFailed, RunFailed
 from moa.mixture import Mixture
 from moa.providers.registry import Limits, Registry
+from moa.runtime.budget import SessionBudget
 from moa.testing import LoopbackServer, ModelBehavior
 
 pytestmark = pytest.mark.anyio

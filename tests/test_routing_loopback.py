@@ -8,7 +8,6 @@ from typing import Any
 import anyio
 import pytest
 
-from moa.runtime.budget import SessionBudget
 from moa.errors import BudgetExceeded
 from moa.events import (
     AgentFinished,
@@ -21,6 +20,7 @@ from moa.events import (
     UsageReport,
 )
 from moa.routing.strategy import RoutedMixture, stage_seed
+from moa.runtime.budget import SessionBudget
 from moa.testing import LoopbackServer, ModelBehavior
 
 PRICES = {"loop/cheap": (1.0, 2.0), "loop/strong": (10.0, 30.0)}

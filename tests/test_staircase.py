@@ -12,8 +12,8 @@ import pytest
 
 from moa.config import MixtureConfig
 from moa.events import AgentFinished, AgentStarted, FinalDelta, Notice, RunFinished
-from moa.runtime.feed import Board, Feed
 from moa.mixture import Mixture
+from moa.runtime.feed import Board, Feed
 from moa.runtime.prompts import AGGREGATE_PROMPT, STREAMING_NOTE, TRUNCATED_LABEL
 from moa.testing import LoopbackServer, ModelBehavior
 

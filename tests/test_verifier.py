@@ -13,8 +13,8 @@ from moa.errors import ConfigError
 from moa.events import RouteDecision
 from moa.routing.router import MarginalUtilityRouter, Stage
 from moa.routing.strategy import RoutedMixture, RoutedResult, load_routing, stage_seed
-from moa.testing import LoopbackServer, ModelBehavior
 from moa.routing.verifier import PAIRWISE_PROMPT, POINTWISE_PROMPT, parse_preference, parse_score
+from moa.testing import LoopbackServer, ModelBehavior
 
 PRICES = {"loop/cheap": (1.0, 2.0), "loop/strong": (10.0, 30.0), "loop/judge": (5.0, 5.0)}
 CHEAP = "Adding them up carefully. The answer is 4."

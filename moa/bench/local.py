@@ -68,8 +68,8 @@ async def _timed_stream(provider: Any, request: Any, start: float) -> tuple[floa
 
 async def _sequential(registry: Any, tokens: int) -> dict[str, Any]:
     """Proposers one at a time, then the aggregator (what a naive loop would do)."""
-    from moa.runtime.prompts import Reference, aggregate_messages, readable_block
     from moa.providers.base import ChatRequest
+    from moa.runtime.prompts import Reference, aggregate_messages, readable_block
 
     provider, model = registry.resolve("local/smollm2")
     user = [{"role": "user", "content": QUESTION}]

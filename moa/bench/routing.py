@@ -2,7 +2,8 @@
 
 Default backend `sim`: a cheap and a strong simulated model on the loopback server (their
 behaviour and the seed live in `moa.bench.routing_sim`). The calibrated policies are fitted on
-a separate labelled split (`moa.routing.calibration`), then every policy runs the routed mixture on the
+a separate labelled split (`moa.routing.calibration`), then every policy runs the routed
+mixture on the
 test split: always-cheap, always-strong, threshold sweeps, the calibrated thresholds and
 marginal utility, random routing at the marginal policy's strong share, and Squeeze Evolve
 (routed, and with every group on the strong tier). The cost-accuracy curve is saved as a PNG.
@@ -23,10 +24,10 @@ import anyio
 from moa.bench import routing_sim
 from moa.bench.png import Point, scatter_png
 from moa.bench.routing_model import Question, SimulatedModels
-from moa.routing.calibration import collect, fit_marginal, fit_threshold
 from moa.providers.registry import Registry
-from moa.routing.strategy import RoutedMixture, RoutingConfig, load_routing
+from moa.routing.calibration import collect, fit_marginal, fit_threshold
 from moa.routing.signals import is_correct
+from moa.routing.strategy import RoutedMixture, RoutingConfig, load_routing
 
 CONCURRENCY = 8
 _SHORT = {"agreement": "agree", "min_confidence": "minconf"}

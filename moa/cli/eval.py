@@ -111,8 +111,8 @@ def _runner(target: Any) -> Any:
 
 
 async def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from moa.routing.evaluate import evaluate, load_tasks, single_model
     from moa.mixture import Mixture
+    from moa.routing.evaluate import evaluate, load_tasks, single_model
     from moa.routing.router import parse_policy
     from moa.routing.strategy import RoutedMixture, load_routing
 

@@ -16,8 +16,8 @@ from typing import Any
 
 from moa.providers.registry import Registry
 from moa.routing.router import Decision, Router, Stage, ThresholdRouter
-from moa.routing.strategy import RoutedMixture, RoutingConfig
 from moa.routing.signals import is_correct
+from moa.routing.strategy import RoutedMixture, RoutingConfig
 
 
 @dataclass

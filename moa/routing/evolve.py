@@ -23,11 +23,11 @@ import anyio
 
 from moa.errors import NotEnoughProposers
 from moa.events import AgentId
-from moa.runtime.prompts import with_system
 from moa.providers.base import Message
 from moa.routing.router import Decision
-from moa.routing.strategy import Reply, RunContext, best_supporter, reference_messages, stage_seed
 from moa.routing.signals import agreement, confidence, ngram_cosine
+from moa.routing.strategy import Reply, RunContext, best_supporter, reference_messages, stage_seed
+from moa.runtime.prompts import with_system
 
 RECOMBINE_PROMPT = (
     "You are given several candidate solutions to the latest user query. Some of them may be "

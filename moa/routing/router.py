@@ -2,7 +2,8 @@
 
 A stage is a proposer slot (`propose`), the aggregation (`aggregate`), a refinement loop
 (`refine`) or an evolve recombination (`recombine`). The router sees the signals computed so
-far (`moa.routing.signals.group_signals`), the estimated cost of each tier for this stage and the share
+far (`moa.routing.signals.group_signals`), the estimated cost of each tier for this stage and
+the share
 of the budget still free, and returns a `Decision` whose reason and signals become a
 `moa.events.RouteDecision` event.
 

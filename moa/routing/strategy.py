@@ -1,11 +1,12 @@
 """The routed mixture: proposers, aggregation and refinement loops, each stage routed.
 
-Two model tiers (`cheap`, `strong`) and a router (`moa.routing.router`) decide, stage by stage, which
-tier runs it or whether it is skipped: proposer slots start on the router's proposer tier; the
+Two model tiers (`cheap`, `strong`) and a router (`moa.routing.router`) decide, stage by stage,
+which tier runs it or whether it is skipped: proposer slots start on the router's proposer tier; the
 aggregation sees the proposers' signals (agreement, token confidence) and may be skipped
 (return the majority answer), run cheap or run strong; each refinement loop sees the latest
-answer's signals and may stop the loop. A budget (`moa.runtime.budget`) is checked before every call.
-An optional verifier (`moa.routing.verifier`, off by default) adds a judge call's score to the signals
+answer's signals and may stop the loop. A budget (`moa.runtime.budget`) is checked before every
+call. An optional verifier (`moa.routing.verifier`, off by default) adds a judge call's score to
+the signals
 of the aggregation and of each refinement loop.
 
 Configuration lives in its own table (`RoutingConfig`), either a file of its own or the
@@ -27,7 +28,6 @@ from typing import Any, Literal
 import anyio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from moa.runtime.budget import Budget, BudgetGuard, Ledger, SessionBudget
 from moa.config import read_file
 from moa.errors import (
     AggregatorFailed,
@@ -52,6 +52,13 @@ from moa.events import (
     UsageReport,
 )
 from moa.pricing import price_function
+from moa.providers.base import ChatRequest, Message, TokenLogprob, Usage
+from moa.providers.registry import ProviderSpec, Registry, default_registry
+from moa.result import AgentOutput, MixtureResult
+from moa.routing.router import Decision, Router, Stage, router_from_config
+from moa.routing.signals import agreement, confidence, group_signals
+from moa.routing.verifier import VerifierConfig, judge_messages, verdict
+from moa.runtime.budget import Budget, BudgetGuard, Ledger, SessionBudget
 from moa.runtime.prompts import (
     AGGREGATE_PROMPT,
     Reference,
@@ -60,13 +67,7 @@ from moa.runtime.prompts import (
     readable_block,
     with_system,
 )
-from moa.providers.base import ChatRequest, Message, TokenLogprob, Usage
-from moa.providers.registry import ProviderSpec, Registry, default_registry
-from moa.result import AgentOutput, MixtureResult
-from moa.routing.router import Decision, Router, Stage, router_from_config
-from moa.routing.signals import agreement, confidence, group_signals
 from moa.tokens import count_messages, count_tokens
-from moa.routing.verifier import VerifierConfig, judge_messages, verdict
 
 Tier = Literal["cheap", "strong"]
 

@@ -1,1 +1,1 @@
-"""The runtime core: one run lifecycle, the graph executor (layered and staircase), feeds, prompts, budgets."""
+"""The runtime core: the graph executor (layered and staircase), feeds, prompts, budgets."""

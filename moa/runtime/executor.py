@@ -5,15 +5,15 @@ call. An aggregating node waits for a start condition on its references (the pre
 feeds), then works in steps:
 
 - layered: it starts when all references are done and makes one call — the paper's MoA;
-- staircase: it starts once the first chunks are in (`moa.runtime.staircase.start_wait`) and proceeds
-  in bounded steps, each prompt holding the references received so far and its own output so
-  far as a continued assistant turn; once the references are done it finishes freely.
+- staircase: it starts once the first chunks are in (`moa.runtime.staircase.start_wait`) and
+  proceeds in bounded steps, each prompt holding the references received so far and its own
+  output so far as a continued assistant turn; once the references are done it finishes freely.
 
 Events go to `emit`; failures of single agents are reported, not raised. Run-level failures
 (quorum lost, final aggregator failed, deadline) end the run with `fatal` set.
 
-Every call goes through a `moa.runtime.budget.BudgetGuard`: its worst case is reserved before it starts
-(a call that could exceed a hard budget is refused, which fails that agent), and the reported
+Every call goes through a `moa.runtime.budget.BudgetGuard`: its worst case is reserved before it
+starts (a call that could exceed a hard budget is refused, which fails that agent), and the reported
 usage settles it when it ends.
 """
 
@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 import anyio
 
 from moa import pricing
-from moa.runtime.budget import BudgetGuard, Reservation
 from moa.config import AgentConfig, MixtureConfig
 from moa.errors import (
     AggregatorFailed,
@@ -54,6 +53,10 @@ from moa.events import (
     RunStarted,
     UsageReport,
 )
+from moa.providers.base import ChatRequest, Delta, Message, Provider, Usage
+from moa.providers.registry import Registry
+from moa.result import AgentOutput, MixtureResult
+from moa.runtime.budget import BudgetGuard, Reservation
 from moa.runtime.feed import Board, Feed
 from moa.runtime.prompts import (
     AGGREGATE_PROMPT,
@@ -63,9 +66,6 @@ from moa.runtime.prompts import (
     readable_block,
     with_system,
 )
-from moa.providers.base import ChatRequest, Delta, Message, Provider, Usage
-from moa.providers.registry import Registry
-from moa.result import AgentOutput, MixtureResult
 from moa.runtime.staircase import ReferenceView, start_wait
 from moa.tokens import count_messages, count_tokens, encoding
 
