@@ -1,8 +1,11 @@
-"""Route each stage of a mixture to a cheap or a strong model, within a budget.
+"""A routed, staircase mixture: the aggregator picks a cheap or a strong model per question.
 
-Runs offline: the cheap and strong models are the simulated pair of `moa bench routing`,
-served by the loopback server. With real models, use e.g.
-`{"cheap": "openai/gpt-4o-mini", "strong": "openai/gpt-4o"}` and drop the server.
+Runs offline against the loopback server: three proposers whose answers depend on the seed
+(so they agree on one question and disagree on another), a small and a large aggregator. The
+aggregator starts under staircase as soon as the proposers' first chunks are in; the router
+decides its tier then, from the signals it has (the decision says how many references were
+complete). With real models, name them (e.g. `openai/gpt-4o-mini`, `openai/gpt-4o`) and drop
+the server.
 
     python examples/routing.py
 """
@@ -10,50 +13,82 @@ served by the loopback server. With real models, use e.g.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
-from moa.bench.routing_model import SimulatedModels
-from moa.errors import BudgetExceeded
-from moa.events import RouteDecision, RunFinished
-from moa.routing.strategy import RoutedMixture
-from moa.testing import LoopbackServer
+from moa import Mixture
+from moa.errors import MixtureError
+from moa.events import FinalDelta, RouteDecision, RunFinished
+from moa.testing import LoopbackServer, ModelBehavior
 
-CONFIG = {
-    "cheap": "sim/cheap",
-    "strong": "sim/strong",
-    "proposers": 3,
-    "max_tokens": 96,
-    "top_logprobs": 0,
-    # Skip the aggregation when every proposer is confident, else aggregate on the strong tier.
-    "router": {
-        "policy": "threshold",
-        "signal": "min_confidence",
-        "threshold": -0.3,
-        "skip_above": -0.3,
-    },
+CONFIG: dict[str, Any] = {
+    "name": "routed-staircase",
+    "mode": "staircase",
+    "layers": [{"agents": [{"model": f"sim/p{i}", "max_tokens": 64} for i in (1, 2, 3)]}],
+    "aggregator": {"model": "sim/agg-small", "strong": "sim/agg-large", "max_tokens": 64},
+    # Agreeing proposers: the small aggregator. Disagreeing ones: the large one.
+    "router": {"policy": "threshold", "signal": "agreement", "threshold": 0.9},
     "budget": {"usd": 0.01},
-    "prices": {"sim/cheap": (0.15, 0.60), "sim/strong": (2.50, 10.00)},
+    "prices": {
+        **{f"sim/p{i}": (0.15, 0.60) for i in (1, 2, 3)},
+        "sim/agg-small": (0.15, 0.60),
+        "sim/agg-large": (2.50, 10.00),
+    },
+}
+
+
+QUESTIONS = {"What is 2 + 2?": [4, 4, 4], "What is 17 * 23?": [391, 401, 381]}
+"""What each proposer answers: they agree on the first question and not on the second."""
+
+
+def _question(body: dict[str, Any]) -> str:
+    return next(m["content"] for m in reversed(body["messages"]) if m["role"] == "user")
+
+
+def proposer(i: int) -> ModelBehavior:
+    def reply(body: dict[str, Any]) -> str:
+        answer = QUESTIONS[_question(body)][i]
+        return f"Working it out step by step gives {answer}. The answer is {answer}."
+
+    return ModelBehavior(reply=reply, tokens_per_s=400)
+
+
+def aggregator(lead: str) -> ModelBehavior:
+    def reply(body: dict[str, Any]) -> str:
+        return f"{lead} The answer is {QUESTIONS[_question(body)][0]}."
+
+    return ModelBehavior(reply=reply, tokens_per_s=400)
+
+
+BEHAVIORS = {
+    **{f"p{i + 1}": proposer(i) for i in range(3)},
+    "agg-small": aggregator("The proposers agree."),
+    "agg-large": aggregator("Checking each proposal against the arithmetic:"),
 }
 
 
 async def main() -> None:
-    sim = SimulatedModels()
-    async with LoopbackServer(sim.behaviors()) as server:
-        mixture = RoutedMixture(CONFIG, registry=server.registry("sim"))
-        for question in sim.questions[:4]:
-            async for event in mixture.stream(question.prompt, seed=question.qid):
-                if isinstance(event, RouteDecision) and event.stage == "aggregate":
-                    print(f"{question.prompt[:40]}…  {event.choice:6} ({event.reason})")
-                elif isinstance(event, RunFinished):
-                    result = event.result
+    async with LoopbackServer(BEHAVIORS) as server:
+        mixture = Mixture(CONFIG, registry=server.registry("sim"))
+        for question in QUESTIONS:
+            answer = ""
+            async for event in mixture.stream(question):
+                if isinstance(event, RouteDecision):
+                    s = event.signals
                     print(
-                        f"  -> {result.text[-22:]}  truth {question.answer}, "
-                        f"{result.calls} calls, ${result.cost_usd:.6f}"
+                        f"{question} {event.stage} -> {event.choice} ({event.reason}; "
+                        f"{s['references_done']} references complete, "
+                        f"{s['references_partial']} partial)"
                     )
-        tight = RoutedMixture({**CONFIG, "budget": {"usd": 1e-6}}, registry=server.registry("sim"))
+                elif isinstance(event, FinalDelta):
+                    answer += event.text
+                elif isinstance(event, RunFinished):
+                    r = event.result
+                    print(f"  {answer!r}  mode {r.mode}, {r.calls} calls, ${r.cost_usd:.6f}")
+        tight = Mixture({**CONFIG, "budget": {"usd": 1e-7}}, registry=server.registry("sim"))
         try:
-            await tight.run(sim.questions[0].prompt)
-        except BudgetExceeded as err:
-            print(f"Refused before any call: {err}")
+            await tight.run("What is 2 + 2?")
+        except MixtureError as err:
+            print(f"Over budget: {err}")
 
 
 if __name__ == "__main__":

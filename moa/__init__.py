@@ -55,10 +55,7 @@ _LAZY: dict[str, str] = {
     "AgentOutput": "moa.result",
     "Registry": "moa.providers.registry",
     "ProviderSpec": "moa.providers.registry",
-    "RoutedMixture": "moa.routing.strategy",
-    "RoutingConfig": "moa.routing.strategy",
-    "RoutedResult": "moa.routing.strategy",
-    "load_routing": "moa.routing.strategy",
+    "EvolveConfig": "moa.config",
     "Budget": "moa.runtime.budget",
     "SessionBudget": "moa.runtime.budget",
     "VerifierConfig": "moa.routing.verifier",
@@ -72,7 +69,15 @@ _LAZY: dict[str, str] = {
 __all__ = [*_LAZY, "__version__"]
 
 if TYPE_CHECKING:
-    from moa.config import AgentConfig, LayerConfig, MixtureConfig, StaircaseConfig, load, preset
+    from moa.config import (
+        AgentConfig,
+        EvolveConfig,
+        LayerConfig,
+        MixtureConfig,
+        StaircaseConfig,
+        load,
+        preset,
+    )
     from moa.errors import (
         AggregatorFailed,
         AggregatorOverBudget,
@@ -108,7 +113,6 @@ if TYPE_CHECKING:
     from moa.openai.client import AsyncOpenAI, OpenAI, wrap
     from moa.providers.registry import ProviderSpec, Registry
     from moa.result import AgentOutput, MixtureResult
-    from moa.routing.strategy import RoutedMixture, RoutedResult, RoutingConfig, load_routing
     from moa.routing.verifier import VerifierConfig
     from moa.runtime.budget import Budget, SessionBudget
 

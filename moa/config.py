@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from moa.errors import ConfigError
 from moa.providers.registry import ProviderSpec, Registry, default_registry
+from moa.routing.router import RouterConfig
 from moa.runtime.budget import Budget
 
 Mode = Literal["layered", "staircase", "auto"]
@@ -31,12 +32,17 @@ class AgentConfig(BaseModel):
     system: str | None = Field(None, description="System prompt of this agent.")
     name: str | None = None
     n: int = Field(1, ge=1, description="Samples drawn from this agent (Self-MoA).")
+    strong: str | None = Field(None, description="Strong tier 'provider/model' of a routed stage.")
+    """With it the stage is routed: the `[router]` picks `model` (cheap), `strong`, or a skip."""
 
     @model_validator(mode="after")
     def _model_ref(self) -> AgentConfig:
-        prefix, sep, model = self.model.partition("/")
-        if not sep or not prefix or not model:
-            raise ValueError("must look like 'provider/model', e.g. 'openai/gpt-4o-mini'")
+        for ref in filter(None, (self.model, self.strong)):
+            prefix, sep, model = ref.partition("/")
+            if not sep or not prefix or not model:
+                raise ValueError(
+                    f"{ref!r} must look like 'provider/model', e.g. 'openai/gpt-4o-mini'"
+                )
         return self
 
     @property
@@ -99,6 +105,17 @@ class StaircaseConfig(BaseModel):
         return self.step_tokens[min(index, len(self.step_tokens) - 1)]
 
 
+class EvolveConfig(BaseModel):
+    """Squeeze Evolve settings (`strategy = "evolve"`, see `moa.routing.evolve`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    group_size: int = Field(4, ge=2, description="K: candidates recombined per group.")
+    loops: int = Field(3, ge=0, description="T: recombination loops.")
+    stop_agreement: float = Field(1.0, gt=0, le=1)
+    """Stop early when this share of the population holds the same final answer."""
+
+
 class MixtureConfig(BaseModel):
     """A whole mixture: proposer layers, then one final aggregator."""
 
@@ -124,13 +141,24 @@ class MixtureConfig(BaseModel):
     """Hard per-request budget (`usd` and/or `tokens`); a call that could exceed it is refused."""
     session_budget: Budget = Field(default_factory=Budget)
     """Hard budget over every request of one `Mixture` object."""
-    routing: dict[str, Any] | None = None
-    """A routed strategy over this file's models (`moa.routing.strategy.RoutingConfig`); `moa eval`
-    and `moa calibrate` use it, the layered executor ignores it."""
+    router: RouterConfig | None = None
+    """How routed stages (agents with `strong`) pick a tier; default `marginal`, and for evolve
+    the paper's rule: the least confident quarter of the groups go strong (`threshold` on the
+    signal `rank` at 0.25)."""
+    strategy: Literal["graph", "evolve"] = "graph"
+    """`graph`: the layers, then the aggregator (layered or staircase). `evolve`: Squeeze Evolve,
+    seeded by the one layer's agents, recombined by the aggregator's tiers."""
+    evolve: EvolveConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _provider_prefixes(cls, data: Any) -> Any:
+        if isinstance(data, dict) and ("routing" in data or {"cheap", "strong"} <= set(data)):
+            raise ValueError(
+                "routing tables are gone: put `strong = \"provider/model\"` on the agents to "
+                "route (e.g. the [aggregator]) and the policy in a [router] table "
+                "(docs/routing.md shows the shape)"
+            )
         if isinstance(data, dict) and isinstance(data.get("providers"), dict):
             data = dict(data)
             data["providers"] = {
@@ -138,6 +166,28 @@ class MixtureConfig(BaseModel):
                 for k, v in data["providers"].items()
             }
         return data
+
+    @model_validator(mode="after")
+    def _routing(self) -> MixtureConfig:
+        routed = any(a.strong for a in self.agents())
+        if self.router is not None and not routed:
+            raise ValueError(
+                "the [router] routes no stage: give an agent a `strong` model (e.g. the "
+                "aggregator's) or remove the table"
+            )
+        if self.router is not None and self.router.refine_loops and not self.aggregator.strong:
+            raise ValueError("refine_loops needs a routed aggregator: set aggregator.strong")
+        if self.strategy == "evolve":
+            if len(self.layers) != 1 or not self.aggregator.strong:
+                raise ValueError(
+                    "evolve needs one layer (the seed population) and an aggregator with a "
+                    "`strong` tier (the recombiners)"
+                )
+            if self.call_count - 1 < 2:
+                raise ValueError("evolve needs a population of at least 2 (agents times n)")
+        elif self.evolve is not None:
+            raise ValueError("the [evolve] table needs strategy = \"evolve\"")
+        return self
 
     def agents(self) -> list[AgentConfig]:
         return [a for layer in self.layers for a in layer.agents] + [self.aggregator]
@@ -162,11 +212,16 @@ class MixtureConfig(BaseModel):
     def check_models(self, registry: Registry | None = None) -> None:
         """Fail now, naming the field, if an agent names an unknown provider prefix."""
         registry = self.registry(registry)
-        for where, agent in self.agent_fields():
+        checks = [(f"{where}.{key}", ref) for where, agent in self.agent_fields()
+                  for key, ref in (("model", agent.model), ("strong", agent.strong)) if ref]
+        verifier = self.router.verifier if self.router is not None else None
+        if verifier is not None and verifier.model:
+            checks.append(("router.verifier.model", verifier.model))
+        for where, ref in checks:
             try:
-                registry.check(agent.model)
+                registry.check(ref)
             except ConfigError as err:
-                raise ConfigError(f"Invalid config: field '{where}.model': {err}") from None
+                raise ConfigError(f"Invalid config: field '{where}': {err}") from None
 
 
 def _agents(models: list[str], **kw: Any) -> list[AgentConfig]:

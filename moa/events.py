@@ -18,12 +18,19 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class AgentId:
+    """Who an agent is. Equality ignores `model`: a routed stage keeps its identity when the
+    router picks its tier."""
+
     layer: int
     index: int
-    model: str
+    model: str = field(compare=False)
+    """The model that answers; for a routed stage not yet decided, its cheap tier."""
     name: str = ""
     final: bool = False
     """True for the final aggregator, whose deltas are the answer."""
+    strong: str | None = field(default=None, compare=False)
+    """A routed stage's strong tier while the router has not decided (then `model` is only
+    a candidate); None once decided and for stages that are not routed."""
 
     @property
     def key(self) -> str:
@@ -31,7 +38,8 @@ class AgentId:
 
     @property
     def label(self) -> str:
-        return f"{self.key} {self.name or self.model}"
+        tiers = f"{self.model} | {self.strong}" if self.strong else self.model
+        return f"{self.key} {self.name or tiers}"
 
 
 @dataclass(frozen=True)
@@ -99,12 +107,15 @@ class FinalDelta(Event):
 
 @dataclass(frozen=True)
 class RouteDecision(Event):
-    """The router chose a tier (or a skip) for a stage; `signals` say why."""
+    """The router chose a tier (or a skip) for a stage; `signals` say why (and, for an
+    aggregating stage, how many references were complete or partial when it decided)."""
 
     stage: str
     choice: str
     reason: str
     signals: dict[str, Any] = field(default_factory=dict)
+    agent: AgentId | None = None
+    """The agent of the stage (None for a stage that is not one agent, e.g. an evolve stop)."""
 
 
 @dataclass(frozen=True)

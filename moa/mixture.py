@@ -9,6 +9,10 @@
 and raises the `MixtureError`, whose `.partial` holds the result assembled so far. Closing
 the generator early cancels the run (use `contextlib.aclosing` when breaking out of it).
 
+Strategies: the graph (`moa.runtime.executor`) or Squeeze Evolve (`moa.routing.evolve`), both
+on the one run core (`moa.runtime.run`); agents with a `strong` tier are routed by the
+config's `[router]` (`moa.routing.router`), and every decision is a `RouteDecision` event.
+
 Budgets (`moa.runtime.budget`): `budget=` limits every request (it replaces the config's `budget`;
 `run(..., budget=...)` sets one request's), `session=` is a ledger shared by every request of
 every mixture it is passed to; a call that could exceed either is refused before it starts.
@@ -36,11 +40,15 @@ from moa.events import Event, RunFinished
 from moa.providers.base import Message
 from moa.providers.registry import Registry
 from moa.result import MixtureResult
+from moa.routing.router import Router, ThresholdRouter, router_from_config
 from moa.runtime.budget import Budget, BudgetGuard, Ledger, SessionBudget
-from moa.runtime.executor import Execution, Overrides
+from moa.runtime.executor import Execution
 from moa.runtime.prompts import as_messages
+from moa.runtime.run import Overrides, Run
 
 T = TypeVar("T")
+EVOLVE_STRONG_SHARE = 0.25
+"""Squeeze Evolve's default: groups in the least confident quarter of a loop go strong."""
 
 
 class Mixture:
@@ -54,7 +62,9 @@ class Mixture:
         mode: Mode | None = None,
         budget: Budget | dict[str, Any] | None = None,
         session: Ledger | None = None,
+        router: Router | None = None,
     ) -> None:
+        """`router` replaces the config's `[router]` policy (e.g. a custom `Router` subclass)."""
         base = load(config, registry=registry)
         update: dict[str, Any] = {"mode": mode} if mode else {}
         if budget is not None:
@@ -71,6 +81,8 @@ class Mixture:
         """The ledger every request of this mixture settles into (None: no session budget)."""
         self._price = pricing.price_function(self.config.prices)
         self._check_prices(self.config.budget)
+        self.router = router or _router(self.config)
+        """Decides the routed stages (None when no stage is routed)."""
 
     def __repr__(self) -> str:
         c = self.config
@@ -93,13 +105,19 @@ class Mixture:
         send, receive = anyio.create_memory_object_stream[Event](math.inf)
         limit = self.config.budget if budget is None else as_budget(budget)
         self._check_prices(limit)
-        execution = Execution(
+        strategy: type[Run] = Execution
+        if self.config.strategy == "evolve":
+            from moa.routing.evolve import Evolution
+
+            strategy = Evolution
+        execution = strategy(
             self.config,
             self.registry,
             as_messages(messages),
             send.send_nowait,
+            BudgetGuard(self._price, limit, self.session),
+            self.router,
             Overrides(temperature, max_tokens, stop, seed),
-            guard=BudgetGuard(self._price, limit, self.session),
         )
 
         async def drive() -> None:
@@ -127,11 +145,12 @@ class Mixture:
             return
         table = pricing.with_overrides(self.config.prices)
         for agent in self.config.agents():
-            if pricing.price_of(agent.model, table) is None:
-                raise ConfigError(
-                    f"A dollar budget needs a price for {agent.model!r}; "
-                    "add it under [prices] in the config."
-                )
+            for model in filter(None, (agent.model, agent.strong)):
+                if pricing.price_of(model, table) is None:
+                    raise ConfigError(
+                        f"A dollar budget needs a price for {model!r}; "
+                        "add it under [prices] in the config."
+                    )
 
     async def run(
         self,
@@ -229,6 +248,17 @@ class Mixture:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+def _router(config: MixtureConfig) -> Router | None:
+    """The config's router; the default one when stages are routed without a `[router]`."""
+    if config.router is not None:
+        return router_from_config(config.router)
+    if config.strategy == "evolve":
+        return ThresholdRouter("rank", EVOLVE_STRONG_SHARE)
+    if any(agent.strong for agent in config.agents()):
+        return router_from_config({"policy": "marginal"})
+    return None
 
 
 def as_budget(value: Budget | dict[str, Any]) -> Budget:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from moa.events import AgentId
+from moa.events import AgentId, RouteDecision
 from moa.providers.base import Usage
 
 
@@ -39,6 +39,15 @@ class MixtureResult:
     budget: dict[str, Any] = field(default_factory=dict)
     """Spend against the budgets (`moa.runtime.budget.BudgetGuard.report()`): a `request` entry and,
     with a shared ledger, a `session` entry, each with spent / limits / calls / refused."""
+    decisions: list[RouteDecision] = field(default_factory=list)
+    """The router's decisions, in order (empty when no stage is routed)."""
+
+    def tiers(self) -> dict[str, int]:
+        """Routing choices counted, e.g. {"cheap": 4, "strong": 1, "skip": 0}."""
+        counts = {"cheap": 0, "strong": 0, "skip": 0}
+        for d in self.decisions:
+            counts[d.choice] = counts.get(d.choice, 0) + 1
+        return counts
 
     @property
     def usage(self) -> Usage:
@@ -81,6 +90,16 @@ class MixtureResult:
             "cost_usd": self.cost_usd,
             "notices": list(self.notices),
             "budget": self.budget,
+            "routing": [
+                {
+                    "stage": d.stage,
+                    "agent": d.agent.key if d.agent else None,
+                    "choice": d.choice,
+                    "reason": d.reason,
+                    "signals": d.signals,
+                }
+                for d in self.decisions
+            ],
             "agents": [
                 {
                     "id": o.agent.key,

@@ -49,12 +49,12 @@ def setup(tmp_path: Path) -> Iterator[tuple[LoopbackServer, Path, Path]]:
         )
         config = tmp_path / "routed.toml"
         config.write_text(
-            'name = "file"\n[[layers]]\nagents = [{model = "loop/cheap", n = 3}]\n'
-            '[aggregator]\nmodel = "loop/cheap"\n'
+            'name = "file"\nmode = "layered"\n'
+            '[[layers]]\nagents = [{model = "loop/cheap", n = 3, max_tokens = 32}]\n'
+            '[aggregator]\nmodel = "loop/cheap"\nstrong = "loop/strong"\nmax_tokens = 32\n'
             f'[providers.loop]\nbase_url = "{srv.base_url}"\nkey_required = false\n'
             '[prices]\n"loop/cheap" = [1.0, 2.0]\n"loop/strong" = [10.0, 30.0]\n'
-            '[routing]\nstrong = "loop/strong"\nproposers = 3\nmax_tokens = 32\n'
-            '[routing.router]\npolicy = "fixed"\ntier = "cheap"\n'
+            '[router]\npolicy = "fixed"\ntier = "cheap"\ntop_logprobs = 3\n'
         )
         yield srv, tasks, config
 
@@ -81,16 +81,16 @@ def test_eval_json_rows(setup: tuple[LoopbackServer, Path, Path], capsys: Any) -
     assert set(rows) == {
         "mixture file",
         "model loop/strong",
-        "mixture fixed:tier=cheap",
-        "mixture fixed:tier=strong",
+        "file fixed:tier=cheap",
+        "file fixed:tier=strong",
     }
     assert rows["model loop/strong"]["accuracy"] == 1.0
     assert rows["model loop/strong"]["calls"] == len(QUESTIONS)
-    assert rows["mixture fixed:tier=strong"]["accuracy"] == 1.0
-    assert rows["mixture fixed:tier=cheap"]["accuracy"] == 0.5
+    assert rows["file fixed:tier=strong"]["accuracy"] == 1.0
+    assert rows["file fixed:tier=cheap"]["accuracy"] == 0.5
     assert rows["mixture file"]["calls"] == 4 * len(QUESTIONS)
-    cheap_cost = rows["mixture fixed:tier=cheap"]["cost_usd"]
-    assert 0 < cheap_cost < rows["mixture fixed:tier=strong"]["cost_usd"]
+    cheap_cost = rows["file fixed:tier=cheap"]["cost_usd"]
+    assert 0 < cheap_cost < rows["file fixed:tier=strong"]["cost_usd"]
     for row in rows.values():
         assert row["errors"] == 0 and row["prompt_tokens"] > 0 and row["latency_s"] >= 0
 
@@ -101,9 +101,9 @@ def test_eval_table_and_errors(
     _, tasks, config = setup
     assert moa(["eval", str(tasks), "-c", str(config), "--limit", "2"]) == 0
     out = capsys.readouterr().out
-    assert "accuracy" in out and "mixture fixed" in out and "\x1b[" not in out
+    assert "accuracy" in out and "mixture file" in out and "\x1b[" not in out
     assert moa(["eval", str(tasks), "--policy", "marginal"]) == 1
-    assert "--policy needs a routing config" in capsys.readouterr().err
+    assert "--policy needs a routed mixture" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "x"}\n')
     assert moa(["eval", str(bad), "-m", "loop/strong"]) == 1
@@ -131,18 +131,19 @@ def test_calibrate_writes_thresholds(setup: tuple[LoopbackServer, Path, Path], c
     assert rc == 0
     fit = json.loads(capsys.readouterr().out)
     assert fit["strong_share"] == 0.5 and fit["accuracy"] == 1.0
-    stored = tomllib.loads(config.read_text())["routing"]["router"]
+    stored = tomllib.loads(config.read_text())["router"]
     assert stored == {
         "policy": "threshold",
         "signal": "agreement",
         "threshold": 1.0,
         "skip_above": 1.0,
-    }
+        "top_logprobs": 3,
+    }, "the policy is replaced; the table's other keys stay"
     assert tomllib.loads(config.read_text())["name"] == "file"
     srv.requests.clear()
     assert moa(["eval", str(tasks), "--routing", str(config), "--json"]) == 0
     row = json.loads(capsys.readouterr().out)["rows"][0]
-    assert row["config"].startswith("mixture threshold")
+    assert row["config"] == "mixture file"
     assert row["accuracy"] == 1.0
     strong_calls = sum(r.body["model"] == "strong" for r in srv.requests if r.body)
     assert strong_calls == 3  # only the odd questions, where the cheap proposers disagree

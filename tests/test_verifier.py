@@ -1,4 +1,4 @@
-"""The optional verifier signal: reply parsing, and the judge call in the routed mixture on the
+"""The optional verifier signal: reply parsing, and the judge call of a routed aggregator on the
 loopback server (a judge model whose reply is a fixed score or preference)."""
 
 from __future__ import annotations
@@ -9,11 +9,14 @@ from typing import Any
 import anyio
 import pytest
 
+from moa.config import load
 from moa.errors import ConfigError
 from moa.events import RouteDecision
+from moa.mixture import Mixture
+from moa.result import MixtureResult
 from moa.routing.router import MarginalUtilityRouter, Stage
-from moa.routing.strategy import RoutedMixture, RoutedResult, load_routing, stage_seed
 from moa.routing.verifier import PAIRWISE_PROMPT, POINTWISE_PROMPT, parse_preference, parse_score
+from moa.runtime.run import stage_seed
 from moa.testing import LoopbackServer, ModelBehavior
 
 PRICES = {"loop/cheap": (1.0, 2.0), "loop/strong": (10.0, 30.0), "loop/judge": (5.0, 5.0)}
@@ -83,22 +86,27 @@ def server() -> Iterator[LoopbackServer]:
         yield srv
 
 
-def routed(server: LoopbackServer, **kw: Any) -> RoutedMixture:
-    config = {
-        "cheap": "loop/cheap",
-        "strong": "loop/strong",
-        "proposers": 3,
-        "max_tokens": 64,
+def config_of(
+    verifier: dict[str, Any] | None = None, router: dict[str, Any] | None = None, **kw: Any
+) -> dict[str, Any]:
+    """Three cheap proposers and an aggregator routed by the judge's verdict."""
+    router = router or {"policy": "threshold", "signal": "verifier", "threshold": 0.5,
+                        "skip_above": 0.85}
+    return {
+        "layers": [{"agents": [{"model": "loop/cheap", "n": 3, "max_tokens": 64}]}],
+        "aggregator": {"model": "loop/cheap", "strong": "loop/strong", "max_tokens": 64},
+        "mode": "layered",
         "prices": PRICES,
-        "verifier": {"model": "loop/judge"},
-        "router": {"policy": "threshold", "signal": "verifier", "threshold": 0.5,
-                   "skip_above": 0.85},
+        "router": {**router, "verifier": verifier or {"model": "loop/judge"}},
         **kw,
     }
-    return RoutedMixture(config, registry=server.registry())
 
 
-def run(mixture: RoutedMixture, seed: int = 1) -> RoutedResult:
+def routed(server: LoopbackServer, **kw: Any) -> Mixture:
+    return Mixture(config_of(**kw), registry=server.registry())
+
+
+def run(mixture: Mixture, seed: int = 1) -> MixtureResult:
     return anyio.run(lambda: mixture.run("What is 2 + 2?", seed=seed))
 
 
@@ -106,8 +114,8 @@ def models(server: LoopbackServer) -> list[str]:
     return [r.model for r in server.requests if r.model]
 
 
-def aggregate(result: RoutedResult) -> RouteDecision:
-    return next(d for d in result.decisions if d.stage == "aggregate")
+def aggregate(result: MixtureResult) -> RouteDecision:
+    return next(d for d in result.decisions if d.stage.startswith("aggregate"))
 
 
 def test_a_high_pointwise_score_skips_the_aggregation(server: LoopbackServer) -> None:
@@ -140,7 +148,7 @@ def test_a_low_score_sends_the_aggregation_to_the_strong_tier(server: LoopbackSe
 
 
 def test_pairwise_compares_the_majority_with_its_rival(server: LoopbackServer) -> None:
-    answers = {stage_seed(7, 1): "4", stage_seed(7, 2): "4", stage_seed(7, 3): "5"}
+    answers = {stage_seed(7, 0): "4", stage_seed(7, 1): "4", stage_seed(7, 2): "5"}
 
     def reply(body: dict[str, Any]) -> str:
         return f"Adding them up carefully. The answer is {answers.get(body.get('seed'), '4')}."
@@ -166,9 +174,9 @@ def test_pairwise_without_a_rival_scores_pointwise(server: LoopbackServer) -> No
 
 def test_the_verifier_judges_each_refinement_loop(server: LoopbackServer) -> None:
     router = {"policy": "threshold", "signal": "verifier", "threshold": 0.5, "skip_above": 0.95}
-    result = run(routed(server, router=router, refine_loops=1))
-    stages = [(d.stage, d.choice) for d in result.decisions if not d.stage.startswith("propose")]
-    assert stages == [("aggregate", "cheap"), ("refine.1", "cheap")]
+    result = run(routed(server, router={**router, "refine_loops": 1}))
+    stages = [(d.stage, d.choice) for d in result.decisions]
+    assert stages == [("aggregate.L2.1", "cheap"), ("refine.final", "cheap")]
     assert models(server) == ["cheap"] * 3 + ["judge", "cheap", "judge", "cheap"]
     assert result.calls == 7
 
@@ -185,12 +193,13 @@ def test_a_judge_call_over_budget_leaves_the_signal_empty(server: LoopbackServer
 
 
 def test_off_by_default_and_checked_at_load(server: LoopbackServer) -> None:
-    config = {"cheap": "loop/cheap", "strong": "loop/strong", "router": {"policy": "marginal"}}
-    assert load_routing(config, registry=server.registry()).verifier is None
-    result = anyio.run(
-        lambda: RoutedMixture(config, registry=server.registry()).run("What is 2 + 2?")
-    )
+    config = config_of()
+    config["router"] = {"policy": "marginal"}
+    loaded = load(config, registry=server.registry())
+    assert loaded.router is not None and loaded.router.verifier is None
+    result = anyio.run(lambda: Mixture(config, registry=server.registry()).run("What is 2 + 2?"))
     assert "verifier" not in aggregate(result).signals
     assert "judge" not in models(server)
-    with pytest.raises(ConfigError, match="Unknown provider prefix 'nowhere'"):
-        load_routing({**config, "verifier": {"model": "nowhere/judge"}}, registry=server.registry())
+    bad = config_of(verifier={"model": "nowhere/judge"})
+    with pytest.raises(ConfigError, match=r"router\.verifier\.model.*'nowhere'"):
+        load(bad, registry=server.registry())

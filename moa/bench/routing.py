@@ -3,10 +3,11 @@
 Default backend `sim`: a cheap and a strong simulated model on the loopback server (their
 behaviour and the seed live in `moa.bench.routing_sim`). The calibrated policies are fitted on
 a separate labelled split (`moa.routing.calibration`), then every policy runs the routed
-mixture on the
-test split: always-cheap, always-strong, threshold sweeps, the calibrated thresholds and
-marginal utility, random routing at the marginal policy's strong share, and Squeeze Evolve
-(routed, and with every group on the strong tier). The cost-accuracy curve is saved as a PNG.
+mixture — three routed proposers and a routed aggregator, through the one executor
+(`moa.mixture.Mixture`) — on the test split: always-cheap, always-strong, threshold sweeps,
+the calibrated thresholds and marginal utility, random routing at the marginal policy's strong
+share, and Squeeze Evolve (routed by the rank rule, and with every group on the strong tier).
+The cost-accuracy curve is saved as a PNG.
 
 Backend `local`: the embedded CPU engine (`local/smollm2`) on a few arithmetic questions, one
 row per question, to show the signals on real logprobs.
@@ -24,10 +25,11 @@ import anyio
 from moa.bench import routing_sim
 from moa.bench.png import Point, scatter_png
 from moa.bench.routing_model import Question, SimulatedModels
+from moa.config import MixtureConfig, from_dict
+from moa.mixture import Mixture
 from moa.providers.registry import Registry
 from moa.routing.calibration import collect, fit_marginal, fit_threshold
 from moa.routing.signals import is_correct
-from moa.routing.strategy import RoutedMixture, RoutingConfig, load_routing
 
 CONCURRENCY = 8
 _SHORT = {"agreement": "agree", "min_confidence": "minconf"}
@@ -52,8 +54,21 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
     return asyncio.run(_sim(args.questions, args.png))
 
 
+def routed_config(
+    cheap: str, strong: str, *, proposers: int, max_tokens: int, **extra: Any
+) -> dict[str, Any]:
+    """A mixture whose proposers and aggregator are all routed between `cheap` and `strong`."""
+    agent = {"model": cheap, "strong": strong, "max_tokens": max_tokens}
+    return {
+        "layers": [{"agents": [{**agent, "n": proposers}]}],
+        "aggregator": {**agent, "temperature": 0.3},
+        "mode": "layered",
+        **extra,
+    }
+
+
 async def evaluate(
-    config: RoutingConfig,
+    config: MixtureConfig,
     router: dict[str, Any],
     questions: list[Question],
     registry: Registry,
@@ -62,8 +77,11 @@ async def evaluate(
     **overrides: Any,
 ) -> dict[str, Any]:
     """Run one policy over the questions; one benchmark row."""
-    cfg = config.model_copy(update={"router": router, **overrides})
-    mixture = RoutedMixture(cfg, registry=registry)
+    data = {**config.model_dump(exclude_none=True), **overrides}
+    router = {**router, "top_logprobs": (config.router.top_logprobs if config.router else 5)}
+    cfg = from_dict({**data, "router": router}, registry=registry)
+    strong_model = cfg.aggregator.strong
+    mixture = Mixture(cfg, registry=registry)
     limiter = anyio.CapacityLimiter(CONCURRENCY)
     correct = calls = strong = 0
     cost = 0.0
@@ -74,7 +92,7 @@ async def evaluate(
             result = await mixture.run(q.prompt, seed=q.qid)
         correct += is_correct(result.text, str(q.answer))
         calls += result.calls
-        strong += sum(o.agent.model == cfg.strong for o in result.outputs)
+        strong += sum(o.calls for o in result.outputs if o.agent.model == strong_model)
         cost += result.cost_usd or 0.0
 
     async with anyio.create_task_group() as tg:
@@ -98,16 +116,16 @@ async def _sim(questions: int | None, png: str) -> tuple[list[dict[str, Any]], l
     test = sim.questions[:questions] if questions else sim.questions
     async with LoopbackServer(sim.behaviors()) as server:
         registry = server.registry("sim")
-        config = load_routing(
-            {
-                "name": "routing-bench",
-                "cheap": "sim/cheap",
-                "strong": "sim/strong",
-                "proposers": p.PROPOSERS,
-                "max_tokens": p.MAX_TOKENS,
-                "top_logprobs": 0,
-                "prices": {f"sim/{tier}": price for tier, price in p.PRICES.items()},
-            },
+        config = from_dict(
+            routed_config(
+                "sim/cheap",
+                "sim/strong",
+                proposers=p.PROPOSERS,
+                max_tokens=p.MAX_TOKENS,
+                name="routing-bench",
+                router={"policy": "marginal", "top_logprobs": 0},
+                prices={f"sim/{tier}": price for tier, price in p.PRICES.items()},
+            ),
             registry=registry,
         )
         items = [(q.prompt, str(q.answer)) for q in sim.calibration]
@@ -152,13 +170,18 @@ async def _sim(questions: int | None, png: str) -> tuple[list[dict[str, Any]], l
                 {"policy": "random", "p_strong": p_strong, "seed": p.SEED},
             )
         )
-        evolve = {"strategy": "evolve", "evolve": config.evolve.model_copy(update=p.EVOLVE)}
-        rows.append(await row("evolve", marginal, **evolve))
-        strong_evolve = {
-            **evolve,
-            "evolve": evolve["evolve"].model_copy(update={"strong_percentile": 100.0}),
+        evolve = {
+            "strategy": "evolve",
+            "evolve": {"group_size": p.EVOLVE["group_size"], "loops": p.EVOLVE["loops"]},
+            "layers": [
+                {"agents": [{"model": "sim/strong", "n": p.EVOLVE["population"],
+                             "max_tokens": p.MAX_TOKENS}]}
+            ],
         }
-        rows.append(await row("evolve strong", marginal, **strong_evolve))
+        rank = {"policy": "threshold", "signal": "rank"}
+        percentile = p.EVOLVE["strong_percentile"] / 100
+        rows.append(await row("evolve", {**rank, "threshold": percentile}, **evolve))
+        rows.append(await row("evolve strong", {**rank, "threshold": 1.0}, **evolve))
     rows[2:2] = [r for curve in curves.values() for r in curve]
     for r in rows:
         r["cost_share"] = round(r["cost_usd"] / rows[1]["cost_usd"], 3)
@@ -234,27 +257,26 @@ async def _local(count: int) -> tuple[list[dict[str, Any]], list[str]]:
         raise ConfigError(
             f"The local backend needs the CPU engine (pip install 'moa-stack[local]'): {err}."
         ) from None
-    config = {
-        "name": "routing-local",
-        "cheap": "local/smollm2",
-        "strong": "local/smollm2",
-        "proposers": 3,
-        "max_tokens": 24,
-        "temperature": 0.8,
-        "top_logprobs": 5,
-        "router": {
+    config = routed_config(
+        "local/smollm2",
+        "local/smollm2",
+        proposers=3,
+        max_tokens=24,
+        name="routing-local",
+        router={
             "policy": "threshold",
             "signal": "min_confidence",
             "threshold": 1.0,
             "skip_above": 1.0,
         },
-    }
-    mixture = RoutedMixture(config)
+    )
+    config["layers"][0]["agents"][0]["temperature"] = 0.8
+    mixture = Mixture(config)
     rows = []
     try:
         for i, (question, answer) in enumerate(LOCAL_QUESTIONS[:count]):
             result = await mixture.run(question, seed=i)
-            aggregate = next(d for d in result.decisions if d.stage == "aggregate")
+            aggregate = next(d for d in result.decisions if d.stage.startswith("aggregate"))
             s = aggregate.signals
             rows.append(
                 {

@@ -2,10 +2,11 @@
 
     moa calibrate labelled.jsonl -c routed.toml --policy marginal --strong-share 0.3 --write
 
-Runs the routed strategy of CONFIG (a routing file, or a mixture file with a `[routing]`
-table) on every labelled question twice — proposers only, and with a strong aggregation —
-then fits the policy so that the target share of questions (or the target cost per question)
-goes to the strong tier (RouteLLM-style). `--write` replaces the router table of the file.
+Runs the mixture of CONFIG (a mixture file whose aggregator has a `strong` tier) on every
+labelled question twice — the routed aggregation skipped, and strong — then fits the policy so
+that the target share of questions (or the target cost per question) goes to the strong tier
+(RouteLLM-style). `--write` replaces the policy in the file's `[router]` table (its other keys
+stay).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--config",
         required=True,
         metavar="FILE",
-        help="routing config file (.toml or .json) to fit and update",
+        help="mixture config file (.toml or .json) to fit and update",
     )
     parser.add_argument("--policy", choices=["threshold", "marginal"], default="marginal")
     parser.add_argument(
@@ -64,15 +65,20 @@ def _toml_value(value: Any) -> str:
 
 
 def write_router(path: Path, router: dict[str, Any]) -> None:
-    """Replace the router table of a routing or mixture config file by `router`."""
+    """Replace the policy of a mixture file's `[router]` table by `router`."""
+    from moa.routing.router import COMMON_KEYS
+
     text = path.read_text()
-    nested = "routing" in (json.loads(text) if path.suffix == ".json" else tomllib.loads(text))
-    if path.suffix.lower() == ".json":
+    is_json = path.suffix.lower() == ".json"
+    old = (json.loads(text) if is_json else tomllib.loads(text)).get("router") or {}
+    kept_keys = {k: v for k, v in old.items() if k in COMMON_KEYS}
+    if is_json:
         data = json.loads(text)
-        (data["routing"] if nested else data)["router"] = router
+        data["router"] = {**router, **kept_keys}
         path.write_text(json.dumps(data, indent=2) + "\n")
         return
-    header = "[routing.router]" if nested else "[router]"
+    router = {**router, **{k: v for k, v in kept_keys.items() if not isinstance(v, dict)}}
+    header = "[router]"
     kept, skipping = [], False
     for line in text.splitlines():
         stripped = line.strip()
@@ -92,11 +98,11 @@ def write_router(path: Path, router: dict[str, Any]) -> None:
 
 
 async def _fit(args: argparse.Namespace) -> Any:
+    from moa.config import load_file
     from moa.routing.calibration import collect, fit_marginal, fit_threshold
     from moa.routing.evaluate import load_tasks
-    from moa.routing.strategy import load_routing
 
-    config = load_routing(args.config)
+    config = load_file(args.config)
     tasks = load_tasks(args.labelled, args.limit)
     samples = await collect(config, [(t.question, t.answer) for t in tasks], seed=args.seed)
     target = {"strong_share": args.strong_share, "target_cost": args.target_cost}

@@ -1,12 +1,12 @@
 """`moa eval TASKFILE`: score mixtures, single models and router policies on verifiable tasks.
 
-    moa eval tasks.jsonl -c moa-lite -m openai/gpt-4o-mini \\
-        --routing routed.toml --policy always-strong --policy marginal
+    moa eval tasks.jsonl -c moa-lite -c routed.toml -m openai/gpt-4o-mini \\
+        --policy always-strong --policy marginal
 
-Each `-c` config (preset or file) runs as a layered mixture; each `-m` model runs alone; each
-`--policy` runs the routed strategy of `--routing` (a routing file, or a mixture file with a
-`[routing]` table; default: the first `-c` file that has one) under that policy. A routing
-table with no `--policy` runs under its own router. One table row per configuration.
+Each `-c` config (preset or file) runs as written, routed stages under its own `[router]`;
+each `-m` model runs alone; each `--policy` runs the routed mixture of `--routing` (default:
+the first `-c` file with a routed stage; or `--cheap M --strong M`) under that policy. Every
+mixture runs through the one executor. One table row per configuration.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import json
 import sys
 from typing import Any
 
+from moa.config import from_dict
 from moa.errors import ConfigError
 from moa.providers.registry import ProviderSpec, Registry, default_registry
 
@@ -47,7 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="router policy, e.g. always-strong, threshold:signal=agreement,"
         "threshold=0.67, marginal, random:p_strong=0.3 (repeatable)",
     )
-    parser.add_argument("--routing", metavar="FILE", help="routing config for --policy")
+    parser.add_argument(
+        "--routing", metavar="FILE", help="mixture file with routed stages, for --policy"
+    )
     parser.add_argument("--cheap", metavar="MODEL", help="cheap tier (instead of --routing)")
     parser.add_argument("--strong", metavar="MODEL", help="strong tier (instead of --routing)")
     parser.add_argument("--limit", type=int, metavar="N", help="score the first N tasks only")
@@ -80,10 +83,8 @@ def _registry(sources: list[dict[str, Any]]) -> Registry:
     """Built-in prefixes plus every `[providers.*]` table of the given files."""
     registry = Registry(default_registry.specs())
     for data in sources:
-        tables = [data.get("providers"), (data.get("routing") or {}).get("providers")]
-        for table in filter(None, tables):
-            for prefix, spec in table.items():
-                registry.register(ProviderSpec.model_validate({"prefix": prefix, **spec}))
+        for prefix, spec in (data.get("providers") or {}).items():
+            registry.register(ProviderSpec.model_validate({"prefix": prefix, **spec}))
     return registry
 
 
@@ -93,11 +94,20 @@ def _routing_source(args: argparse.Namespace, files: dict[str, dict[str, Any]]) 
     if args.cheap or args.strong:
         if not (args.cheap and args.strong):
             raise ConfigError("--cheap and --strong go together.")
-        return {"cheap": args.cheap, "strong": args.strong}
+        from moa.bench.routing import routed_config
+
+        return routed_config(args.cheap, args.strong, proposers=3, max_tokens=512, name="routed")
     for source in args.config:
-        if files.get(source, {}).get("routing") is not None:
+        if _routed(files.get(source, {})):
             return files[source]
     return None
+
+
+def _routed(data: dict[str, Any]) -> bool:
+    """The raw config has an agent with a `strong` tier."""
+    layers = data.get("layers") if isinstance(data.get("layers"), list) else []
+    agents = [a for layer in layers if isinstance(layer, dict) for a in layer.get("agents") or []]
+    return any(isinstance(a, dict) and a.get("strong") for a in [*agents, data.get("aggregator")])
 
 
 def _runner(target: Any) -> Any:
@@ -113,18 +123,19 @@ def _runner(target: Any) -> Any:
 async def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
     from moa.mixture import Mixture
     from moa.routing.evaluate import evaluate, load_tasks, single_model
-    from moa.routing.router import parse_policy
-    from moa.routing.strategy import RoutedMixture, load_routing
+    from moa.routing.router import COMMON_KEYS, parse_policy
 
     tasks = load_tasks(args.taskfile, args.limit)
+    if args.routing and not args.policy:  # a routed mixture under its own router
+        args.config = [*args.config, args.routing]
     sources = [*args.config, *filter(None, [args.routing])]
     files = {s: d for s in sources if (d := _file_data(s)) is not None}
     registry = _registry(list(files.values()))
     routing = _routing_source(args, files)
     if args.policy and routing is None:
         raise ConfigError(
-            "--policy needs a routing config: --routing FILE, --cheap/--strong, "
-            "or a -c file with a [routing] table."
+            "--policy needs a routed mixture: --routing FILE, --cheap/--strong, "
+            "or a -c file with a `strong` tier on an agent."
         )
     runners: list[tuple[str, Any]] = []
     for source in args.config:
@@ -137,17 +148,17 @@ async def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
         registry.check(ref)
         runner = single_model(registry, ref, max_tokens=args.max_tokens, prices=prices)
         runners.append((f"model {ref}", runner))
-    if routing is not None:
-        config = load_routing(routing, registry=registry)
-        specs = [parse_policy(p, config.router) for p in args.policy] or [config.router]
-        for spec in specs:
-            routed = RoutedMixture(config.model_copy(update={"router": spec}), registry=registry)
+    if routing is not None and args.policy:
+        config = from_dict(routing, registry=registry)
+        base = config.router.model_dump() if config.router else None
+        for policy in args.policy:
+            spec = parse_policy(policy, base)
+            routed = Mixture({**routing, "router": spec}, registry=registry)
+            given = {k: v for k, v in spec.items() if k not in ("policy", *COMMON_KEYS)}
             label = spec["policy"] + (
-                ""
-                if len(spec) == 1
-                else ":" + ",".join(f"{k}={v}" for k, v in spec.items() if k != "policy")
+                ":" + ",".join(f"{k}={v}" for k, v in given.items()) if given else ""
             )
-            runners.append((f"{config.strategy} {label}", _runner(routed)))
+            runners.append((f"{config.name} {label}", _runner(routed)))
     if not runners:
         raise ConfigError("Nothing to score: give -c, -m or --policy.")
     rows = []

@@ -1,10 +1,11 @@
 """Fit router thresholds from a labelled set (RouteLLM-style), for `moa calibrate`.
 
 For each labelled question, `collect()` runs the routed mixture twice with the same seed: a
-probe whose aggregation is skipped (the proposers' majority answer; its signals and whether it
-is right) and a run whose aggregation is strong (whether the strong tier gets it right, and
-what it costs). The fits then choose the policy parameters that send a target share of
-questions, or spend a target cost per question, to the strong tier.
+probe whose routed aggregation is skipped (the proposers' majority answer; its signals and
+whether it is right) and a run whose aggregation is strong (whether the strong tier gets it
+right, and what it costs). Both go through the one executor with a router of their own. The
+fits then choose the policy parameters that send a target share of questions, or spend a
+target cost per question, to the strong tier.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from moa.config import MixtureConfig
+from moa.errors import ConfigError
+from moa.mixture import Mixture
 from moa.providers.registry import Registry
 from moa.routing.router import Decision, Router, Stage, ThresholdRouter
 from moa.routing.signals import is_correct
-from moa.routing.strategy import RoutedMixture, RoutingConfig
 
 
 @dataclass
@@ -46,21 +49,26 @@ class _SkipProbe(Router):
 
 
 async def collect(
-    config: RoutingConfig,
+    config: MixtureConfig,
     items: Sequence[tuple[str, str]],
     *,
     registry: Registry | None = None,
     seed: int = 0,
 ) -> list[Sample]:
-    """Run the probe and the strong path on every (question, answer) item."""
-    probe = RoutedMixture(config, router=_SkipProbe(), registry=registry)
-    strong = RoutedMixture(config, router=ThresholdRouter("agreement", math.inf), registry=registry)
+    """Run the probe and the strong path on every (question, answer) item.
+
+    The signals are those of the first routed aggregation of the mixture.
+    """
+    if not any(d for d in (config.aggregator.strong, *(a.strong for a in config.agents()))):
+        raise ConfigError("Calibration needs a routed stage: give the aggregator a `strong` model.")
+    probe = Mixture(config, router=_SkipProbe(), registry=registry)
+    strong = Mixture(config, router=ThresholdRouter("agreement", math.inf), registry=registry)
     samples = []
     try:
         for i, (question, answer) in enumerate(items):
             cheap = await probe.run(question, seed=seed + i)
             best = await strong.run(question, seed=seed + i)
-            aggregate = next(d for d in cheap.decisions if d.stage == "aggregate")
+            aggregate = next(d for d in cheap.decisions if d.stage.startswith("aggregate"))
             samples.append(
                 Sample(
                     signals=aggregate.signals,

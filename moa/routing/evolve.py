@@ -1,33 +1,33 @@
-"""Squeeze Evolve: evolutionary multi-model test-time scaling (arXiv 2604.07725).
+"""Squeeze Evolve (arXiv 2604.07725): evolutionary multi-model test-time scaling, a strategy on
+the run core (`moa.runtime.run`).
 
-Loop 0: the seed tier (strong by default) writes N candidates. Each loop then scores every
-candidate by its DeepConf confidence (from top-k logprobs; the vote share of its final answer
-in the population when logprobs are missing), draws N groups of K distinct candidates, sends
-the least confident groups (a per-problem percentile of group confidence) to the strong tier
-and the rest to the cheap tier, recombines every group in parallel into one child, and replaces
-the population by the children. It stops after T loops or as soon as the population agrees.
-The answer is the most confident candidate holding the majority answer.
-
-Every routing choice is a `RouteDecision` event; calls, budget and events come from the
-shared `moa.routing.strategy.RunContext`.
+Loop 0: the agents of the mixture's one layer (e.g. the strong model with `n = 8`) write the
+population of N candidates. Each loop then scores every candidate by its DeepConf confidence
+(from logprobs; the vote share of its final answer in the population when logprobs are
+missing), draws N groups of K distinct candidates, asks the configured router for each group's
+tier — the signals are the group's `confidence`, `agreement` and `rank` (the share of this
+loop's groups that are less confident) — and recombines every group in parallel into one child
+on the aggregator's cheap (`model`) or `strong` tier. Without a `[router]` the rule is the
+paper's percentile: the least confident quarter of this problem's groups go strong (a
+threshold router on `rank` at 0.25). It stops after T loops or as soon as the population
+agrees; the answer is the most confident candidate holding the majority answer.
 """
 
 from __future__ import annotations
 
-import math
 import random
-from dataclasses import dataclass
-from typing import Any
 
 import anyio
 
+from moa.config import EvolveConfig
 from moa.errors import NotEnoughProposers
 from moa.events import AgentId
 from moa.providers.base import Message
-from moa.routing.router import Decision
+from moa.routing.router import Decision, Stage
 from moa.routing.signals import agreement, confidence, ngram_cosine
-from moa.routing.strategy import Reply, RunContext, best_supporter, reference_messages, stage_seed
-from moa.runtime.prompts import with_system
+from moa.routing.stages import best_supporter, route_proposer, tiers
+from moa.runtime.prompts import Reference, aggregate_messages, readable_block
+from moa.runtime.run import Node, Run, stage_seed
 
 RECOMBINE_PROMPT = (
     "You are given several candidate solutions to the latest user query. Some of them may be "
@@ -36,18 +36,12 @@ RECOMBINE_PROMPT = (
 )
 
 
-@dataclass
-class Scored:
-    reply: Reply
-    score: float
-
-
-def score_population(population: list[Reply]) -> tuple[list[float], str]:
+def score_population(population: list[Node]) -> tuple[list[float], str]:
     """Confidence of each candidate and its source ('confidence' or 'diversity')."""
-    confs = [confidence(r.logprobs) for r in population]
+    confs = [confidence(n.logprobs or None) for n in population]
     if all(c is not None for c in confs):
         return [c.bottom10 for c in confs if c is not None], "confidence"
-    texts = [r.output.text for r in population]
+    texts = [n.text for n in population]
     votes = agreement(texts)
     if votes.majority is not None:
         n = len(texts)
@@ -60,141 +54,112 @@ def score_population(population: list[Reply]) -> tuple[list[float], str]:
     ], "diversity"
 
 
-def strong_groups(group_scores: list[float], percentile: float) -> tuple[set[int], float | None]:
-    """Indices of the groups at or below the percentile (by rank; ties by index) and the
-    threshold value."""
-    count = math.ceil(len(group_scores) * percentile / 100)
-    if count == 0:
-        return set(), None
-    order = sorted(range(len(group_scores)), key=lambda g: (group_scores[g], g))
-    chosen = order[:count]
-    return set(chosen), group_scores[chosen[-1]]
+class Evolution(Run):
+    """One Squeeze Evolve run."""
 
+    mode = "evolve"
 
-async def run_evolve(ctx: RunContext, messages: list[Message], seed: int | None) -> str:
-    """Run Squeeze Evolve in `ctx` and return the answer (also emitted as `FinalDelta`)."""
-    cfg, evo = ctx.config, ctx.config.evolve
-    base = with_system(messages, cfg.system)
-    rng = random.Random(seed)
-    seed_model = cfg.tier_model(evo.seed_tier)
-    ctx.decisions.append(
-        ev := Decision(evo.seed_tier, f"evolve seeds {evo.population} candidates", {}).event(
-            "evolve.seed", ctx.now()
-        )
-    )
-    ctx.emit(ev)
-    reservations = [
-        ctx.guard.reserve(seed_model, base, cfg.max_tokens) for _ in range(evo.population)
-    ]
-    population = await _gather(
-        ctx,
-        [
-            (
-                AgentId(0, i, seed_model, f"{evo.seed_tier} seed"),
-                base,
-                res,
-                stage_seed(seed, 1000 + i),
-            )
-            for i, res in enumerate(reservations)
-        ],
-    )
-    population = [r for r in population if r.ok]
-    if not population:
-        raise NotEnoughProposers("Every seed candidate failed.", ctx.result("", "routed-evolve"))
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.evolve = self.config.evolve or EvolveConfig()
+        self.rng = random.Random(self.overrides.seed)
+        self.seeds: list[Node] = []
+        for agent in self.config.layers[0].agents:
+            for _ in range(agent.n):
+                i = len(self.seeds)
+                aid = AgentId(0, i, agent.model, agent.name or "", strong=agent.strong)
+                self.seeds.append(
+                    self.node(aid, agent, seed=stage_seed(self.overrides.seed, 1000 + i),
+                              want_logprobs=True)
+                )
 
-    for loop in range(1, evo.loops + 1):
-        votes = agreement([r.output.text for r in population])
-        if votes.majority is not None and votes.share >= evo.stop_agreement:
-            stop = Decision(
-                "skip", f"population agrees ({votes.share:.2f})", {"agreement": votes.share}
-            )
-            ctx.decisions.append(ev := stop.event(f"evolve.{loop}", ctx.now()))
-            ctx.emit(ev)
-            break
-        children = await _evolve_loop(ctx, base, population, loop, rng, seed)
-        if children is None:
-            break
-        population = children
-
-    best = best_supporter(population)
-    if best is None:
-        scores, _ = score_population(population)
-        best = population[max(range(len(population)), key=lambda i: scores[i])]
-    ctx.emit_final(best.output.text)
-    return best.output.text
-
-
-async def _evolve_loop(
-    ctx: RunContext,
-    base: list[Message],
-    population: list[Reply],
-    loop: int,
-    rng: random.Random,
-    seed: int | None,
-) -> list[Reply] | None:
-    """One loop: score, group, route, recombine; None when the budget allows no call."""
-    cfg, evo = ctx.config, ctx.config.evolve
-    scores, source = score_population(population)
-    k = min(evo.group_size, len(population))
-    groups = [rng.sample(range(len(population)), k) for _ in range(evo.population)]
-    group_scores = [sum(scores[i] for i in g) / k for g in groups]
-    strong, threshold = strong_groups(group_scores, evo.strong_percentile)
-    jobs: list[tuple[AgentId, list[Message], Any, int | None]] = []
-    for g, members in enumerate(groups):
-        prompt = reference_messages(
-            base, [population[i].output.text for i in members], RECOMBINE_PROMPT
-        )
-        tier = "strong" if g in strong else "cheap"
-        reason = (
-            f"group {source} {group_scores[g]:.3g} <= p{evo.strong_percentile:g} {threshold:.3g}"
-            if tier == "strong" and threshold is not None
-            else f"group {source} {group_scores[g]:.3g} above p{evo.strong_percentile:g}"
-        )
-        for option in ("strong", "cheap") if tier == "strong" else ("cheap",):
-            if ctx.guard.why_not(cfg.tier_model(option), prompt, cfg.max_tokens) is None:
-                if option != tier:
-                    reason += "; strong over budget"
-                tier = option
+    async def body(self, tg: anyio.abc.TaskGroup) -> None:
+        population = [n for n in await self._gather(self.seeds) if n.output.ok]
+        if not population:
+            self._abort(NotEnoughProposers("Every seed candidate failed."))
+            return
+        for loop in range(1, self.evolve.loops + 1):
+            votes = agreement([n.text for n in population])
+            if votes.majority is not None and votes.share >= self.evolve.stop_agreement:
+                stop = Decision(
+                    "skip", f"population agrees ({votes.share:.2f})", {"agreement": votes.share}
+                )
+                self.record(stop, f"evolve.{loop}")
                 break
-        else:
-            return None
-        signals = {
-            "group_score": round(group_scores[g], 4),
-            "threshold": None if threshold is None else round(threshold, 4),
-            "source": source,
-            "members": members,
-        }
-        ctx.decisions.append(
-            ev := Decision(tier, reason, signals).event(f"evolve.{loop}.{g + 1}", ctx.now())
-        )  # type: ignore[arg-type]
-        ctx.emit(ev)
-        model = cfg.tier_model(tier)
-        reservation = ctx.guard.reserve(model, prompt, cfg.max_tokens)
-        agent = AgentId(loop, g, model, f"{tier} recombiner")
-        jobs.append((agent, prompt, reservation, stage_seed(seed, 1000 * (loop + 1) + g)))
-    children = await _gather(ctx, jobs, temperature=cfg.aggregator_temperature)
-    return [
-        child if child.ok else population[max(groups[g], key=lambda i: scores[i])]
-        for g, child in enumerate(children)
-    ]
+            children = await self._loop(population, loop)
+            if not children:
+                break
+            population = children
+        best = best_supporter(population)
+        if best is None:
+            scores, _ = score_population(population)
+            best = population[max(range(len(population)), key=lambda i: scores[i])]
+        self.answer = best.text
+        self._final_delta(best.text)
 
+    async def _loop(self, population: list[Node], loop: int) -> list[Node]:
+        """Score, group, route and recombine; [] when the budget allows no call."""
+        scores, source = score_population(population)
+        k = min(self.evolve.group_size, len(population))
+        groups = [self.rng.sample(range(len(population)), k) for _ in population]
+        group_scores = [sum(scores[i] for i in g) / k for g in groups]
+        order = sorted(range(len(groups)), key=lambda g: (group_scores[g], g))
+        agent = self.config.aggregator
+        children: list[Node] = []
+        prompts: dict[int, list[Message]] = {}
+        for g, members in enumerate(groups):
+            prompt = aggregate_messages(
+                self.messages,
+                readable_block([Reference(population[i].text) for i in members], RECOMBINE_PROMPT),
+            )
+            node = self.node(
+                AgentId(loop, g, agent.model, agent.name or "recombiner", strong=agent.strong),
+                agent,
+                seed=stage_seed(self.overrides.seed, 1000 * (loop + 1) + g),
+                kind="recombine",
+                want_logprobs=True,
+            )
+            group = [population[i] for i in members]
+            signals = {
+                "confidence": round(group_scores[g], 4),
+                "agreement": round(agreement([n.text for n in group]).share, 4),
+                "rank": round(order.index(g) / len(groups), 4),
+                "source": source,
+                "members": members,
+            }
+            stage = Stage(name=f"evolve.{loop}.{g + 1}", kind="recombine", signals=signals)
+            decision = self.route(stage, tiers(node), prompt, agent.max_tokens, agent=node.id)
+            tier = "strong" if decision.choice == "strong" else "cheap"
+            if self.guard.why_not(tiers(node)[tier], prompt, agent.max_tokens):
+                self.nodes.remove(node)
+                return []
+            self.set_tier(node, tier)
+            node.upstream = group
+            prompts[id(node)] = prompt
+            children.append(node)
+        best_parent = {id(c): max(c.upstream, key=lambda n: scores[population.index(n)])
+                       for c in children}
+        done = await self._gather(children, prompts)
+        return [child if child.output.ok else best_parent[id(child)] for child in done]
 
-async def _gather(
-    ctx: RunContext,
-    jobs: list[tuple[AgentId, list[Message], Any, int | None]],
-    temperature: float | None = None,
-) -> list[Reply]:
-    """Run reserved calls concurrently, in order."""
-    replies: list[Reply] = [None] * len(jobs)  # type: ignore[list-item]
-    temp = ctx.config.temperature if temperature is None else temperature
+    async def _gather(
+        self, nodes: list[Node], prompts: dict[int, list[Message]] | None = None
+    ) -> list[Node]:
+        """Run one call per node concurrently; a failed call is a failed agent."""
 
-    async def one(i: int) -> None:
-        agent, prompt, reservation, call_seed = jobs[i]
-        replies[i] = await ctx.run_reserved(
-            agent, prompt, reservation, temperature=temp, seed=call_seed
-        )
+        async def one(node: Node) -> None:
+            messages = (prompts or {}).get(id(node)) or self.messages
+            try:
+                if node.routed:
+                    route_proposer(self, node, messages)
+                self._started(node)
+                call = await self._call(node, messages, node.agent.max_tokens)
+            except Exception as err:
+                self._failed(node, str(err) or type(err).__name__)
+            else:
+                self._finished(node, call.finish_reason)
 
-    async with anyio.create_task_group() as tg:
-        for i in range(len(jobs)):
-            tg.start_soon(one, i)
-    return replies
+        async with anyio.create_task_group() as tg:
+            for node in nodes:
+                tg.start_soon(one, node)
+        return nodes

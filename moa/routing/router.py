@@ -1,11 +1,11 @@
 """Routers: per stage, send the call to a model tier ("cheap" or "strong") or skip the stage.
 
-A stage is a proposer slot (`propose`), the aggregation (`aggregate`), a refinement loop
+A stage is an agent of the graph whose config names a `strong` tier beside its model: a
+proposer (`propose`), an aggregator (`aggregate`), a refinement loop of the final aggregator
 (`refine`) or an evolve recombination (`recombine`). The router sees the signals computed so
 far (`moa.routing.signals.group_signals`), the estimated cost of each tier for this stage and
-the share
-of the budget still free, and returns a `Decision` whose reason and signals become a
-`moa.events.RouteDecision` event.
+the share of the budget still free, and returns a `Decision` whose reason and signals become a
+`moa.events.RouteDecision` event. `RouterConfig` is the `[router]` table of a mixture.
 
 Policies: `FixedRouter` (always one tier), `ThresholdRouter` (one signal against thresholds),
 `MarginalUtilityRouter` (strong when estimated gain / extra cost exceeds a multiplier that
@@ -23,11 +23,15 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from moa.errors import ConfigError
-from moa.events import RouteDecision
+from moa.events import AgentId, RouteDecision
+from moa.routing.verifier import VerifierConfig
 
 Choice = Literal["cheap", "strong", "skip"]
 TIERS: tuple[str, str] = ("cheap", "strong")
-SIGNALS: tuple[str, ...] = ("agreement", "confidence", "min_confidence", "similarity", "verifier")
+SIGNALS: tuple[str, ...] = (
+    "agreement", "confidence", "min_confidence", "similarity", "verifier", "rank"
+)
+"""`rank` (evolve only): the share of this loop's groups that are less confident than this one."""
 
 
 @dataclass
@@ -50,9 +54,14 @@ class Decision:
     reason: str
     signals: dict[str, Any] = field(default_factory=dict)
 
-    def event(self, stage: str, t: float) -> RouteDecision:
+    def event(self, stage: str, t: float, agent: AgentId | None = None) -> RouteDecision:
         return RouteDecision(
-            t=t, stage=stage, choice=self.choice, reason=self.reason, signals=self.signals
+            t=t,
+            stage=stage,
+            choice=self.choice,
+            reason=self.reason,
+            signals=self.signals,
+            agent=agent,
         )
 
 
@@ -213,24 +222,36 @@ class RandomRouter(Router):
         )
 
 
-class _Fixed(BaseModel):
+class _Common(BaseModel):
+    """Keys of the `[router]` table shared by every policy."""
+
     model_config = ConfigDict(extra="forbid")
+    logprobs: bool = True
+    """Ask the references of routed stages for logprobs (where the backend gives them)."""
+    top_logprobs: int = Field(5, ge=0, le=20)
+    refine_loops: int = Field(0, ge=0)
+    """Extra rounds of the final aggregator (it must be routed), each one a routed stage:
+    skip ends the loop, a tier runs one more aggregation over the last answer and the proposals."""
+    verifier: VerifierConfig | None = None
+    """A judge call that scores the candidate answer of each routed aggregation and refinement
+    (signal `verifier`); None (the default) makes no such call."""
+
+
+class _Fixed(_Common):
     policy: Literal["fixed"]
     tier: Literal["cheap", "strong"] = "strong"
 
 
-class _Threshold(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Threshold(_Common):
     policy: Literal["threshold"]
-    signal: Literal["agreement", "confidence", "min_confidence", "similarity", "verifier"] = (
-        "agreement"
-    )
+    signal: Literal[
+        "agreement", "confidence", "min_confidence", "similarity", "verifier", "rank"
+    ] = "agreement"
     threshold: float = 0.67
     skip_above: float | None = None
 
 
-class _Marginal(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Marginal(_Common):
     policy: Literal["marginal"]
     bias: float = -3.0
     w_agreement: float = 5.0
@@ -241,15 +262,17 @@ class _Marginal(BaseModel):
     multiplier: float = Field(0.1, ge=0)
 
 
-class _Random(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Random(_Common):
     policy: Literal["random"]
     p_strong: float = Field(0.3, ge=0, le=1)
     seed: int = 0
 
 
 RouterConfig = Annotated[_Fixed | _Threshold | _Marginal | _Random, Field(discriminator="policy")]
+"""The `[router]` table: a policy with its parameters, plus the keys of `_Common`."""
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(RouterConfig)
+COMMON_KEYS: tuple[str, ...] = tuple(_Common.model_fields)
+"""Keys of the `[router]` table that are not the policy's."""
 _ALIASES: dict[str, dict[str, Any]] = {
     "always-cheap": {"policy": "fixed", "tier": "cheap"},
     "always-strong": {"policy": "fixed", "tier": "strong"},
@@ -259,15 +282,17 @@ _ALIASES: dict[str, dict[str, Any]] = {
 }
 
 
-def router_from_config(data: dict[str, Any]) -> Router:
-    """Build a router from a `[routing.router]` table, e.g. {"policy": "threshold", ...}."""
+def router_from_config(data: dict[str, Any] | BaseModel) -> Router:
+    """Build a router from a `[router]` table, e.g. {"policy": "threshold", ...}."""
     try:
-        cfg = _ADAPTER.validate_python(data)
+        cfg = _ADAPTER.validate_python(
+            data.model_dump() if isinstance(data, BaseModel) else data
+        )
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "policy"
         raise ConfigError(f"Invalid router config: field '{where}': {first['msg']}.") from None
-    params = cfg.model_dump(exclude={"policy"})
+    params = cfg.model_dump(exclude={"policy", *COMMON_KEYS})
     if isinstance(cfg, _Fixed):
         return FixedRouter(cfg.tier)
     if isinstance(cfg, _Threshold):
@@ -283,8 +308,9 @@ def parse_policy(spec: str, base: dict[str, Any] | None = None) -> dict[str, Any
     always-strong, mu."""
     name, _, rest = spec.partition(":")
     data = dict(_ALIASES.get(name, {"policy": name}))
-    if base and base.get("policy") == data["policy"]:
-        data = {**base, **data}
+    if base:
+        shared = {k: v for k, v in base.items() if k in COMMON_KEYS}
+        data = {**base, **data} if base.get("policy") == data["policy"] else {**shared, **data}
     for item in filter(None, rest.split(",")):
         key, sep, value = item.partition("=")
         if not sep:

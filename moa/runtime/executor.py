@@ -1,6 +1,7 @@
-"""The one executor of a mixture graph, layered and staircase alike.
+"""The graph strategy: layers of agents, then the final aggregator, layered or staircase.
 
-Every agent is a node; all nodes run concurrently in one anyio task group. A proposer makes one
+Every agent is a node; all nodes run concurrently in one anyio task group of the run
+(`moa.runtime.run.Run`: lifecycle, metered calls, budget, routing). A proposer makes one
 call. An aggregating node waits for a start condition on its references (the previous layer's
 feeds), then works in steps:
 
@@ -9,55 +10,37 @@ feeds), then works in steps:
   proceeds in bounded steps, each prompt holding the references received so far and its own
   output so far as a continued assistant turn; once the references are done it finishes freely.
 
-Events go to `emit`; failures of single agents are reported, not raised. Run-level failures
-(quorum lost, final aggregator failed, deadline) end the run with `fatal` set.
+A node whose agent names a `strong` tier is a routed stage (`moa.routing.stages`): a proposer's
+tier is decided when it starts, an aggregator's once its start condition holds, from the
+signals of the references it has then; the router may also skip an aggregation (the majority
+answer stands). `[router] refine_loops` adds routed rounds of the final aggregator.
 
-Every call goes through a `moa.runtime.budget.BudgetGuard`: its worst case is reserved before it
-starts (a call that could exceed a hard budget is refused, which fails that agent), and the reported
-usage settles it when it ends.
+Failures of single agents are reported, not raised. Run-level failures (quorum lost, final
+aggregator failed, deadline) end the run with `fatal` set.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import anyio
 
-from moa import pricing
-from moa.config import AgentConfig, MixtureConfig
+from moa.config import MixtureConfig
 from moa.errors import (
     AggregatorFailed,
     AggregatorOverBudget,
     BudgetExceeded,
     ConfigError,
-    DeadlineExceeded,
-    MixtureError,
     NotEnoughProposers,
 )
-from moa.events import (
-    AgentDelta,
-    AgentFailed,
-    AgentFinished,
-    AgentId,
-    AgentStarted,
-    Event,
-    FinalDelta,
-    Notice,
-    RunFailed,
-    RunFinished,
-    RunStarted,
-    UsageReport,
-)
-from moa.providers.base import ChatRequest, Delta, Message, Provider, Usage
+from moa.events import AgentId, Event, Notice
+from moa.providers.base import Message
 from moa.providers.registry import Registry
-from moa.result import AgentOutput, MixtureResult
-from moa.runtime.budget import BudgetGuard, Reservation
-from moa.runtime.feed import Board, Feed
+from moa.routing import stages
+from moa.routing.router import Router
+from moa.runtime.budget import BudgetGuard
 from moa.runtime.prompts import (
     AGGREGATE_PROMPT,
     Reference,
@@ -66,68 +49,15 @@ from moa.runtime.prompts import (
     readable_block,
     with_system,
 )
+from moa.runtime.run import Node, Overrides, Run, stage_seed
 from moa.runtime.staircase import ReferenceView, start_wait
-from moa.tokens import count_messages, count_tokens, encoding
+from moa.tokens import count_messages
 
 log = logging.getLogger("moa.runtime.executor")
 
 
-@dataclass
-class Overrides:
-    """Per-request settings of the final aggregator (the answer the user sees)."""
-
-    temperature: float | None = None
-    max_tokens: int | None = None
-    stop: list[str] | None = None
-    seed: int | None = None
-
-
-@dataclass
-class Node:
-    """One agent of the graph and everything it produced."""
-
-    id: AgentId
-    agent: AgentConfig
-    provider: Provider
-    model: str
-    feed: Feed
-    upstream: list[Node] = field(default_factory=list)
-    quorum: int = 1
-    """Answers the upstream layer must deliver (its `min_proposers`)."""
-    stop: list[str] | None = None
-    seed: int | None = None
-    parts: list[str] = field(default_factory=list)
-    started_at: float | None = None
-
-    def __post_init__(self) -> None:
-        self.output = AgentOutput(agent=self.id)
-
-    @property
-    def text(self) -> str:
-        return "".join(self.parts)
-
-
-@dataclass
-class _Call:
-    text: str
-    finish_reason: str | None
-    tokens: int
-
-
-@asynccontextmanager
-async def _closing(stream: AsyncIterator[Delta]) -> AsyncIterator[AsyncIterator[Delta]]:
-    """Close a provider stream in this task, even when cancelled (frees its connection)."""
-    try:
-        yield stream
-    finally:
-        aclose = getattr(stream, "aclose", None)
-        if aclose is not None:
-            with anyio.CancelScope(shield=True):
-                await aclose()
-
-
-class Execution:
-    """One run of a mixture: build the graph, run it, assemble the result."""
+class Execution(Run):
+    """One run of the mixture graph: build it, run every node, assemble the result."""
 
     def __init__(
         self,
@@ -135,72 +65,71 @@ class Execution:
         registry: Registry,
         messages: list[Message],
         emit: Callable[[Event], None],
+        guard: BudgetGuard,
+        router: Router | None = None,
         overrides: Overrides | None = None,
         mode: str | None = None,
-        guard: BudgetGuard | None = None,
     ) -> None:
-        self.config = config
-        self.messages = messages
-        self.emit_raw = emit
-        encoding()  # load the tokenizer now, not on the first delta inside the event loop
-        self.guard = guard or BudgetGuard(pricing.price_function(config.prices), config.budget)
-        self.board = Board()
-        self.layers = self._build(registry, overrides or Overrides())
-        self.final = self.layers[-1][0]
+        super().__init__(config, registry, messages, emit, guard, router, overrides)
+        self.layers = self._build()
         requested = mode or config.mode
         self.mode, self.fallback = self._choose_mode(requested)
         # A fallback is news when staircase was asked for; under `auto` it is only traced.
         self.fallback_kind = "auto" if requested == "auto" else "fallback"
-        self.notices = [self.fallback] if self.fallback and requested != "auto" else []
+        if self.fallback and requested != "auto":
+            self.notices.append(self.fallback)
         if self.mode == "layered":
             for node in self.nodes:
                 node.feed.chunk_size = None
         self.quorum_start = (
             config.staircase.start_k if self.fallback and self.mode == "layered" else None
         )
-        self.fatal: MixtureError | None = None
-        self.ttft: float | None = None
-        self._scope = anyio.CancelScope()
-        self.t0 = time.monotonic()
-
-    @property
-    def nodes(self) -> list[Node]:
-        return [node for layer in self.layers for node in layer]
 
     # ---- graph ---------------------------------------------------------------------------
 
-    def _build(self, registry: Registry, ov: Overrides) -> list[list[Node]]:
-        final = self.config.aggregator.model_copy(
+    def _build(self) -> list[list[Node]]:
+        ov, config = self.overrides, self.config
+        final = config.aggregator.model_copy(
             update={
                 k: v
                 for k, v in (("temperature", ov.temperature), ("max_tokens", ov.max_tokens))
                 if v is not None
             }
         )
-        shapes = [(layer.agents, layer.min_proposers) for layer in self.config.layers]
-        shapes.append(([final], 1))
+        loops = config.router.refine_loops if config.router else 0
+        shapes = [(layer.agents, layer.min_proposers) for layer in config.layers]
+        shapes += [([config.aggregator], 1)] * loops + [([final], 1)]
+        proposers = len(config.layers)
         layers: list[list[Node]] = []
         for li, (agents, _) in enumerate(shapes):
             is_final = li == len(shapes) - 1
+            upstream = layers[-1] if layers else []
+            if li > proposers:  # a refinement: the last answer, then the last proposals
+                upstream = [layers[-1][0], *layers[proposers - 1]]
+            kind = "propose" if not li else "refine" if li > proposers else "aggregate"
             nodes: list[Node] = []
             for agent in agents:
-                provider, model = registry.resolve(agent.model)
                 for _ in range(agent.n):
-                    aid = AgentId(li, len(nodes), agent.model, agent.name or "", is_final)
+                    aid = AgentId(
+                        li, len(nodes), agent.model, agent.name or "", is_final, agent.strong
+                    )
                     nodes.append(
-                        Node(
+                        self.node(
                             aid,
                             agent,
-                            provider,
-                            model,
-                            Feed(self.board, self.config.staircase.chunk_size),
-                            upstream=layers[-1] if layers else [],
-                            quorum=shapes[li - 1][1] if li else 1,
+                            chunk_size=config.staircase.chunk_size,
+                            upstream=upstream,
+                            quorum=shapes[min(li, proposers) - 1][1] if li else 1,
                             stop=ov.stop if is_final else None,
-                            seed=ov.seed if is_final else None,
+                            seed=ov.seed if is_final else stage_seed(ov.seed, 100 * li + aid.index),
+                            kind=kind,
                         )
                     )
             layers.append(nodes)
+        for node in self.nodes:
+            if node.routed:
+                for ref in node.upstream:
+                    ref.want_logprobs = True
         return layers
 
     def _choose_mode(self, requested: str) -> tuple[str, str]:
@@ -224,54 +153,23 @@ class Execution:
             f"{', '.join(blockers)} cannot, so this run uses {how}."
         )
 
-    # ---- events --------------------------------------------------------------------------
-
-    def _now(self) -> float:
-        return time.monotonic() - self.t0
-
-    def emit(self, event: Event) -> None:
-        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
-            self.emit_raw(event)
-
     # ---- the run -------------------------------------------------------------------------
 
-    async def drive(self) -> MixtureResult:
-        """Run the graph; never raises a run failure (sets `fatal` and emits `RunFailed`)."""
-        self.t0 = time.monotonic()
-        self.emit(RunStarted(self._now(), self.config.name, self.mode, [n.id for n in self.nodes]))
-        if self.fallback:
-            self.emit(Notice(self._now(), self.fallback, kind=self.fallback_kind))
-        deadline = self.config.deadline_s
-        with anyio.move_on_after(deadline) as timer:
-            async with anyio.create_task_group() as tg:
-                self._scope = tg.cancel_scope
-                for node in self.nodes:
-                    tg.start_soon(self._run_node, node)
-        if timer.cancelled_caught and self.fatal is None:
-            self.fatal = DeadlineExceeded(
-                f"The mixture did not finish within its deadline of {deadline:g} s."
-            )
-        self._close_unfinished()
-        self.guard.release()
-        result = self.result()
-        if self.fatal is not None:
-            self.fatal.partial = result
-            self.emit(RunFailed(self._now(), str(self.fatal), result))
-        else:
-            self.emit(RunFinished(self._now(), result))
-        return result
+    def started_notices(self) -> list[Notice]:
+        if not self.fallback:
+            return []
+        return [Notice(self._now(), self.fallback, kind=self.fallback_kind)]
 
-    def _abort(self, error: MixtureError) -> None:
-        if self.fatal is None:
-            self.fatal = error
-        self._scope.cancel()
+    async def body(self, tg: anyio.abc.TaskGroup) -> None:
+        for node in self.nodes:
+            tg.start_soon(self._run_node, node)
 
     async def _run_node(self, node: Node) -> None:
         try:
-            if node.upstream:
-                await self._aggregate(node)
-            else:
+            if not node.upstream:
                 await self._propose(node)
+            elif not node.routed or not await self._route_aggregate(node):
+                await self._aggregate(node)
         except NotEnoughProposers as err:
             self._abort(err)
         except Exception as err:
@@ -287,16 +185,31 @@ class Execution:
                 self._scope.cancel()
 
     async def _propose(self, node: Node) -> None:
+        messages = with_system(self.messages, node.agent.system)
+        if node.routed:
+            stages.route_proposer(self, node, messages)
         self._started(node)
-        call = await self._call(
-            node, with_system(self.messages, node.agent.system), node.agent.max_tokens
-        )
+        call = await self._call(node, messages, node.agent.max_tokens)
         self._finished(node, call.finish_reason)
+
+    async def _route_aggregate(self, node: Node) -> bool:
+        """Decide a routed aggregating stage once it may start; True when it was skipped."""
+        await self._wait_start(node, self.mode == "staircase")
+        choice = await stages.route_aggregator(self, node)
+        if choice == "skip":
+            return True
+        if self.mode == "staircase" and not node.provider.capabilities.continuation:
+            node.layered = True
+            self.notice(
+                f"{node.id.key}: the {choice} tier {node.id.model} cannot continue an assistant "
+                "turn, so this stage waits for complete references (layered)."
+            )
+        return False
 
     async def _aggregate(self, node: Node) -> None:
         sc = self.config.staircase
         view = ReferenceView([u.feed for u in node.upstream], sc.layout)
-        continuing = self.mode == "staircase"
+        continuing = self.mode == "staircase" and not node.layered
         await self._wait_start(node, continuing)
         self._started(node)
         budget, used, step = node.agent.max_tokens, 0, 0
@@ -453,136 +366,6 @@ class Execution:
             if last:
                 return call.finish_reason
             carried = [Reference(call.text)]
-
-    # ---- calls ------------------------------------------------------------------------------
-
-    async def _call(
-        self,
-        node: Node,
-        messages: list[Message],
-        max_tokens: int,
-        *,
-        continue_final: bool = False,
-        visible: bool = True,
-    ) -> _Call:
-        """One provider call, streamed into the node (unless `visible` is False).
-
-        Raises `BudgetExceeded` before sending anything when the call could exceed a budget.
-        """
-        reservation = self.guard.reserve(node.agent.model, messages, max_tokens)
-        request = ChatRequest(
-            model=node.model,
-            messages=messages,
-            temperature=node.agent.temperature,
-            max_tokens=max_tokens,
-            stop=node.stop,
-            seed=node.seed,
-            continue_final=continue_final,
-        )
-        parts: list[str] = []
-        finish: str | None = None
-        usage: Usage | None = None
-        node.output.calls += 1
-        try:
-            async with _closing(node.provider.stream(request)) as deltas:
-                async for delta in deltas:
-                    if delta.text:
-                        parts.append(delta.text)
-                        if visible:
-                            self._delta(node, delta.text)
-                    finish = delta.finish_reason or finish
-                    if delta.usage:
-                        usage = delta.usage if usage is None else usage + delta.usage
-        except BaseException:
-            # A call stopped after it generated text was billed for that text.
-            estimate = Usage(count_messages(messages), count_tokens("".join(parts)))
-            self._settle(node, reservation, estimate if parts else None)
-            raise
-        text = "".join(parts)
-        if usage is None:
-            usage = Usage(count_messages(messages), count_tokens(text))
-        self._settle(node, reservation, usage)
-        return _Call(text, finish, usage.completion_tokens or count_tokens(text))
-
-    def _settle(self, node: Node, reservation: Reservation, usage: Usage | None) -> None:
-        """Replace the call's reservation by its usage; add usage and cost to the agent."""
-        cost = self.guard.settle(reservation, usage)
-        if usage is None:
-            return
-        out = node.output
-        out.usage = out.usage + usage
-        if cost is not None:
-            out.cost_usd = (out.cost_usd or 0.0) + cost
-        self.emit(UsageReport(self._now(), node.id, usage, cost))
-
-    def _delta(self, node: Node, text: str) -> None:
-        if not node.parts:
-            node.output.ttft_s = time.monotonic() - (node.started_at or self.t0)
-        node.parts.append(text)
-        node.feed.push(text)
-        self.emit(AgentDelta(self._now(), node.id, text))
-        if node.id.final:
-            if self.ttft is None:
-                self.ttft = self._now()
-            self.emit(FinalDelta(self._now(), text))
-
-    # ---- agent bookkeeping ---------------------------------------------------------------------
-
-    def _started(self, node: Node) -> None:
-        node.started_at = time.monotonic()
-        self.emit(AgentStarted(self._now(), node.id))
-
-    def _latency(self, node: Node) -> float:
-        return time.monotonic() - (node.started_at or self.t0)
-
-    def _finished(self, node: Node, finish: str | None) -> None:
-        out = node.output
-        out.ok, out.text, out.finish_reason = True, node.text, finish
-        out.latency_s = self._latency(node)
-        node.feed.finish()
-        self.emit(AgentFinished(self._now(), node.id, out.text, finish, out.ttft_s, out.latency_s))
-
-    def _failed(self, node: Node, error: str) -> None:
-        out = node.output
-        out.ok, out.text, out.error = False, node.text, error
-        out.truncated = bool(node.parts)
-        out.latency_s = self._latency(node)
-        node.feed.fail(keep=self.config.staircase.keep_truncated)
-        self.emit(AgentFailed(self._now(), node.id, error, out.text))
-
-    def _close_unfinished(self) -> None:
-        """Mark agents stopped by the end of the run: complete answer, failure or deadline."""
-        completed = self.fatal is None
-        for node in self.nodes:
-            if node.feed.resolved:
-                continue
-            if completed and node.parts:
-                out = node.output
-                out.ok, out.text, out.truncated = True, node.text, True
-                out.finish_reason, out.latency_s = "cancelled", self._latency(node)
-                node.feed.state = "done"
-                self.emit(
-                    AgentFinished(
-                        self._now(), node.id, out.text, "cancelled", out.ttft_s, out.latency_s
-                    )
-                )
-            else:
-                why = "the final answer was complete first" if completed else "the run ended"
-                self._failed(node, f"cancelled: {why}")
-
-    def result(self) -> MixtureResult:
-        for node in self.nodes:
-            node.output.text = node.text
-        return MixtureResult(
-            text=self.final.text,
-            outputs=[n.output for n in self.nodes],
-            mixture=self.config.name,
-            mode=self.mode,
-            ttft_s=self.ttft,
-            latency_s=self._now(),
-            notices=list(self.notices),
-            budget=self.guard.report(),
-        )
 
 
 def _why(nodes: list[Node]) -> str:

@@ -1,0 +1,417 @@
+"""The shared core of every strategy: one run's lifecycle, its metered calls and its routing.
+
+A strategy (`moa.runtime.executor.Execution`, the layered / staircase graph, or
+`moa.routing.evolve.Evolution`) subclasses `Run` and implements `body()`. `Run` gives it:
+
+- the lifecycle (`drive`): `RunStarted`, a deadline, one task group whose cancellation stops
+  every call, run-level failures (`fatal`, with the result so far as `.partial`), the agents
+  still open closed as finished or failed, then `RunFinished` or `RunFailed`;
+- the metered call (`_call`): the worst case reserved in the `BudgetGuard` before anything is
+  sent (`BudgetExceeded` otherwise), the reply streamed into its `Node`, usage summed over
+  the stream, settled into the budget and priced (also for a call that fails mid-stream);
+- routing (`route`): the router's choice for a stage, downgraded or skipped when the strong
+  tier does not fit the budget, recorded as a `RouteDecision` event.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+
+import anyio
+
+from moa.config import AgentConfig, MixtureConfig
+from moa.errors import DeadlineExceeded, MixtureError
+from moa.events import (
+    AgentDelta,
+    AgentFailed,
+    AgentFinished,
+    AgentId,
+    AgentStarted,
+    Event,
+    FinalDelta,
+    Notice,
+    RouteDecision,
+    RunFailed,
+    RunFinished,
+    RunStarted,
+    UsageReport,
+)
+from moa.providers.base import ChatRequest, Delta, Message, Provider, TokenLogprob, Usage
+from moa.providers.registry import Registry
+from moa.result import AgentOutput, MixtureResult
+from moa.routing.router import Decision, Router, Stage
+from moa.runtime.budget import BudgetGuard, Reservation
+from moa.runtime.feed import Board, Feed
+from moa.tokens import count_messages, count_tokens, encoding
+
+
+@dataclass
+class Overrides:
+    """Per-request settings of the final aggregator (the answer the user sees); `seed` also
+    seeds every other agent (each its own seed derived from it)."""
+
+    temperature: float | None = None
+    max_tokens: int | None = None
+    stop: list[str] | None = None
+    seed: int | None = None
+
+
+def stage_seed(seed: int | None, offset: int) -> int | None:
+    """A distinct, reproducible seed per agent, derived from the request's seed."""
+    return None if seed is None else seed * 10_007 + offset
+
+
+@dataclass
+class Node:
+    """One agent and everything it produced."""
+
+    id: AgentId
+    agent: AgentConfig
+    provider: Provider
+    model: str
+    feed: Feed
+    upstream: list[Node] = field(default_factory=list)
+    quorum: int = 1
+    """Answers the upstream layer must deliver (its `min_proposers`)."""
+    stop: list[str] | None = None
+    seed: int | None = None
+    kind: str = "propose"
+    """Its stage kind: propose, aggregate, refine or recombine."""
+    want_logprobs: bool = False
+    """Ask for logprobs (a routed stage reads this agent's confidence)."""
+    layered: bool = False
+    """Wait for complete references even under staircase (its tier cannot continue a turn)."""
+    parts: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    started_at: float | None = None
+
+    def __post_init__(self) -> None:
+        self.output = AgentOutput(agent=self.id)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    @property
+    def routed(self) -> bool:
+        return self.id.strong is not None
+
+
+@dataclass
+class Call:
+    text: str
+    finish_reason: str | None
+    tokens: int
+
+
+@asynccontextmanager
+async def _closing(stream: AsyncIterator[Delta]) -> AsyncIterator[AsyncIterator[Delta]]:
+    """Close a provider stream in this task, even when cancelled (frees its connection)."""
+    try:
+        yield stream
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            with anyio.CancelScope(shield=True):
+                await aclose()
+
+
+class Run:
+    """One run of a mixture under some strategy; subclasses implement `body()`."""
+
+    mode = "layered"
+
+    def __init__(
+        self,
+        config: MixtureConfig,
+        registry: Registry,
+        messages: list[Message],
+        emit: Callable[[Event], None],
+        guard: BudgetGuard,
+        router: Router | None = None,
+        overrides: Overrides | None = None,
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self.messages = messages
+        self.emit_raw = emit
+        self.guard = guard
+        self.router = router
+        self.overrides = overrides or Overrides()
+        encoding()  # load the tokenizer now, not on the first delta inside the event loop
+        self.board = Board()
+        self.nodes: list[Node] = []
+        self.notices: list[str] = []
+        self.decisions: list[RouteDecision] = []
+        self.answer: str | None = None
+        """The answer when the strategy sets it directly; else the final agent's text."""
+        self.fatal: MixtureError | None = None
+        self.ttft: float | None = None
+        self._scope = anyio.CancelScope()
+        self.t0 = time.monotonic()
+
+    # ---- the lifecycle ---------------------------------------------------------------------
+
+    async def body(self, tg: anyio.abc.TaskGroup) -> None:
+        """Start the strategy's work in `tg` (its scope is cancelled when the answer is done)."""
+        raise NotImplementedError
+
+    def started_notices(self) -> list[Notice]:
+        return []
+
+    async def drive(self) -> MixtureResult:
+        """Run the strategy; never raises a run failure (sets `fatal` and emits `RunFailed`)."""
+        self.t0 = time.monotonic()
+        self.emit(RunStarted(self._now(), self.config.name, self.mode, [n.id for n in self.nodes]))
+        for notice in self.started_notices():
+            self.emit(notice)
+        deadline = self.config.deadline_s
+        with anyio.move_on_after(deadline) as timer:
+            async with anyio.create_task_group() as tg:
+                self._scope = tg.cancel_scope
+                await self.body(tg)
+        if timer.cancelled_caught and self.fatal is None:
+            self.fatal = DeadlineExceeded(
+                f"The mixture did not finish within its deadline of {deadline:g} s."
+            )
+        self._close_unfinished()
+        self.guard.release()
+        result = self.result()
+        if self.fatal is not None:
+            self.fatal.partial = result
+            self.emit(RunFailed(self._now(), str(self.fatal), result))
+        else:
+            self.emit(RunFinished(self._now(), result))
+        return result
+
+    def _abort(self, error: MixtureError) -> None:
+        if self.fatal is None:
+            self.fatal = error
+        self._scope.cancel()
+
+    def _now(self) -> float:
+        return time.monotonic() - self.t0
+
+    def emit(self, event: Event) -> None:
+        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self.emit_raw(event)
+
+    def notice(self, message: str, kind: str = "info") -> None:
+        self.notices.append(message)
+        self.emit(Notice(self._now(), message, kind=kind))
+
+    # ---- agents ----------------------------------------------------------------------------
+
+    def node(
+        self, aid: AgentId, agent: AgentConfig, *, chunk_size: int | None = None, **kw: object
+    ) -> Node:
+        """A new agent of this run on `aid.model` (resolved in the registry)."""
+        provider, model = self.registry.resolve(aid.model)
+        node = Node(aid, agent, provider, model, Feed(self.board, chunk_size), **kw)  # type: ignore[arg-type]
+        self.nodes.append(node)
+        return node
+
+    def set_tier(self, node: Node, tier: str) -> None:
+        """Give a routed stage its decided tier's model; its id then names that model."""
+        model = node.agent.strong if tier == "strong" else node.agent.model
+        assert model is not None
+        node.provider, node.model = self.registry.resolve(model)
+        node.id = replace(node.id, model=model, strong=None)
+        node.output.agent = node.id
+
+    def _started(self, node: Node) -> None:
+        node.started_at = time.monotonic()
+        self.emit(AgentStarted(self._now(), node.id))
+
+    def _latency(self, node: Node) -> float:
+        return time.monotonic() - (node.started_at or self.t0)
+
+    def _finished(self, node: Node, finish: str | None) -> None:
+        out = node.output
+        out.ok, out.text, out.finish_reason = True, node.text, finish
+        out.latency_s = self._latency(node)
+        node.feed.finish()
+        self.emit(AgentFinished(self._now(), node.id, out.text, finish, out.ttft_s, out.latency_s))
+
+    def _failed(self, node: Node, error: str) -> None:
+        out = node.output
+        out.ok, out.text, out.error = False, node.text, error
+        out.truncated = bool(node.parts)
+        out.latency_s = self._latency(node)
+        node.feed.fail(keep=self.config.staircase.keep_truncated)
+        self.emit(AgentFailed(self._now(), node.id, error, out.text))
+
+    def _delta(self, node: Node, text: str) -> None:
+        if not node.parts:
+            node.output.ttft_s = time.monotonic() - (node.started_at or self.t0)
+        node.parts.append(text)
+        node.feed.push(text)
+        self.emit(AgentDelta(self._now(), node.id, text))
+        if node.id.final:
+            self._final_delta(text)
+
+    def _final_delta(self, text: str) -> None:
+        if self.ttft is None:
+            self.ttft = self._now()
+        self.emit(FinalDelta(self._now(), text))
+
+    def _close_unfinished(self) -> None:
+        """Mark agents stopped by the end of the run: complete answer, failure or deadline."""
+        completed = self.fatal is None
+        for node in self.nodes:
+            if node.feed.resolved:
+                continue
+            if completed and node.parts:
+                out = node.output
+                out.ok, out.text, out.truncated = True, node.text, True
+                out.finish_reason, out.latency_s = "cancelled", self._latency(node)
+                node.feed.state = "done"
+                self.emit(
+                    AgentFinished(
+                        self._now(), node.id, out.text, "cancelled", out.ttft_s, out.latency_s
+                    )
+                )
+            else:
+                why = "the final answer was complete first" if completed else "the run ended"
+                self._failed(node, f"cancelled: {why}")
+
+    def result(self) -> MixtureResult:
+        for node in self.nodes:
+            node.output.text = node.text
+        final = next((n for n in self.nodes if n.id.final), None)
+        text = self.answer if self.answer is not None else final.text if final else ""
+        return MixtureResult(
+            text=text,
+            outputs=[n.output for n in self.nodes],
+            mixture=self.config.name,
+            mode=self.mode,
+            ttft_s=self.ttft,
+            latency_s=self._now(),
+            notices=list(self.notices),
+            budget=self.guard.report(),
+            decisions=list(self.decisions),
+        )
+
+    # ---- the metered call ------------------------------------------------------------------
+
+    async def _call(
+        self,
+        node: Node,
+        messages: list[Message],
+        max_tokens: int,
+        *,
+        continue_final: bool = False,
+        visible: bool = True,
+    ) -> Call:
+        """One provider call, streamed into the node (unless `visible` is False).
+
+        Raises `BudgetExceeded` before sending anything when the call could exceed a budget.
+        """
+        reservation = self.guard.reserve(node.id.model, messages, max_tokens)
+        router = self.config.router
+        logprobs = (
+            node.want_logprobs
+            and node.provider.capabilities.logprobs
+            and (router is None or router.logprobs)
+        )
+        request = ChatRequest(
+            model=node.model,
+            messages=messages,
+            temperature=node.agent.temperature,
+            max_tokens=max_tokens,
+            stop=node.stop,
+            seed=node.seed,
+            continue_final=continue_final,
+            logprobs=logprobs,
+            top_logprobs=(router.top_logprobs if router else 5) if logprobs else None,
+        )
+        parts: list[str] = []
+        finish: str | None = None
+        usage: Usage | None = None
+        node.output.calls += 1
+        try:
+            async with _closing(node.provider.stream(request)) as deltas:
+                async for delta in deltas:
+                    if delta.text:
+                        parts.append(delta.text)
+                        if visible:
+                            self._delta(node, delta.text)
+                    if delta.logprobs and visible:
+                        node.logprobs.extend(delta.logprobs)
+                    finish = delta.finish_reason or finish
+                    if delta.usage:
+                        usage = delta.usage if usage is None else usage + delta.usage
+        except BaseException:
+            # A call stopped after it generated text was billed for that text.
+            estimate = Usage(count_messages(messages), count_tokens("".join(parts)))
+            self._settle(node, reservation, estimate if parts else None)
+            raise
+        text = "".join(parts)
+        if usage is None:
+            usage = Usage(count_messages(messages), count_tokens(text))
+        self._settle(node, reservation, usage)
+        return Call(text, finish, usage.completion_tokens or count_tokens(text))
+
+    def _settle(self, node: Node, reservation: Reservation, usage: Usage | None) -> None:
+        """Replace the call's reservation by its usage; add usage and cost to the agent."""
+        cost = self.guard.settle(reservation, usage)
+        if usage is None:
+            return
+        out = node.output
+        out.usage = out.usage + usage
+        if cost is not None:
+            out.cost_usd = (out.cost_usd or 0.0) + cost
+        self.emit(UsageReport(self._now(), node.id, usage, cost))
+
+    # ---- routing ---------------------------------------------------------------------------
+
+    def route(
+        self,
+        stage: Stage,
+        tiers: dict[str, str],
+        messages: list[Message],
+        max_tokens: int,
+        *,
+        completion: int | None = None,
+        agent: AgentId | None = None,
+    ) -> Decision:
+        """Ask the router, fit its choice to the budget (downgrade or skip), record the event.
+
+        `tiers` maps cheap / strong to model references; `completion` is the expected output
+        length for the cost estimate (default `max_tokens`).
+        """
+        assert self.router is not None
+        prompt = count_messages(messages)
+        stage.costs = {
+            t: self.guard.price(model, Usage(prompt, completion or max_tokens))
+            for t, model in tiers.items()
+        }
+        stage.remaining = self.guard.remaining_fraction()
+        decision = self.router.decide(stage)
+        if decision.choice != "skip":
+            order = ("strong", "cheap") if decision.choice == "strong" else ("cheap",)
+            for tier in order:
+                why = self.guard.why_not(tiers[tier], messages, max_tokens)
+                if why is None:
+                    if tier != decision.choice:
+                        decision = Decision(
+                            tier, f"{decision.reason}; strong over budget", decision.signals
+                        )
+                    break
+            else:
+                if stage.can_skip:
+                    decision = Decision(
+                        "skip", f"{decision.reason}; over budget ({why})", decision.signals
+                    )
+        return self.record(decision, stage.name, agent)
+
+    def record(self, decision: Decision, stage: str, agent: AgentId | None = None) -> Decision:
+        """Keep and emit a decision (`route` does it; a strategy deciding alone calls it)."""
+        event = decision.event(stage, self._now(), agent)
+        self.decisions.append(event)
+        self.emit(event)
+        return decision
