@@ -6,6 +6,10 @@
   many instances of the model; `moa bench local` measures which is faster (docs/local.md).
 - Tokens are pulled one at a time in a worker thread, so cancelling the consumer stops the
   generation within one token and frees the model for the next request.
+- Greedy output depends on the request alone, not on what the instance ran before: llama.cpp's
+  numbers for a token depend on the batch it is evaluated in (alone, as generation does, or
+  among others), so the prompt is always evaluated in slices of two or more tokens and only
+  the KV of an earlier *prompt* evaluation is reused, never that of generated tokens.
 - Logprobs need `logits_all=True`, which costs several times the speed: a second instance of
   the model is loaded lazily, only for requests that ask for logprobs.
 - Continuation (staircase streaming): the chat template is rendered over the messages before
@@ -21,6 +25,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +57,43 @@ class LoadedModel:
     llm: Any
     formatter: Any
     busy: threading.Lock = field(default_factory=threading.Lock)
+    evaluated: list[int] = field(default_factory=list)
+    """The tokens whose KV cache came from a prompt evaluation (reusable as a prefix)."""
 
-    def count(self, text: str, *, bos: bool = False) -> int:
-        return len(self.llm.tokenize(text.encode(), add_bos=bos, special=True))
+    def tokenize(self, text: str, *, bos: bool = False) -> list[int]:
+        return list(self.llm.tokenize(text.encode(), add_bos=bos, special=True))
+
+    def count(self, text: str) -> int:
+        return len(self.tokenize(text))
+
+    def prefill(self, tokens: list[int]) -> None:
+        """Evaluate the prompt `tokens` so its KV cache and last logits are those of a fresh
+        evaluation (see the module notes), reusing the prefix of the previous prompt."""
+        llm = self.llm
+        keep = max(0, min(_common_prefix(self.evaluated, tokens), len(tokens) - 2))
+        llm.n_tokens = keep  # Llama.eval drops the cache from here on
+        self.evaluated = tokens[:keep]
+        for start, end in prompt_slices(keep, len(tokens), llm.n_batch):
+            llm.eval(tokens[start:end])
+            self.evaluated = tokens[:end]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def prompt_slices(start: int, end: int, size: int) -> list[tuple[int, int]]:
+    """[start, end) in slices of at most `size` tokens, none of them a single token when the
+    range has two or more (a lone token is computed differently from one in a batch)."""
+    bounds = [*range(start, end, size), end]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+        bounds[-2] -= 1
+    return list(pairwise(bounds))
 
 
 @dataclass
@@ -206,7 +245,8 @@ class LlamaCppEngine(Provider):
 
     async def _stream_on(self, model: LoadedModel, request: ChatRequest) -> AsyncIterator[Delta]:
         prompt, stop = render_prompt(model.formatter, request.messages, request.continue_final)
-        prompt_tokens = model.count(prompt, bos=True)
+        tokens = model.tokenize(prompt, bos=True)
+        prompt_tokens = len(tokens)
         limit = model.llm.n_ctx() - prompt_tokens
         if limit <= 0:
             raise ProviderError(
@@ -218,7 +258,7 @@ class LlamaCppEngine(Provider):
         max_tokens = min(request.max_tokens or limit, limit)
         for index in range(request.n):
             parts: list[str] = []
-            async for delta in self._generate(model, prompt, stop, max_tokens, request, index):
+            async for delta in self._generate(model, tokens, stop, max_tokens, request, index):
                 parts.append(delta.text)
                 yield delta
             yield Delta(index=index, usage=Usage(prompt_tokens, model.count("".join(parts))))
@@ -226,16 +266,19 @@ class LlamaCppEngine(Provider):
     async def _generate(
         self,
         model: LoadedModel,
-        prompt: str,
+        tokens: list[int],
         stop: list[str],
         max_tokens: int,
         request: ChatRequest,
         index: int,
     ) -> AsyncIterator[Delta]:
-        """Pull tokens one by one in a worker thread; closing stops llama.cpp within a token."""
+        """Evaluate the prompt, then pull tokens one by one in a worker thread; closing stops
+        llama.cpp within a token."""
+        await anyio.to_thread.run_sync(model.prefill, tokens)
         seed = None if request.seed is None else request.seed + index
+        # The whole prompt is cached now: llama-cpp-python samples from it without re-evaluating.
         chunks: Iterator[dict[str, Any]] = model.llm.create_completion(
-            prompt,
+            tokens,
             max_tokens=max_tokens,
             temperature=request.temperature if request.temperature is not None else 0.7,
             top_p=request.top_p if request.top_p is not None else 0.95,

@@ -15,7 +15,12 @@ from moa.providers.registry import ProviderSpec, Registry
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (moa-stack[local]) missing")
 
-from moa.local_engine.llamacpp import ModelPool, model_pool, render_prompt  # noqa: E402
+from moa.local_engine.llamacpp import (  # noqa: E402
+    ModelPool,
+    model_pool,
+    prompt_slices,
+    render_prompt,
+)
 from moa.local_engine.model_files import bundled_model_path, resolve_model_path  # noqa: E402
 
 QUESTION = [{"role": "user", "content": "Name three colours."}]
@@ -66,14 +71,38 @@ def test_greedy_is_deterministic_and_logprobs_only_when_asked(engine) -> None:
     assert max(lp for _, lp in first.top) >= first.logprob - 1e-6
 
 
+def test_greedy_output_does_not_depend_on_what_the_instance_ran_before(engine) -> None:
+    """llama.cpp computes a token evaluated alone differently from one inside a batch; a
+    prompt found whole in the cache used to be finished by a lone token, which changed the
+    greedy answer to this question. Now cold, exact-hit and prefix-hit runs agree."""
+    other = request(messages=[{"role": "user", "content": "Name three animals."}], max_tokens=4)
+    anyio.run(engine.complete, other)  # only the template's head is shared with QUESTION
+    cold = anyio.run(engine.complete, request(max_tokens=16))[0].text
+    cached = anyio.run(engine.complete, request(max_tokens=16))[0].text  # whole prompt cached
+    anyio.run(engine.complete, other)
+    prefix = anyio.run(engine.complete, request(max_tokens=16))[0].text
+    assert cold == cached == prefix
+
+
+def test_prompt_slices_never_evaluate_a_lone_token() -> None:
+    assert prompt_slices(0, 10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert prompt_slices(0, 9, 4) == [(0, 4), (4, 7), (7, 9)]
+    assert prompt_slices(3, 5, 512) == [(3, 5)]
+    assert prompt_slices(0, 1, 512) == [(0, 1)]  # a one-token prompt has no other way
+
+
 def test_continuation_continues_the_assistant_turn(engine) -> None:
     full = anyio.run(engine.complete, request(max_tokens=16))[0].text
     head = full[: len(full) // 2]
     messages = [*QUESTION, {"role": "assistant", "content": head}]
     follow = request(messages=messages, max_tokens=16, continue_final=True)
-    rest = anyio.run(engine.complete, follow)
-    # Greedy decoding continued from the same prefix reproduces the rest of the same answer.
-    assert (head + rest[0].text).startswith(full[: len(head) + 4].rstrip())
+    warm = anyio.run(engine.complete, follow)[0].text  # the answer's own tokens are cached
+    anyio.run(engine.complete, request(messages=[{"role": "user", "content": "Hi"}], max_tokens=2))
+    cold = anyio.run(engine.complete, follow)[0].text
+    # Continuing from a cache that holds the interrupted answer is the same as from scratch,
+    # and it carries the turn on instead of starting a new answer.
+    assert warm == cold and warm.strip()
+    assert not (head + warm).lstrip().startswith(head.lstrip() + full[:8])
 
 
 def test_render_prompt_leaves_the_assistant_turn_open(engine) -> None:
