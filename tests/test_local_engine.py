@@ -248,3 +248,82 @@ def test_main_command_answers_offline() -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip()
     assert "Traceback" not in proc.stderr
+
+
+def test_a_cancel_stops_the_aggregators_long_prompt_evaluation(engine, caplog, capfd) -> None:
+    """A cancel or deadline during a long prefill ends the call inside llama.cpp's decode
+    (its abort callback), not after the whole prompt has been evaluated. llama.cpp's own log
+    lines about it go to the `moa` logger at DEBUG (shown by --debug), not to the terminal."""
+    import logging
+    import threading
+
+    from moa.runtime.prompts import Reference, aggregate_messages, readable_block
+
+    anyio.run(engine.complete, request(max_tokens=1))  # load the instance
+    model = model_pool(bundled_model_path(), False, {}).instances[0]
+    answers = [f"Answer {i}: air scatters blue light more than red light. " * 60 for i in range(3)]
+    messages = aggregate_messages(QUESTION, readable_block([Reference(a) for a in answers]))
+    tokens = model.tokenize(render_prompt(model.formatter, messages, False)[0], bos=True)
+    assert len(tokens) > 2 * model.llm.n_batch  # several slices: one uninterrupted call before
+    decoding = threading.Event()
+
+    class Probe(threading.Event):
+        """The abort flag, which llama.cpp polls between the steps of a running decode."""
+
+        def is_set(self) -> bool:
+            decoding.set()
+            return super().is_set()
+
+    model.abort = Probe()
+
+    async def main() -> bool:
+        with anyio.CancelScope() as scope:
+
+            async def cancel_once_decoding() -> None:
+                await anyio.to_thread.run_sync(decoding.wait)
+                scope.cancel()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(cancel_once_decoding)
+                await engine.complete(request(messages=messages, max_tokens=8))
+        return scope.cancelled_caught
+
+    try:
+        with caplog.at_level(logging.DEBUG, logger="moa.local_engine.llama_cpp"):
+            assert anyio.run(main), "the call should end by cancellation"
+    finally:
+        model.abort = threading.Event()
+    assert [r for r in caplog.records if r.name == "moa.local_engine.llama_cpp"]
+    assert capfd.readouterr().err == ""
+    assert len(model.evaluated) < model.llm.n_batch, "the prompt evaluation was not stopped"
+    assert not model.busy.locked()
+    after = anyio.run(engine.complete, request(max_tokens=4))  # the instance serves the next
+    assert after[0].text
+
+
+def test_a_gguf_without_chat_template_needs_a_named_chat_format(tmp_path: Path) -> None:
+    import shutil
+
+    plain = tmp_path / "no-template.gguf"
+    shutil.copy(bundled_model_path(), plain)
+    with plain.open("r+b") as handle:  # rename the metadata key in place (same length)
+        head = handle.read(8 << 20)  # the metadata precedes the tensors
+        at = head.index(b"tokenizer.chat_template")
+        handle.seek(at)
+        handle.write(b"tokenizer.chat_templatX")
+
+    def provider(**options):
+        spec = ProviderSpec(prefix="plain", kind="llamacpp", key_required=False,
+                            options={"n_threads": 1, **options})
+        return Registry([spec]).resolve(f"plain/{plain}")
+
+    engine, model = provider()
+    with pytest.raises(ConfigError, match=r"no chat template.*chat_format = \"chatml\""):
+        anyio.run(engine.complete, ChatRequest(model=model, messages=QUESTION, max_tokens=2))
+    engine, model = provider(chat_format="no-such-format")
+    with pytest.raises(ConfigError, match=r"Unknown chat_format 'no-such-format'.*chatml"):
+        anyio.run(engine.complete, ChatRequest(model=model, messages=QUESTION, max_tokens=2))
+    engine, model = provider(chat_format="chatml")
+    out = anyio.run(engine.complete, ChatRequest(model=model, messages=QUESTION, max_tokens=6,
+                                                 temperature=0.0))
+    assert out[0].text and out[0].usage.prompt_tokens > 5
