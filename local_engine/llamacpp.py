@@ -4,8 +4,13 @@
 - A request holds one llama.cpp instance for its whole generation (one context cannot
   interleave requests). Option `parallel` (default 1: requests are queued) keeps up to that
   many instances of the model; `moa bench local` measures which is faster (docs/local.md).
-- Tokens are pulled one at a time in a worker thread, so cancelling the consumer stops the
-  generation within one token and frees the model for the next request.
+- Tokens are pulled one at a time in a worker thread. A cancel (or deadline) sets the
+  instance's abort flag, which llama.cpp polls between the steps of a decode, so even a long
+  prompt evaluation stops at once and the instance is free for the next request.
+- Greedy output depends on the request alone, not on what the instance ran before: llama.cpp's
+  numbers for a token depend on the batch it is evaluated in (alone, as generation does, or
+  among others), so the prompt is always evaluated in slices of two or more tokens and only
+  the KV of an earlier *prompt* evaluation is reused, never that of generated tokens.
 - Logprobs need `logits_all=True`, which costs several times the speed: a second instance of
   the model is loaded lazily, only for requests that ask for logprobs.
 - Continuation (staircase streaming): the chat template is rendered over the messages before
@@ -15,12 +20,15 @@
 
 from __future__ import annotations
 
+import inspect
+import logging
 import os
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +51,7 @@ from .model_files import resolve_model_path
 
 DEFAULT_CTX = 4096
 _DONE = object()
+log = logging.getLogger("moa.local_engine.llama_cpp")
 
 
 @dataclass
@@ -52,9 +61,47 @@ class LoadedModel:
     llm: Any
     formatter: Any
     busy: threading.Lock = field(default_factory=threading.Lock)
+    abort: threading.Event = field(default_factory=threading.Event)
+    """Set while a cancelled request waits for its decode: llama.cpp stops it at once."""
+    evaluated: list[int] = field(default_factory=list)
+    """The tokens whose KV cache came from a prompt evaluation (reusable as a prefix)."""
+    hooks: list[Any] = field(default_factory=list)
+    """C callbacks handed to llama.cpp, kept alive as long as the instance."""
 
-    def count(self, text: str, *, bos: bool = False) -> int:
-        return len(self.llm.tokenize(text.encode(), add_bos=bos, special=True))
+    def tokenize(self, text: str, *, bos: bool = False) -> list[int]:
+        return list(self.llm.tokenize(text.encode(), add_bos=bos, special=True))
+
+    def count(self, text: str) -> int:
+        return len(self.tokenize(text))
+
+    def prefill(self, tokens: list[int]) -> None:
+        """Evaluate the prompt `tokens` so its KV cache and last logits are those of a fresh
+        evaluation (see the module notes), reusing the prefix of the previous prompt."""
+        llm = self.llm
+        keep = max(0, min(_common_prefix(self.evaluated, tokens), len(tokens) - 2))
+        llm.n_tokens = keep  # Llama.eval drops the cache from here on
+        self.evaluated = tokens[:keep]
+        for start, end in prompt_slices(keep, len(tokens), llm.n_batch):
+            llm.eval(tokens[start:end])  # RuntimeError when aborted
+            self.evaluated = tokens[:end]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def prompt_slices(start: int, end: int, size: int) -> list[tuple[int, int]]:
+    """[start, end) in slices of at most `size` tokens, none of them a single token when the
+    range has two or more (a lone token is computed differently from one in a batch)."""
+    bounds = [*range(start, end, size), end]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+        bounds[-2] -= 1
+    return list(pairwise(bounds))
 
 
 @dataclass
@@ -133,26 +180,83 @@ def model_pool(path: Path, logits_all: bool, options: dict[str, Any]) -> ModelPo
 
 
 def _create(path: Path, logits_all: bool, options: dict[str, Any]) -> LoadedModel:
-    from llama_cpp import Llama
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    import llama_cpp
 
+    _route_llama_logs()
     settings = {"n_ctx": DEFAULT_CTX, "n_threads": os.cpu_count() or 1, "verbose": False}
     settings.update(options)
+    chat_format = settings.pop("chat_format", None)
     try:
-        llm = Llama(model_path=str(path), logits_all=logits_all, **settings)
+        llm = llama_cpp.Llama(model_path=str(path), logits_all=logits_all, **settings)
     except (ValueError, RuntimeError) as err:
         raise ConfigError(f"llama.cpp could not load {str(path)!r}: {err}.") from None
+    model = LoadedModel(llm, _formatter(llm, path, chat_format))
+    stop_requested = llama_cpp.ggml_abort_callback(lambda _data: model.abort.is_set())
+    llama_cpp.llama_set_abort_callback(llm.ctx, stop_requested, None)
+    model.hooks.append(stop_requested)
+    return model
+
+
+def _formatter(llm: Any, path: Path, chat_format: str | None) -> Any:
+    """The file's own chat template, or the llama-cpp-python chat format named in options."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    if chat_format is not None:
+        formats = chat_formats()
+        if chat_format not in formats:
+            raise ConfigError(
+                f"Unknown chat_format {chat_format!r}; llama-cpp-python's chat formats are: "
+                f"{', '.join(sorted(formats))}."
+            )
+        return formats[chat_format]
     template = llm.metadata.get("tokenizer.chat_template")
     if not template:
-        raise ConfigError(f"Model file {str(path)!r} holds no chat template.")
+        raise ConfigError(
+            f"Model file {str(path)!r} holds no chat template: name one of llama-cpp-python's "
+            'chat formats in the provider\'s options, e.g. options = { chat_format = "chatml" } '
+            "(docs/local.md lists them)."
+        )
 
     def text_of(token: int) -> str:
         return llm._model.token_get_text(token) if token != -1 else ""
 
-    formatter = Jinja2ChatFormatter(
+    return Jinja2ChatFormatter(
         template=template, eos_token=text_of(llm.token_eos()), bos_token=text_of(llm.token_bos())
     )
-    return LoadedModel(llm, formatter)
+
+
+def chat_formats() -> dict[str, Callable[..., Any]]:
+    """llama-cpp-python's named chat formats that are plain prompt formatters (the others
+    are whole chat handlers, e.g. for function calling or images, which moa cannot use)."""
+    from llama_cpp.llama_chat_format import LlamaChatCompletionHandlerRegistry
+
+    formats = {}
+    for name, handler in LlamaChatCompletionHandlerRegistry()._chat_handlers.items():
+        formatter = inspect.getclosurevars(handler).nonlocals.get("chat_formatter")
+        if callable(formatter):
+            formats[name] = formatter
+    return formats
+
+
+_LOG_HOOK: list[Any] = []
+
+
+def _route_llama_logs() -> None:
+    """Send llama.cpp's own log lines to the `moa.local_engine.llama_cpp` logger at DEBUG
+    (shown with --debug) instead of printing them on stderr."""
+    import llama_cpp
+
+    if _LOG_HOOK:
+        return
+
+    @llama_cpp.llama_log_callback
+    def to_logger(_level: int, text: bytes, _data: Any) -> None:
+        line = text.decode("utf-8", "replace").rstrip()
+        if line:
+            log.debug("%s", line)
+
+    llama_cpp.llama_log_set(to_logger, None)
+    _LOG_HOOK.append(to_logger)
 
 
 def render_prompt(
@@ -206,7 +310,8 @@ class LlamaCppEngine(Provider):
 
     async def _stream_on(self, model: LoadedModel, request: ChatRequest) -> AsyncIterator[Delta]:
         prompt, stop = render_prompt(model.formatter, request.messages, request.continue_final)
-        prompt_tokens = model.count(prompt, bos=True)
+        tokens = model.tokenize(prompt, bos=True)
+        prompt_tokens = len(tokens)
         limit = model.llm.n_ctx() - prompt_tokens
         if limit <= 0:
             raise ProviderError(
@@ -218,7 +323,7 @@ class LlamaCppEngine(Provider):
         max_tokens = min(request.max_tokens or limit, limit)
         for index in range(request.n):
             parts: list[str] = []
-            async for delta in self._generate(model, prompt, stop, max_tokens, request, index):
+            async for delta in self._generate(model, tokens, stop, max_tokens, request, index):
                 parts.append(delta.text)
                 yield delta
             yield Delta(index=index, usage=Usage(prompt_tokens, model.count("".join(parts))))
@@ -226,16 +331,19 @@ class LlamaCppEngine(Provider):
     async def _generate(
         self,
         model: LoadedModel,
-        prompt: str,
+        tokens: list[int],
         stop: list[str],
         max_tokens: int,
         request: ChatRequest,
         index: int,
     ) -> AsyncIterator[Delta]:
-        """Pull tokens one by one in a worker thread; closing stops llama.cpp within a token."""
+        """Evaluate the prompt, then pull tokens one by one, each in a worker thread; a cancel
+        stops llama.cpp inside the running step."""
+        await _abortable(model, model.prefill, tokens)
         seed = None if request.seed is None else request.seed + index
+        # The whole prompt is cached now: llama-cpp-python samples from it without re-evaluating.
         chunks: Iterator[dict[str, Any]] = model.llm.create_completion(
-            prompt,
+            tokens,
             max_tokens=max_tokens,
             temperature=request.temperature if request.temperature is not None else 0.7,
             top_p=request.top_p if request.top_p is not None else 0.95,
@@ -246,7 +354,7 @@ class LlamaCppEngine(Provider):
         )
         try:
             while True:
-                chunk = await anyio.to_thread.run_sync(next, chunks, _DONE)
+                chunk = await _abortable(model, next, chunks, _DONE)
                 if chunk is _DONE:
                     return
                 choice = chunk["choices"][0]
@@ -259,3 +367,33 @@ class LlamaCppEngine(Provider):
         finally:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(chunks.close)
+
+
+async def _abortable(model: LoadedModel, fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)` in a worker thread. When cancelled, llama.cpp is told to abort the decode
+    it is running and the thread is awaited, so the instance is idle when this returns."""
+    gate, finished = threading.Lock(), threading.Event()
+    started = cancelled = False
+
+    def call() -> Any:
+        nonlocal started
+        with gate:
+            if cancelled:  # the caller has gone before the thread started
+                return None
+            started = True
+        try:
+            return fn(*args)
+        finally:
+            finished.set()
+
+    try:
+        return await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
+    except anyio.get_cancelled_exc_class():
+        with gate:
+            cancelled, running = True, started
+        if running:
+            model.abort.set()
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(finished.wait)
+            model.abort.clear()
+        raise

