@@ -16,6 +16,7 @@ BENCHES: dict[str, str] = {
     "local": "CPU engine tokens/s alone vs self-MoA, sequential vs concurrent",
     "serve": "concurrent streaming clients through `moa serve`",
     "routing": "cost and accuracy of routing policies on a simulated two-tier task",
+    "quality": "accuracy of one model alone vs mixtures of it on the shipped task set",
 }
 
 

@@ -30,6 +30,11 @@ AGGREGATE_PROMPT = (
     "to the instruction. Ensure your response is well-structured, coherent, and adheres to the "
     "highest standards of accuracy and reliability.\n\nResponses from models:"
 )
+SMALL_MODEL_INSTRUCTION = (
+    "Here are answers from other assistants to the latest user query. Some may be wrong. "
+    "Reply with the correct answer only, in the form the user asked for.\n\nAnswers:"
+)
+"""A shorter instruction for small models (`moa bench quality` measures it)."""
 TRUNCATED_LABEL = " [truncated: this model stopped before finishing]"
 TRIMMED_LABEL = " [trimmed to fit the context]"
 IN_PROGRESS_LABEL = " …"

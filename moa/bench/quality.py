@@ -1,0 +1,369 @@
+"""`moa bench quality`: answer accuracy of one model alone vs mixtures of it.
+
+Runs on the shipped exact-answer task set (`moa.bench.taskset`: dev and held-out splits) and
+scores a reply right when its extracted answer (`moa.routing.signals`) equals the reference.
+Rows for the model `-m` (default `local/smollm2`), built from shared calls — a greedy reply and
+samples at `--temperature` with seeds 0, 1, 2 per question — so that every row reusing a call
+pays for it once in compute but counts it in its own calls, tokens and latency:
+
+- `alone greedy`, `alone sampled`: one call;
+- `vote 3 sampled`, `vote greedy+2 sampled`: majority of the extracted answers (ties go to the
+  first reply, the greedy one where there is one); no aggregator call;
+- `skip-on-agreement`: greedy+2 sampled; the answer when all three agree, else the `local`
+  preset's aggregator over them (what a router that skips aggregation on agreement does);
+- `preset local`: the `local` preset's own graph and prompts (proposers, then its aggregator
+  reading them with the paper's prompt, as the executor builds it);
+- variants: `paper prompt 3 sampled` (the preset before issue 16), `short instruction`
+  (`SMALL_MODEL_INSTRUCTION` in place of the paper's prompt) and `extracted answers` (the
+  aggregator reads only each reply's extracted answer, with the short instruction).
+
+Each `-c FILE|PRESET` runs end to end through `moa.Mixture` (wall time as latency).
+Latency of the other rows is the sum of the measured times of the calls a row makes, one after
+another — what a CPU engine serving one generation at a time does anyway. `--cache FILE` keeps
+the calls (with their times) so later runs reuse them.
+
+JSON row fields: `split`, `config`, `accuracy`, `ci_low`/`ci_high` (95 % Wilson interval),
+`tasks`, `errors`, `calls` and `tokens` (per task, mean), `latency_s` (per task, mean).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moa.errors import MoaError
+from moa.providers.base import ChatRequest, Message
+from moa.routing.evaluate import Outcome, Task, outcome_of
+from moa.routing.signals import agreement, extract_answer, is_correct
+from moa.runtime.prompts import (
+    AGGREGATE_PROMPT,
+    SMALL_MODEL_INSTRUCTION,
+    Reference,
+    aggregate_messages,
+    mark_duplicates,
+    readable_block,
+)
+
+Z95 = 1.96
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-m", "--model", default="local/smollm2",
+                        help="the model under test (default local/smollm2)")
+    parser.add_argument("-c", "--config", action="append", default=[], metavar="FILE|PRESET",
+                        help="also run this mixture end to end (repeatable)")
+    parser.add_argument("--providers", metavar="FILE",
+                        help="a config file whose [providers.*] tables add or replace prefixes")
+    parser.add_argument("--split", choices=["dev", "heldout", "both"], default="both")
+    parser.add_argument("--limit", type=int, metavar="N", help="first N tasks of each kind")
+    parser.add_argument("--rows", metavar="NAMES",
+                        help="comma-separated row names to run (default: all)")
+    parser.add_argument("--max-tokens", type=int, default=16,
+                        help="cap on every composed call's max_tokens (default 16)")
+    parser.add_argument("--temperature", type=float, default=0.7,
+                        help="temperature of the sampled replies (default 0.7)")
+    parser.add_argument("--cache", metavar="FILE", help="JSONL of recorded calls to reuse/extend")
+
+
+@dataclass
+class Call:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+
+
+@dataclass
+class Calls:
+    """The model's calls for one run of the bench, memoised by request (and kept in `cache`)."""
+
+    registry: Any
+    ref: str
+    cap: int
+    cache: Path | None = None
+    seen: dict[str, Call] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.cache and self.cache.exists():
+            for line in self.cache.read_text().splitlines():
+                key, call = json.loads(line)
+                self.seen[key] = Call(**call)
+
+    async def get(
+        self, messages: list[Message], temperature: float, max_tokens: int, seed: int
+    ) -> Call:
+        max_tokens = min(max_tokens, self.cap)
+        seed = 0 if temperature == 0 else seed
+        key = json.dumps([self.ref, messages, temperature, max_tokens, seed])
+        if key not in self.seen:
+            provider, model = self.registry.resolve(self.ref)
+            request = ChatRequest(model=model, messages=messages, temperature=temperature,
+                                  max_tokens=max_tokens, seed=seed)
+            started = time.perf_counter()
+            done = (await provider.complete(request))[0]
+            call = Call(done.text, done.usage.prompt_tokens, done.usage.completion_tokens,
+                        time.perf_counter() - started)
+            self.seen[key] = call
+            if self.cache:
+                with self.cache.open("a") as f:
+                    f.write(json.dumps([key, call.__dict__]) + "\n")
+        return self.seen[key]
+
+
+@dataclass
+class Answer:
+    """What one row did on one task."""
+
+    text: str
+    calls: list[Call]
+
+    def outcome(self) -> Outcome:
+        return Outcome(self.text, len(self.calls), sum(c.prompt_tokens for c in self.calls),
+                       sum(c.completion_tokens for c in self.calls), None)
+
+
+Row = Callable[["Composer", str], Awaitable[Answer]]
+
+
+@dataclass
+class Composer:
+    """Builds each row's answer to a question from the shared calls."""
+
+    calls: Calls
+    temperature: float
+    preset: Any  # MixtureConfig of the `local` preset, with `model` in every slot
+
+    def user(self, question: str) -> list[Message]:
+        return [{"role": "user", "content": question}]
+
+    async def greedy(self, question: str) -> Call:
+        return await self.calls.get(self.user(question), 0.0, self.calls.cap, 0)
+
+    async def sampled(self, question: str, k: int) -> Call:
+        return await self.calls.get(self.user(question), self.temperature, self.calls.cap, k)
+
+    async def proposals(self, question: str, greedy: bool) -> list[Call]:
+        first = [await self.greedy(question)] if greedy else []
+        rest = [await self.sampled(question, k) for k in range(3 - len(first))]
+        return first + rest
+
+    async def aggregate(
+        self, question: str, replies: list[str], instruction: str, system: str | None,
+        temperature: float, max_tokens: int,
+    ) -> Call:
+        refs = mark_duplicates([Reference(r) for r in replies])
+        block = readable_block(refs, instruction)
+        messages = aggregate_messages(self.user(question), block, system=system)
+        return await self.calls.get(messages, temperature, max_tokens, 0)
+
+    async def preset_answer(self, question: str) -> Answer:
+        """The preset's graph: its proposer slots, then its aggregator (paper prompt)."""
+        layer, agg = self.preset.layers[0], self.preset.aggregator
+        props: list[Call] = []
+        sampled = 0
+        for agent in layer.agents:
+            messages = self.user(question)
+            if agent.system:
+                messages = [{"role": "system", "content": agent.system}, *messages]
+            for _ in range(agent.n):
+                seed = sampled if agent.temperature else 0
+                sampled += bool(agent.temperature)
+                props.append(await self.calls.get(messages, agent.temperature,
+                                                  agent.max_tokens, seed))
+        final = await self.aggregate(question, [p.text for p in props], AGGREGATE_PROMPT,
+                                     agg.system, agg.temperature, agg.max_tokens)
+        return Answer(final.text, [*props, final])
+
+
+def _vote(props: list[Call]) -> Answer:
+    votes = agreement([p.text for p in props])
+    winner = next((p for p, a in zip(props, votes.answers, strict=True)
+                   if a is not None and a == votes.majority), props[0])
+    return Answer(winner.text, props)
+
+
+async def _alone_greedy(c: Composer, q: str) -> Answer:
+    return Answer((call := await c.greedy(q)).text, [call])
+
+
+async def _alone_sampled(c: Composer, q: str) -> Answer:
+    return Answer((call := await c.sampled(q, 0)).text, [call])
+
+
+async def _vote_sampled(c: Composer, q: str) -> Answer:
+    return _vote(await c.proposals(q, greedy=False))
+
+
+async def _vote_greedy(c: Composer, q: str) -> Answer:
+    return _vote(await c.proposals(q, greedy=True))
+
+
+async def _skip_on_agreement(c: Composer, q: str) -> Answer:
+    props = await c.proposals(q, greedy=True)
+    if agreement([p.text for p in props]).unanimous:
+        return _vote(props)
+    agg = c.preset.aggregator
+    final = await c.aggregate(q, [p.text for p in props], AGGREGATE_PROMPT, agg.system,
+                              agg.temperature, agg.max_tokens)
+    return Answer(final.text, [*props, final])
+
+
+async def _preset(c: Composer, q: str) -> Answer:
+    return await c.preset_answer(q)
+
+
+async def _paper_sampled(c: Composer, q: str) -> Answer:
+    props = await c.proposals(q, greedy=False)
+    final = await c.aggregate(q, [p.text for p in props], AGGREGATE_PROMPT, None, 0.3, 192)
+    return Answer(final.text, [*props, final])
+
+
+async def _short_instruction(c: Composer, q: str) -> Answer:
+    props = await c.proposals(q, greedy=True)
+    final = await c.aggregate(q, [p.text for p in props], SMALL_MODEL_INSTRUCTION, None, 0.0, 64)
+    return Answer(final.text, [*props, final])
+
+
+async def _extracted(c: Composer, q: str) -> Answer:
+    props = await c.proposals(q, greedy=True)
+    answers = [extract_answer(p.text) or p.text for p in props]
+    final = await c.aggregate(q, answers, SMALL_MODEL_INSTRUCTION, None, 0.0, 64)
+    return Answer(final.text, [*props, final])
+
+
+ROWS: dict[str, Row] = {
+    "alone greedy": _alone_greedy,
+    "alone sampled": _alone_sampled,
+    "vote 3 sampled": _vote_sampled,
+    "vote greedy+2 sampled": _vote_greedy,
+    "skip-on-agreement": _skip_on_agreement,
+    "preset local": _preset,
+    "paper prompt 3 sampled": _paper_sampled,
+    "short instruction": _short_instruction,
+    "extracted answers": _extracted,
+}
+
+
+def wilson(right: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion `right / n`."""
+    if n == 0:
+        return 0.0, 1.0
+    p = right / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def score(split: str, name: str, tasks: list[Task],
+          results: list[tuple[Outcome | None, float]]) -> dict[str, Any]:
+    """One table row from each task's outcome (None: the run failed) and latency."""
+    right = sum(o is not None and is_correct(o.text, t.answer)
+                for (o, _), t in zip(results, tasks, strict=True))
+    done = [o for o, _ in results if o is not None]
+    low, high = wilson(right, len(tasks))
+    n = len(tasks)
+    return {
+        "split": split, "config": name, "accuracy": round(right / n, 4),
+        "ci_low": round(low, 4), "ci_high": round(high, 4), "tasks": n,
+        "errors": n - len(done),
+        "calls": round(sum(o.calls for o in done) / n, 2),
+        "tokens": round(sum(o.prompt_tokens + o.completion_tokens for o in done) / n, 1),
+        "latency_s": round(sum(lat for _, lat in results) / n, 3),
+    }
+
+
+async def _composed(composer: Composer, row: Row, tasks: list[Task]
+                    ) -> list[tuple[Outcome | None, float]]:
+    out: list[tuple[Outcome | None, float]] = []
+    for task in tasks:
+        try:
+            answer = await row(composer, task.question)
+        except MoaError:
+            out.append((None, 0.0))
+            continue
+        out.append((answer.outcome(), sum(c.seconds for c in answer.calls)))
+    return out
+
+
+async def _mixture(mixture: Any, tasks: list[Task]) -> list[tuple[Outcome | None, float]]:
+    out: list[tuple[Outcome | None, float]] = []
+    for i, task in enumerate(tasks):
+        started = time.perf_counter()
+        try:
+            outcome: Outcome | None = outcome_of(await mixture.run(task.question, seed=i))
+        except MoaError:
+            outcome = None
+        out.append((outcome, time.perf_counter() - started))
+    return out
+
+
+def _registry(providers: str | None) -> Any:
+    from moa.config import read_file
+    from moa.providers.registry import ProviderSpec, Registry, default_registry
+
+    registry = Registry(default_registry.specs())
+    tables = read_file(providers).get("providers") or {} if providers else {}
+    for prefix, spec in tables.items():
+        registry.register(ProviderSpec.model_validate({"prefix": prefix, **spec}))
+    return registry
+
+
+def _preset_for(model: str) -> Any:
+    from moa.config import LOCAL_MODEL, preset
+
+    config = preset("local")
+    for agent in config.agents():
+        if agent.model == LOCAL_MODEL:
+            agent.model = model
+    return config
+
+
+def _rows(names: str | None) -> dict[str, Row]:
+    if not names:
+        return ROWS
+    chosen = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in chosen if n not in ROWS]
+    if unknown:
+        raise MoaError(f"Unknown row {unknown[0]!r}; rows: {', '.join(ROWS)}.")
+    return {n: ROWS[n] for n in chosen}
+
+
+def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
+    import anyio
+
+    from moa.bench import taskset
+    from moa.mixture import Mixture
+
+    rows_to_run = _rows(args.rows)
+    splits = taskset.SPLITS if args.split == "both" else (args.split,)
+    registry = _registry(args.providers)
+    registry.check(args.model)
+    calls = Calls(registry, args.model, args.max_tokens,
+                  Path(args.cache) if args.cache else None)
+    composer = Composer(calls, args.temperature, _preset_for(args.model))
+    rows: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        try:
+            for split in splits:
+                tasks = [t for _, t in taskset.load(split, limit=args.limit)]
+                for name, row in rows_to_run.items():
+                    rows.append(score(split, name, tasks, await _composed(composer, row, tasks)))
+                for source in args.config:
+                    mixture = Mixture(source, registry=registry)
+                    results = await _mixture(mixture, tasks)
+                    rows.append(score(split, f"-c {source}", tasks, results))
+        finally:
+            await registry.aclose()
+
+    anyio.run(main)
+    notes = [f"model {args.model}; {args.max_tokens} max tokens per composed call; 95 % Wilson "
+             "intervals; a row matches the model alone when its interval reaches "
+             "`alone greedy`'s accuracy."]
+    return rows, notes
