@@ -65,9 +65,9 @@ def stage_seed(seed: int | None, offset: int) -> int | None:
     return None if seed is None else seed * 10_007 + offset
 
 
-@dataclass
+@dataclass(eq=False)
 class Node:
-    """One agent and everything it produced."""
+    """One agent and everything it produced (compared by identity)."""
 
     id: AgentId
     agent: AgentConfig
