@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import anyio
 
@@ -207,11 +208,17 @@ class Run:
     # ---- agents ----------------------------------------------------------------------------
 
     def node(
-        self, aid: AgentId, agent: AgentConfig, *, chunk_size: int | None = None, **kw: object
+        self,
+        aid: AgentId,
+        agent: AgentConfig,
+        *,
+        chunk_size: Callable[[int], int] | None = None,
+        **kw: Any,
     ) -> Node:
-        """A new agent of this run on `aid.model` (resolved in the registry)."""
+        """A new agent of this run on `aid.model` (resolved in the registry); `kw` sets fields
+        of the `Node`."""
         provider, model = self.registry.resolve(aid.model)
-        node = Node(aid, agent, provider, model, Feed(self.board, chunk_size), **kw)  # type: ignore[arg-type]
+        node = Node(aid, agent, provider, model, Feed(self.board, chunk_size), **kw)
         self.nodes.append(node)
         return node
 
