@@ -152,13 +152,19 @@ class MixtureConfig(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _provider_prefixes(cls, data: Any) -> Any:
+    def _old_routing(cls, data: Any) -> Any:
+        """A `RoutingConfig` of old (a `[routing]` table, or top-level tiers) says how to move."""
         if isinstance(data, dict) and ("routing" in data or {"cheap", "strong"} <= set(data)):
             raise ValueError(
                 "routing tables are gone: put `strong = \"provider/model\"` on the agents to "
                 "route (e.g. the [aggregator]) and the policy in a [router] table "
                 "(docs/routing.md shows the shape)"
             )
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _provider_prefixes(cls, data: Any) -> Any:
         if isinstance(data, dict) and isinstance(data.get("providers"), dict):
             data = dict(data)
             data["providers"] = {

@@ -103,6 +103,14 @@ def test_config_and_policy_specs() -> None:
     calibrated = {"policy": "marginal", "bias": -2.0, "multiplier": 0.3}
     assert parse_policy("mu:multiplier=0.5", base=calibrated)["bias"] == -2.0
     assert parse_policy("mu:multiplier=0.5", base=calibrated)["multiplier"] == 0.5
+    # The [router] table's keys that are not the policy's survive a change of policy.
+    table = {"policy": "threshold", "threshold": 0.5, "top_logprobs": 3, "refine_loops": 1}
+    assert parse_policy("always-cheap", base=table) == {
+        "policy": "fixed", "tier": "cheap", "top_logprobs": 3, "refine_loops": 1
+    }
+    rank = router_from_config({"policy": "threshold", "signal": "rank", "threshold": 0.25,
+                               "refine_loops": 2, "logprobs": False})
+    assert isinstance(rank, ThresholdRouter) and rank.signal == "rank"
     with pytest.raises(ConfigError, match=r"field 'threshold\.signal'"):
         router_from_config({"policy": "threshold", "signal": "vibes"})
     with pytest.raises(ConfigError):

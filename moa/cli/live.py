@@ -119,6 +119,7 @@ class LiveView:
         if agent is None:
             return
         state = self._agents.setdefault(agent, _AgentState(agent))
+        state.agent = agent  # a routed stage's id names its tier once the router decided
         if isinstance(event, AgentStarted):
             state.status, state.started = "streaming", event.t
         elif isinstance(event, AgentDelta):

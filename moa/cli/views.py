@@ -79,6 +79,8 @@ class PlainView:
             _note(f"{out.agent.label} failed: {out.error}")
         for notice in result.notices:
             _note(notice)
+        for d in result.decisions:
+            _note(f"routed {d.stage}: {d.choice} ({d.reason})")
         _note(summary_line(result))
 
     def abort(self) -> None:

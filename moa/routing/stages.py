@@ -82,7 +82,7 @@ async def route_aggregator(run: Execution, node: Node) -> str:
         signals = group_signals([u.text for u in refs], [u.logprobs or None for u in refs])
         candidate = best_supporter(done) if complete else None
     signals["references_done"] = len(done)
-    signals["references_partial"] = len(refs) - len([u for u in refs if u in done])
+    signals["references_partial"] = sum(u.feed.state != "done" for u in refs)
     messages = aggregate_messages(
         run.messages,
         readable_block([Reference(u.text) for u in refs], AGGREGATE_PROMPT),

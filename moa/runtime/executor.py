@@ -68,11 +68,10 @@ class Execution(Run):
         guard: BudgetGuard,
         router: Router | None = None,
         overrides: Overrides | None = None,
-        mode: str | None = None,
     ) -> None:
         super().__init__(config, registry, messages, emit, guard, router, overrides)
         self.layers = self._build()
-        requested = mode or config.mode
+        requested = config.mode
         self.mode, self.fallback = self._choose_mode(requested)
         # A fallback is news when staircase was asked for; under `auto` it is only traced.
         self.fallback_kind = "auto" if requested == "auto" else "fallback"

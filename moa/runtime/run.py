@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import anyio
 
@@ -65,9 +66,9 @@ def stage_seed(seed: int | None, offset: int) -> int | None:
     return None if seed is None else seed * 10_007 + offset
 
 
-@dataclass
+@dataclass(eq=False)
 class Node:
-    """One agent and everything it produced."""
+    """One agent and everything it produced (compared by identity)."""
 
     id: AgentId
     agent: AgentConfig
@@ -207,11 +208,17 @@ class Run:
     # ---- agents ----------------------------------------------------------------------------
 
     def node(
-        self, aid: AgentId, agent: AgentConfig, *, chunk_size: int | None = None, **kw: object
+        self,
+        aid: AgentId,
+        agent: AgentConfig,
+        *,
+        chunk_size: Callable[[int], int] | None = None,
+        **kw: Any,
     ) -> Node:
-        """A new agent of this run on `aid.model` (resolved in the registry)."""
+        """A new agent of this run on `aid.model` (resolved in the registry); `kw` sets fields
+        of the `Node`."""
         provider, model = self.registry.resolve(aid.model)
-        node = Node(aid, agent, provider, model, Feed(self.board, chunk_size), **kw)  # type: ignore[arg-type]
+        node = Node(aid, agent, provider, model, Feed(self.board, chunk_size), **kw)
         self.nodes.append(node)
         return node
 
