@@ -19,6 +19,16 @@ from moa.runtime.budget import Budget
 
 Mode = Literal["layered", "staircase", "auto"]
 
+# Ceilings on what one request may spend: a typo must not become thousands of paid calls.
+MAX_LAYERS = 10
+"""Proposer layers (the final aggregator is one more)."""
+MAX_AGENTS = 32
+"""Agents in one layer."""
+MAX_N = 16
+"""Samples drawn from one agent."""
+MAX_TOKENS = 131_072
+"""Tokens one call may generate."""
+
 
 class AgentConfig(BaseModel):
     """One model call slot: a proposer or an aggregator."""
@@ -27,10 +37,10 @@ class AgentConfig(BaseModel):
 
     model: str = Field(description="Model reference 'provider/model'.")
     temperature: float = Field(0.7, ge=0, le=2)
-    max_tokens: int = Field(512, gt=0)
+    max_tokens: int = Field(512, gt=0, le=MAX_TOKENS)
     system: str | None = Field(None, description="System prompt of this agent.")
     name: str | None = None
-    n: int = Field(1, ge=1, description="Samples drawn from this agent (Self-MoA).")
+    n: int = Field(1, ge=1, le=MAX_N, description="Samples drawn from this agent (Self-MoA).")
 
     @model_validator(mode="after")
     def _model_ref(self) -> AgentConfig:
@@ -49,7 +59,7 @@ class LayerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    agents: list[AgentConfig] = Field(min_length=1)
+    agents: list[AgentConfig] = Field(min_length=1, max_length=MAX_AGENTS)
     min_proposers: int = Field(1, ge=1, description="Answers needed for the layer to succeed.")
 
     @model_validator(mode="after")
@@ -105,7 +115,7 @@ class MixtureConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = "custom"
-    layers: list[LayerConfig] = Field(min_length=1)
+    layers: list[LayerConfig] = Field(min_length=1, max_length=MAX_LAYERS)
     """Proposer layers. The final aggregator is one more layer, so layers + 1 in all."""
     aggregator: AgentConfig
     mode: Mode = "auto"

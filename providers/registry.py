@@ -192,9 +192,13 @@ class Registry:
             ) from err
 
     async def aclose(self) -> None:
-        """Close every provider this registry created."""
-        instances, self._instances = list(self._instances.values()), {}
-        for instance in instances:
+        """Close this event loop's connections of every provider this registry created.
+
+        The providers stay registered (a later call opens new connections), and connections of
+        other event loops stay open: each loop (each `run_sync`, each thread) closes its own.
+        Calls still running on a closed pool finish first.
+        """
+        for instance in list(self._instances.values()):
             await instance.aclose()
 
 

@@ -157,7 +157,6 @@ class _Completions(_Proxy):
         from openai.types.chat import ChatCompletion
 
         result = await mixture.run(call.messages, **call.overrides)
-        await mixture.aclose()
         return ChatCompletion.model_validate(completion(result, call.model))
 
 
@@ -175,7 +174,8 @@ class WrappedClient(_Proxy):
 
         super().__init__(client)
         self._router = _Router(client, mixtures)
-        self.chat = _Chat(client.chat, self._router, isinstance(client, openai.AsyncOpenAI))
+        self._async = isinstance(client, openai.AsyncOpenAI)
+        self.chat = _Chat(client.chat, self._router, self._async)
 
     def __repr__(self) -> str:
         return f"moa.wrap({type(self._target).__name__}(base_url={str(self._target.base_url)!r}))"
@@ -184,6 +184,32 @@ class WrappedClient(_Proxy):
     def registry(self) -> Registry:
         """The registry mixtures of this client use (with the `client/` prefix)."""
         return self._router.registry
+
+    def close(self) -> Any:
+        """Close the wrapped client and the mixtures' connections (await it on an async client).
+
+        Concurrent calls share the mixtures' connection pools; they stay open until this.
+        """
+        if self._async:
+            return self._aclose()
+        self._target.close()  # a sync client's mixture calls close their own (per-call) pools
+        return None
+
+    async def _aclose(self) -> None:
+        await self._router.registry.aclose()
+        await self._target.close()
+
+    def __enter__(self) -> WrappedClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> WrappedClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._aclose()
 
 
 def wrap(client: Any, mixtures: dict[str, Any] | None = None) -> WrappedClient:

@@ -470,6 +470,10 @@ class Execution:
         Raises `BudgetExceeded` before sending anything when the call could exceed a budget.
         """
         reservation = self.guard.reserve(node.agent.model, messages, max_tokens)
+
+        def retried() -> None:  # `calls` counts attempts; usage and cost stay per success
+            node.output.calls += 1
+
         request = ChatRequest(
             model=node.model,
             messages=messages,
@@ -478,6 +482,7 @@ class Execution:
             stop=node.stop,
             seed=node.seed,
             continue_final=continue_final,
+            on_retry=retried,
         )
         parts: list[str] = []
         finish: str | None = None

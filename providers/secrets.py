@@ -1,0 +1,48 @@
+"""Keeping credentials out of messages, log lines and reprs.
+
+Every message built from an upstream body or a URL passes `redact` (the provider's key and
+any URL password) before it is logged, raised or returned; URLs are shown through `mask_url`.
+A value shorter than `MIN_SECRET_CHARS` is never treated as a secret: replacing a one-letter
+"key" everywhere would mangle every message and hide nothing.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import SecretStr
+
+MIN_SECRET_CHARS = 8
+MASK = "***"
+
+
+def _value(secret: SecretStr | str | None) -> str:
+    value = secret.get_secret_value() if isinstance(secret, SecretStr) else secret or ""
+    return value if len(value) >= MIN_SECRET_CHARS else ""
+
+
+def redact(text: str, *secrets: SecretStr | str | None) -> str:
+    """`text` with every secret in it replaced by `***`."""
+    for value in sorted(filter(None, map(_value, secrets)), key=len, reverse=True):
+        text = text.replace(value, MASK)
+    return text
+
+
+def url_password(url: str | None) -> str | None:
+    """The password of a `user:password@host` URL, if it has one."""
+    try:
+        return urlsplit(url).password if url else None
+    except ValueError:
+        return None
+
+
+def mask_url(url: str) -> str:
+    """`url` with any `user:password@` part shown as `***@`."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return MASK
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{MASK}@{host}"))
