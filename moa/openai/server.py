@@ -68,7 +68,14 @@ class Refused(Exception):
                           "code": self.code}}
 
     def response(self) -> JSONResponse:
-        headers = {"retry-after": str(self.retry_after)} if self.retry_after is not None else None
+        """The JSON answer; 429 and 503 overload carry `Retry-After`, and other 5xx tell the
+        official SDKs not to retry (`x-should-retry: false`): the mixture already retried each
+        upstream call, and a retried mixture repeats every one of them."""
+        headers = {}
+        if self.retry_after is not None:
+            headers["retry-after"] = str(self.retry_after)
+        elif self.status >= 500:
+            headers["x-should-retry"] = "false"
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
@@ -89,13 +96,17 @@ def failure(model: str, err: Exception) -> Refused:
     return Refused(500, "Internal server error.", "server_error")
 
 
-def _log_failure(model: str, err: Exception, refused: Refused) -> None:
-    """One line per failed request; the traceback only at DEBUG (`moa serve --debug`)."""
+def _logged(refused: Refused, model: str | None, err: Exception | None = None) -> Refused:
+    """Log one line per failed request (the client's mistakes at INFO, the server's at WARNING);
+    a traceback only for an internal error or at DEBUG (`moa serve --debug`)."""
+    where = f"{model}: " if model else ""
     if refused.status == 500:
-        log.error("%s: internal error: %r", model, err, exc_info=err)
-        return
-    log.warning("%s: HTTP %d: %s", model, refused.status, err,
-                exc_info=err if log.isEnabledFor(logging.DEBUG) else None)
+        log.error("%sinternal error: %r", where, err, exc_info=err)
+    else:
+        level = logging.WARNING if refused.status >= 500 else logging.INFO
+        log.log(level, "%sHTTP %d: %s", where, refused.status, err or refused,
+                exc_info=err if err is not None and log.isEnabledFor(logging.DEBUG) else None)
+    return refused
 
 
 class Gate:
@@ -212,7 +223,7 @@ def create_app(
         try:
             authorize(request)
         except Refused as err:
-            return err.response()
+            return _logged(err, None).response()
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "moa"}
                 for name in mixtures]
         return JSONResponse({"object": "list", "data": data})
@@ -225,9 +236,9 @@ def create_app(
             name = named(call.model)
             await gate.enter()
         except RequestError as err:
-            return Refused(400, str(err), param=err.param).response()
+            return _logged(Refused(400, str(err), param=err.param), None).response()
         except Refused as err:
-            return err.response()
+            return _logged(err, None).response()
         if call.stream:
             return _SlotStream(_stream(name, call), gate)
         try:
@@ -235,9 +246,7 @@ def create_app(
                 request, running[name].run(call.messages, **call.overrides)
             )
         except Exception as err:
-            refused = failure(name, err)
-            _log_failure(name, err, refused)
-            return refused.response()
+            return _logged(failure(name, err), name, err).response()
         finally:
             gate.leave()
         if result is None:  # the client went away; nobody reads this
@@ -280,9 +289,7 @@ def create_app(
                         for chunk in chunks.feed(event):
                             put(f"data: {json.dumps(chunk)}\n\n")
             except Exception as err:
-                refused = failure(name, err)
-                _log_failure(name, err, refused)
-                put(f"data: {json.dumps(refused.body())}\n\n")
+                put(f"data: {json.dumps(_logged(failure(name, err), name, err).body())}\n\n")
             put("data: [DONE]\n\n")
             tg.cancel_scope.cancel()
 
