@@ -257,7 +257,7 @@ def from_dict(
     if "preset" in data:
         data = dict(data)
         name = data.pop("preset")
-        if name not in PRESETS:
+        if not isinstance(name, str) or name not in PRESETS:
             raise ConfigError(
                 f"Invalid config {source}: field 'preset': unknown preset {name!r}; "
                 f"presets: {', '.join(PRESETS)}."
@@ -282,6 +282,8 @@ def read_file(path: str | Path) -> dict[str, Any]:
         data = json.loads(raw) if path.suffix.lower() == ".json" else tomllib.loads(raw.decode())
     except (ValueError, UnicodeDecodeError) as err:
         raise ConfigError(f"Config file {str(path)!r} is malformed: {err}.") from None
+    except RecursionError:
+        raise ConfigError(f"Config file {str(path)!r} nests too deeply.") from None
     if not isinstance(data, dict):
         raise ConfigError(f"Config file {str(path)!r} must hold a table / object at the top level.")
     return data
