@@ -218,8 +218,8 @@ class HttpTransport:
         loop = anyio.lowlevel.current_token().native_token
         state = self._states.get(loop)
         if state is None:
-            for old in [k for k in self._states if getattr(k, "is_closed", bool)()]:
-                del self._states[old]
+            for old in [k for k in list(self._states) if getattr(k, "is_closed", bool)()]:
+                self._states.pop(old, None)  # other threads' loops may be here too
             state = self._states[loop] = _LoopState(self.limits)
         return state
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -77,10 +77,6 @@ class Refused(Exception):
         elif self.status >= 500:
             headers["x-should-retry"] = "false"
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
-
-
-UNAUTHORIZED = Refused(401, "Invalid or missing API key.", "authentication_error",
-                       "invalid_api_key")
 
 
 def failure(model: str, err: Exception) -> Refused:
@@ -204,7 +200,8 @@ def create_app(
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if not (scheme.lower() == "bearer"
                 and hmac.compare_digest(token.encode(), api_key.encode())):
-            raise UNAUTHORIZED
+            raise Refused(401, "Invalid or missing API key.", "authentication_error",
+                          "invalid_api_key")
 
     def named(model: str) -> str:
         for name in (model, model.removeprefix("moa/")):
@@ -239,6 +236,8 @@ def create_app(
             return _logged(Refused(400, str(err), param=err.param), None).response()
         except Refused as err:
             return _logged(err, None).response()
+        except ClientDisconnect:  # gone while sending the body; nobody reads an answer
+            return Response(status_code=499)
         if call.stream:
             return _SlotStream(_stream(name, call), gate)
         try:
