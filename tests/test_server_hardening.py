@@ -154,8 +154,10 @@ def test_failed_mixtures_get_their_status_once_logged_and_the_connection_survive
         with pytest.raises(exception, match=needle) as info:
             client.chat.completions.create(model=model, messages=HI)  # type: ignore[arg-type]
         assert info.value.status_code == status  # type: ignore[attr-defined]
+        through_sdk = len(upstream.requests)
         with httpx.Client(base_url=server.base_url, timeout=30) as http:
             failed = http.post("/chat/completions", json={"model": model, "messages": HI})
+            assert len(upstream.requests) == 2 * through_sdk, "the SDK did not repeat the run"
             again = http.post("/chat/completions", json={"model": "moa", "messages": HI})
             assert failed.status_code == status and again.status_code == 200
             assert http.get("/models").status_code == 200  # same keep-alive connection
