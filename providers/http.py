@@ -174,9 +174,11 @@ class _LoopState:
         """The least busy pool (a new one when every pool is full) for one call.
 
         httpcore's pool bookkeeping costs O(connections²) per request, so a provider with many
-        open calls spreads them over several small pools.
+        open calls spreads them over several small pools. A call that waited for its slot
+        while the state was closed gets a fresh pool, closed when it ends.
         """
-        index = min(range(len(self.pools)), key=self.leases.__getitem__, default=-1)
+        usable = [i for i, pool in enumerate(self.pools) if not pool.is_closed]
+        index = min(usable, key=self.leases.__getitem__, default=-1)
         if index < 0 or self.leases[index] >= self.limits.pool_size:
             self.pools.append(self._new_pool())
             self.leases.append(0)

@@ -12,6 +12,7 @@ import pytest
 
 import moa
 from moa.mixture import Mixture
+from moa.providers.base import ChatRequest
 from moa.providers.registry import Limits
 from moa.testing import LoopbackServer, ModelBehavior
 
@@ -108,6 +109,25 @@ async def test_closing_a_mixture_lets_running_calls_finish(upstream: LoopbackSer
     assert [r.text for r in results] == [AGG] * 4
     assert (await mixture.run(HI)).text == AGG, "a closed mixture opens new connections"
     await mixture.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_call_waiting_for_its_slot_survives_the_close(upstream: LoopbackServer) -> None:
+    registry = upstream.registry("client", limits=Limits(max_concurrency=1))
+    provider, model = registry.resolve("client/a")
+    texts: list[str] = []
+
+    async def one() -> None:
+        [done] = await provider.complete(ChatRequest(model=model, messages=HI))
+        texts.append(done.text)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(one)
+        tg.start_soon(one)  # waits for the only slot
+        while not upstream.active_streams:
+            await anyio.sleep(0.005)
+        await registry.aclose()
+    assert texts == ["Blue Blue Blue Blue Blue Blue Blue Blue"] * 2
 
 
 def test_concurrent_run_sync_on_one_mixture(upstream: LoopbackServer) -> None:
