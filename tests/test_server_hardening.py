@@ -230,6 +230,16 @@ def test_slow_request_headers_time_out(
             assert http.get("/models").status_code == 200
 
 
+def test_a_slow_body_gets_408(upstream: LoopbackServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server_module, "BODY_TIMEOUT_S", 0.2)
+    with ServerThread(app(upstream)) as server, \
+            socket.create_connection((server.host, server.port), timeout=20) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"content-type: application/json\r\ncontent-length: 100\r\n\r\n{")
+        answer = sock.recv(4096).decode()
+    assert answer.startswith("HTTP/1.1 408") and "did not arrive within 0.2 s" in answer
+
+
 def moa_serve(*argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "moa.cli", "serve", *argv], text=True,
                           capture_output=True, timeout=60, stdin=subprocess.DEVNULL)

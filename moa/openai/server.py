@@ -51,6 +51,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("moa.openai.server")
 API_KEY_ENV = "MOA_SERVER_API_KEY"
 KEEPALIVE = ": keep-alive\n\n"
+HEADER_TIMEOUT_S = 10.0
+"""A connection whose request headers have not all arrived by then is closed."""
+BODY_TIMEOUT_S = 30.0
+"""A request whose body has not all arrived by then gets 408."""
 
 
 class Refused(Exception):
@@ -150,15 +154,20 @@ class _SlotStream(StreamingResponse):
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, at most `limit` bytes (else 413), within `BODY_TIMEOUT_S` (else 408)."""
     too_large = Refused(413, f"The request body is larger than {limit} bytes.")
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise too_large
     body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > limit:
-            raise too_large
+    with anyio.move_on_after(BODY_TIMEOUT_S) as timer:
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise too_large
+    if timer.cancelled_caught:
+        raise Refused(408, f"The request body did not arrive within {BODY_TIMEOUT_S:g} s.",
+                      code="timeout")
     return bytes(body)
 
 
@@ -356,8 +365,6 @@ async def _until_disconnect(request: Request, work: Any) -> Any:
     return box.get("value")
 
 
-HEADER_TIMEOUT_S = 10.0
-"""A connection whose request headers have not all arrived by then is closed."""
 
 
 def _protocol() -> Any:
