@@ -11,6 +11,7 @@ import anyio
 import pytest
 
 import moa
+from moa.errors import MoaError
 from moa.mixture import Mixture
 from moa.providers.base import ChatRequest
 from moa.providers.registry import Limits
@@ -155,3 +156,24 @@ async def test_calls_count_retried_attempts_and_usage_counts_the_success(
     assert calls == {"L1.1": 1, "L1.2": 3, "final": 1} and result.calls == 5
     retried = next(o for o in result.outputs if o.agent.key == "L1.2")
     assert retried.usage.completion_tokens == 1, "usage of the one successful attempt"
+
+
+def test_a_wrapped_clients_mixture_keeps_its_session_budget_across_calls(
+    upstream: LoopbackServer,
+) -> None:
+    def client(session_tokens: int | None) -> moa.openai.client.WrappedClient:
+        small = {"max_tokens": 20}  # small worst-case reservations
+        team = {"mode": "layered", "session_budget": {"tokens": session_tokens},
+                "layers": [{"agents": [{"model": "client/a", **small},
+                                       {"model": "client/b", **small}]}],
+                "aggregator": {"model": "client/agg", **small}}
+        return moa.OpenAI(base_url=upstream.base_url, api_key="k", max_retries=0,
+                          mixtures={"team": team})
+
+    with client(None) as probe:
+        usage = probe.chat.completions.create(model="team", messages=HI).usage  # type: ignore[arg-type]
+    assert usage is not None
+    with client(usage.total_tokens * 3 // 2) as limited:
+        limited.chat.completions.create(model="team", messages=HI)  # type: ignore[arg-type]
+        with pytest.raises(MoaError, match="session budget"):
+            limited.chat.completions.create(model="team", messages=HI)  # type: ignore[arg-type]

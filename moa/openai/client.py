@@ -46,6 +46,8 @@ class _Router:
         self.mixtures = {
             name: load(cfg, registry=self.registry) for name, cfg in (mixtures or {}).items()
         }
+        self.running: dict[str, Mixture] = {}
+        """One `Mixture` per name, shared by every call (its pools, its session budget)."""
 
     def config(self, model: Any) -> MixtureConfig | None:
         if not isinstance(model, str):
@@ -67,8 +69,21 @@ class _Router:
         body.update(body.pop("extra_body", None) or {})
         return parse_request(body)
 
-    def mixture(self, config: MixtureConfig) -> Mixture:
-        return Mixture(config, registry=self.registry)
+    def mixture(self, model: Any) -> Mixture | None:
+        """The mixture `model` names, or None when it names none (a plain model)."""
+        config = self.config(model)
+        if config is None:
+            return None
+        name = model.removeprefix("moa/")
+        if name not in self.running:
+            self.running[name] = Mixture(config, registry=self.registry)
+        return self.running[name]
+
+    async def aclose(self) -> None:
+        """Close this event loop's connections of every mixture used."""
+        for mixture in list(self.running.values()):
+            await mixture.aclose()
+        await self.registry.aclose()
 
 
 def _chunk(data: dict[str, Any]) -> Any:
@@ -137,11 +152,10 @@ class _Completions(_Proxy):
         self._router, self._async = router, is_async
 
     def create(self, **kwargs: Any) -> Any:
-        config = self._router.config(kwargs.get("model"))
-        if config is None:
+        mixture = self._router.mixture(kwargs.get("model"))
+        if mixture is None:
             return self._target.create(**kwargs)
         call = self._router.call(kwargs)
-        mixture = self._router.mixture(config)
         if self._async:
             return self._acreate(mixture, call)
         if call.stream:
@@ -196,7 +210,7 @@ class WrappedClient(_Proxy):
         return None
 
     async def _aclose(self) -> None:
-        await self._router.registry.aclose()
+        await self._router.aclose()
         await self._target.close()
 
     def __enter__(self) -> WrappedClient:
