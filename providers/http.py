@@ -37,7 +37,7 @@ from moa.errors import ConfigError, ProviderError, ProviderTimeout, StreamInterr
 
 from .base import Delta, Provider
 from .registry import Limits, ProviderSpec
-from .secrets import mask_url, redact, url_password
+from .secrets import mask_url, redact, split_credentials
 
 log = logging.getLogger("moa.providers")
 
@@ -495,13 +495,18 @@ class HttpProvider(Provider):
                 "or base_url in its config."
             )
         self.name = spec.prefix
+        base_url, password, basic = split_credentials(base_url)
         self.base_url = base_url.rstrip("/")
         self._extra_headers = header_option(spec.options)
+        if basic:  # `user:password@` in the URL: a header, so no logged URL holds the password
+            self._extra_headers = {"authorization": basic, **self._extra_headers}
+        self._secrets = (api_key, password, *self._extra_headers.values())
+        """Scrubbed from every message: the key, a URL password, extra header values."""
         self._api_key = api_key
         self._transport = HttpTransport(spec.prefix, spec.limits, key_variable=spec.key_variable)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(prefix={self.name!r}, base_url={mask_url(self.base_url)!r})"
+        return f"{type(self).__name__}(prefix={self.name!r}, base_url={self.base_url!r})"
 
     @property
     def transport(self) -> HttpTransport:
@@ -523,7 +528,7 @@ class HttpProvider(Provider):
             body=body,
             headers={**self._extra_headers, **self.auth_headers(key)},
             decoder=decoder,
-            secrets=(self._api_key, url_password(self.base_url)),
+            secrets=self._secrets,
             on_retry=on_retry,
         )
         async with aclosing(self._transport.stream(call)) as deltas:

@@ -8,7 +8,8 @@ A value shorter than `MIN_SECRET_CHARS` is never treated as a secret: replacing 
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
+import base64
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from pydantic import SecretStr
 
@@ -28,12 +29,20 @@ def redact(text: str, *secrets: SecretStr | str | None) -> str:
     return text
 
 
-def url_password(url: str | None) -> str | None:
-    """The password of a `user:password@host` URL, if it has one."""
+def split_credentials(url: str) -> tuple[str, str | None, str | None]:
+    """`url` without its `user:password@` part, the password, and the Basic authorization
+    header value that carries them (Nones without one): sent as a header, the password never
+    shows in a URL that httpx or a proxy logs."""
     try:
-        return urlsplit(url).password if url else None
+        parts = urlsplit(url)
     except ValueError:
-        return None
+        return url, None, None
+    if "@" not in parts.netloc:
+        return url, None, None
+    userinfo, _, host = parts.netloc.rpartition("@")
+    userinfo = unquote(userinfo)
+    header = f"Basic {base64.b64encode(userinfo.encode()).decode()}"
+    return urlunsplit(parts._replace(netloc=host)), userinfo.partition(":")[2], header
 
 
 def mask_url(url: str) -> str:

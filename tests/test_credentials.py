@@ -4,6 +4,7 @@ tracebacks, results, the server's answers and logs, the wrapper, `moa chat --deb
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -200,3 +201,25 @@ def test_connection_reuse_after_echoed_key_errors(upstream: LoopbackServer) -> N
             response = http.post("/chat/completions", json={"model": name, "messages": HI})
             assert response.status_code == status and not leaks(response.text)
             assert response.headers.get("connection") != "close"
+
+
+@pytest.mark.anyio
+async def test_url_credentials_travel_as_a_header_that_no_log_shows(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)  # httpx logs each request's URL at INFO
+    basic = "Basic " + base64.b64encode(f"user:{URL_PASSWORD}".encode()).decode()
+    with LoopbackServer(ECHOING) as upstream:
+        url = upstream.base_url.replace("http://", f"http://user:{URL_PASSWORD}@")
+        reg = Registry()
+        reg.register(ProviderSpec(prefix="lab", base_url=url, key_required=False, limits=FAST))
+        provider, _ = reg.resolve("lab/ok")
+        [done] = await provider.complete(ChatRequest(model="ok", messages=HI))
+        assert done.text == "fine answer"
+        assert upstream.requests[-1].headers["authorization"] == basic
+        with pytest.raises(ProviderError, match=r"request key: \*\*\*") as info:
+            await provider.complete(ChatRequest(model="k500", messages=HI))
+        await reg.aclose()
+    assert "HTTP Request: POST http://127.0.0.1" in caplog.text
+    for text in (described(info.value), caplog.text, repr(provider)):
+        assert not leaks(text) and basic.split()[1] not in text, text
