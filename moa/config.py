@@ -20,6 +20,16 @@ from moa.runtime.budget import Budget
 
 Mode = Literal["layered", "staircase", "auto"]
 
+# Ceilings on what one request may spend: a typo must not become thousands of paid calls.
+MAX_LAYERS = 10
+"""Proposer layers (the final aggregator is one more)."""
+MAX_AGENTS = 32
+"""Agents in one layer."""
+MAX_N = 16
+"""Samples drawn from one agent."""
+MAX_TOKENS = 131_072
+"""Tokens one call may generate."""
+
 
 class AgentConfig(BaseModel):
     """One model call slot: a proposer or an aggregator."""
@@ -28,10 +38,10 @@ class AgentConfig(BaseModel):
 
     model: str = Field(description="Model reference 'provider/model'.")
     temperature: float = Field(0.7, ge=0, le=2)
-    max_tokens: int = Field(512, gt=0)
+    max_tokens: int = Field(512, gt=0, le=MAX_TOKENS)
     system: str | None = Field(None, description="System prompt of this agent.")
     name: str | None = None
-    n: int = Field(1, ge=1, description="Samples drawn from this agent (Self-MoA).")
+    n: int = Field(1, ge=1, le=MAX_N, description="Samples drawn from this agent (Self-MoA).")
     strong: str | None = Field(None, description="Strong tier 'provider/model' of a routed stage.")
     """With it the stage is routed: the `[router]` picks `model` (cheap), `strong`, or a skip."""
 
@@ -55,7 +65,7 @@ class LayerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    agents: list[AgentConfig] = Field(min_length=1)
+    agents: list[AgentConfig] = Field(min_length=1, max_length=MAX_AGENTS)
     min_proposers: int = Field(1, ge=1, description="Answers needed for the layer to succeed.")
 
     @model_validator(mode="after")
@@ -122,7 +132,7 @@ class MixtureConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = "custom"
-    layers: list[LayerConfig] = Field(min_length=1)
+    layers: list[LayerConfig] = Field(min_length=1, max_length=MAX_LAYERS)
     """Proposer layers. The final aggregator is one more layer, so layers + 1 in all."""
     aggregator: AgentConfig
     mode: Mode = "auto"
@@ -313,7 +323,7 @@ def from_dict(
     if "preset" in data:
         data = dict(data)
         name = data.pop("preset")
-        if name not in PRESETS:
+        if not isinstance(name, str) or name not in PRESETS:
             raise ConfigError(
                 f"Invalid config {source}: field 'preset': unknown preset {name!r}; "
                 f"presets: {', '.join(PRESETS)}."
@@ -338,6 +348,8 @@ def read_file(path: str | Path) -> dict[str, Any]:
         data = json.loads(raw) if path.suffix.lower() == ".json" else tomllib.loads(raw.decode())
     except (ValueError, UnicodeDecodeError) as err:
         raise ConfigError(f"Config file {str(path)!r} is malformed: {err}.") from None
+    except RecursionError:
+        raise ConfigError(f"Config file {str(path)!r} nests too deeply.") from None
     if not isinstance(data, dict):
         raise ConfigError(f"Config file {str(path)!r} must hold a table / object at the top level.")
     return data

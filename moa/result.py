@@ -23,7 +23,8 @@ class AgentOutput:
     ttft_s: float | None = None
     latency_s: float | None = None
     calls: int = 0
-    """Provider calls this agent made (staircase aggregators make one per step)."""
+    """Provider calls this agent made, retried attempts included (staircase aggregators make
+    one per step); usage and cost are counted per call, not per attempt."""
 
 
 @dataclass

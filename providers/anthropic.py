@@ -192,4 +192,5 @@ class AnthropicProvider(HttpProvider):
             request.model,
             body,
             lambda: AnthropicEventDecoder(self.name, request.model, cut),
+            request.on_retry,
         )

@@ -7,7 +7,7 @@ non-streaming calls share one code path (retries, limits, accounting).
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,8 @@ class ChatRequest:
     """The last message is an assistant prefix that the model must continue (not restart)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Provider-specific body fields passed through unchanged."""
+    on_retry: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+    """Called before each retried attempt of this call (HTTP providers retry failed attempts)."""
 
 
 @dataclass

@@ -16,8 +16,8 @@ import math
 import random
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from contextlib import AsyncExitStack, aclosing, asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
@@ -37,6 +37,7 @@ from moa.errors import ConfigError, ProviderError, ProviderTimeout, StreamInterr
 
 from .base import Delta, Provider
 from .registry import Limits, ProviderSpec
+from .secrets import mask_url, redact, split_credentials
 
 log = logging.getLogger("moa.providers")
 
@@ -85,12 +86,6 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
     return None
 
 
-def redact(text: str, secret: SecretStr | None) -> str:
-    """`text` with the secret (if it occurs) replaced by `***`."""
-    value = secret.get_secret_value() if secret is not None else ""
-    return text.replace(value, "***") if value else text
-
-
 def header_option(options: Mapping[str, object]) -> dict[str, str]:
     """The `headers` option of a provider spec as a plain str -> str dict."""
     headers = options.get("headers") or {}
@@ -124,8 +119,10 @@ class StreamCall:
     body: dict[str, Any]
     headers: dict[str, str]
     decoder: Callable[[], EventDecoder]
-    secret: SecretStr | None = None
-    """The API key inside `headers`, scrubbed from every error message."""
+    secrets: tuple[SecretStr | str | None, ...] = ()
+    """The API key inside `headers` (and any URL password), scrubbed from every message."""
+    on_retry: Callable[[], None] | None = None
+    """Called before each retried attempt (a result's `calls` counts attempts)."""
 
 
 @dataclass
@@ -144,11 +141,15 @@ def _ssl_context() -> ssl.SSLContext:
 
 
 class _LoopState:
-    """The connection pools and semaphores of one event loop (they cannot cross loops)."""
+    """The connection pools and semaphores of one event loop (they cannot cross loops).
+
+    Closing it closes idle pools at once and every other pool when its last call ends, so
+    an owner closing its connections never cuts a call that is still running.
+    """
 
     def __init__(self, limits: Limits) -> None:
-        self.token = anyio.lowlevel.current_token()
         self.limits = limits
+        self.closed = False
         self.pools: list[httpx.AsyncClient] = []
         self.leases: list[int] = []
         self.provider_slots = anyio.Semaphore(limits.max_concurrency)
@@ -168,14 +169,16 @@ class _LoopState:
             verify=_ssl_context(),
         )
 
-    @contextmanager
-    def lease(self) -> Iterator[httpx.AsyncClient]:
+    @asynccontextmanager
+    async def lease(self) -> AsyncIterator[httpx.AsyncClient]:
         """The least busy pool (a new one when every pool is full) for one call.
 
         httpcore's pool bookkeeping costs O(connections²) per request, so a provider with many
-        open calls spreads them over several small pools.
+        open calls spreads them over several small pools. A call that waited for its slot
+        while the state was closed gets a fresh pool, closed when it ends.
         """
-        index = min(range(len(self.pools)), key=self.leases.__getitem__, default=-1)
+        usable = [i for i, pool in enumerate(self.pools) if not pool.is_closed]
+        index = min(usable, key=self.leases.__getitem__, default=-1)
         if index < 0 or self.leases[index] >= self.limits.pool_size:
             self.pools.append(self._new_pool())
             self.leases.append(0)
@@ -185,10 +188,15 @@ class _LoopState:
             yield self.pools[index]
         finally:
             self.leases[index] -= 1
+            if self.closed and not self.leases[index]:
+                with anyio.CancelScope(shield=True):
+                    await self.pools[index].aclose()
 
     async def aclose(self) -> None:
-        for pool in self.pools:
-            await pool.aclose()
+        self.closed = True
+        for pool, leases in zip(self.pools, self.leases, strict=True):
+            if not leases:
+                await pool.aclose()
 
 
 class HttpTransport:
@@ -202,16 +210,20 @@ class HttpTransport:
         self.limits = limits
         self.key_variable = key_variable
         self.sleep: Callable[[float], Any] = anyio.sleep
-        self._state: _LoopState | None = None
+        self._states: dict[object, _LoopState] = {}
+        """Per event loop (keyed by the native loop); a closed loop's entry is dropped."""
 
     def __repr__(self) -> str:
         return f"HttpTransport(provider={self.provider!r})"
 
     def _loop_state(self) -> _LoopState:
-        token = anyio.lowlevel.current_token()
-        if self._state is None or self._state.token != token:
-            self._state = _LoopState(self.limits)
-        return self._state
+        loop = anyio.lowlevel.current_token().native_token
+        state = self._states.get(loop)
+        if state is None:
+            for old in [k for k in list(self._states) if getattr(k, "is_closed", bool)()]:
+                self._states.pop(old, None)  # other threads' loops may be here too
+            state = self._states[loop] = _LoopState(self.limits)
+        return state
 
     @asynccontextmanager
     async def _slot(self, model: str) -> AsyncIterator[httpx.AsyncClient]:
@@ -223,11 +235,12 @@ class HttpTransport:
                 slots = state.model_slots.setdefault(model, anyio.Semaphore(per_model))
                 await stack.enter_async_context(slots)
             await stack.enter_async_context(state.provider_slots)
-            yield stack.enter_context(state.lease())
+            yield await stack.enter_async_context(state.lease())
 
     async def aclose(self) -> None:
-        state, self._state = self._state, None
-        if state is not None and state.token == anyio.lowlevel.current_token():
+        """Close this event loop's connections (calls still running finish first)."""
+        state = self._states.pop(anyio.lowlevel.current_token().native_token, None)
+        if state is not None:
             await state.aclose()
 
     def backoff(self, attempt: int) -> float:
@@ -241,14 +254,14 @@ class HttpTransport:
     async def stream(self, call: StreamCall) -> AsyncIterator[Delta]:
         """Yield the call's deltas; retry before the first one, never after it.
 
-        Every error message is scrubbed of the API key, whatever the server echoed.
+        Every error message is scrubbed of the secrets, whatever the server echoed.
         """
         try:
             async with aclosing(self._stream(call)) as deltas:
                 async for delta in deltas:
                     yield delta
         except ProviderError as exc:
-            _scrub(exc, call.secret)
+            _scrub(exc, call.secrets)
             raise
 
     async def _stream(self, call: StreamCall) -> AsyncIterator[Delta]:
@@ -304,7 +317,10 @@ class HttpTransport:
 
         def before_sleep(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
-            log.info("%s: retrying in %.3f s after: %s", who, state.upcoming_sleep, exc)
+            reason = redact(str(exc), *call.secrets)
+            log.info("%s: retrying in %.3f s after: %s", who, state.upcoming_sleep, reason)
+            if call.on_retry is not None:
+                call.on_retry()
 
         retrying = AsyncRetrying(
             stop=give_up,
@@ -319,7 +335,7 @@ class HttpTransport:
     async def _attempt(
         self, call: StreamCall, client: httpx.AsyncClient, who: str, deadline: float
     ) -> _OpenStream:
-        log.debug("%s: POST %s", who, call.url)
+        log.debug("%s: POST %s", who, mask_url(call.url))
         stack = AsyncExitStack()
         try:
             with anyio.CancelScope(deadline=deadline) as scope:
@@ -350,6 +366,10 @@ class HttpTransport:
             if scope.cancelled_caught:
                 raise self._deadline_error(call)
             return _OpenStream(stack, events, decoder, first)
+        except ProviderError as exc:
+            await stack.aclose()
+            _scrub(exc, call.secrets)
+            raise
         except httpx.TimeoutException as exc:
             await stack.aclose()
             raise ProviderTimeout(
@@ -359,9 +379,10 @@ class HttpTransport:
         except httpx.TransportError as exc:
             await stack.aclose()
             url = httpx.URL(call.url)
-            detail = str(exc).rstrip(".") or type(exc).__name__
+            where = mask_url(f"{url.scheme}://{url.netloc.decode()}")
+            detail = redact(str(exc).rstrip("."), *call.secrets) or type(exc).__name__
             raise ProviderError(
-                f"{who}: connection to {url.scheme}://{url.netloc.decode()} failed ({detail}).",
+                f"{who}: connection to {where} failed ({detail}).",
                 provider=self.provider, model=call.model, retryable=True,
             ) from exc
         except BaseException:
@@ -421,7 +442,7 @@ class HttpTransport:
         if status in (401, 403) and self.key_variable:
             message += f" (check {self.key_variable})"
         return ProviderError(
-            message.rstrip(".") + ".",
+            redact(message.rstrip("."), *call.secrets) + ".",
             provider=self.provider,
             model=call.model,
             status=status,
@@ -438,14 +459,14 @@ def _timeout_phase(exc: httpx.TimeoutException, limits: Limits) -> str:
     return f"timed out ({type(exc).__name__})"
 
 
-def _scrub(exc: BaseException, secret: SecretStr | None) -> None:
-    """Redact the secret from `exc` and every exception chained to it."""
+def _scrub(exc: BaseException, secrets: tuple[SecretStr | str | None, ...]) -> None:
+    """Redact the secrets from `exc` and every exception chained to it."""
     seen: set[int] = set()
     current: BaseException | None = exc
-    while current is not None and id(current) not in seen and secret is not None:
+    while current is not None and id(current) not in seen:
         seen.add(id(current))
         current.args = tuple(
-            redact(arg, secret) if isinstance(arg, str) else arg for arg in current.args
+            redact(arg, *secrets) if isinstance(arg, str) else arg for arg in current.args
         )
         current = current.__cause__ or current.__context__
 
@@ -474,8 +495,13 @@ class HttpProvider(Provider):
                 "or base_url in its config."
             )
         self.name = spec.prefix
+        base_url, password, basic = split_credentials(base_url)
         self.base_url = base_url.rstrip("/")
         self._extra_headers = header_option(spec.options)
+        if basic:  # `user:password@` in the URL: a header, so no logged URL holds the password
+            self._extra_headers = {"authorization": basic, **self._extra_headers}
+        self._secrets = (api_key, password, *self._extra_headers.values())
+        """Scrubbed from every message: the key, a URL password, extra header values."""
         self._api_key = api_key
         self._transport = HttpTransport(spec.prefix, spec.limits, key_variable=spec.key_variable)
 
@@ -491,7 +517,8 @@ class HttpProvider(Provider):
         raise NotImplementedError
 
     async def post_stream(
-        self, path: str, model: str, body: dict[str, Any], decoder: Callable[[], EventDecoder]
+        self, path: str, model: str, body: dict[str, Any], decoder: Callable[[], EventDecoder],
+        on_retry: Callable[[], None] | None = None,
     ) -> AsyncIterator[Delta]:
         """POST `body` to `path` and yield the decoded deltas (retries, limits, timeouts)."""
         key = self._api_key.get_secret_value() if self._api_key is not None else ""
@@ -501,7 +528,8 @@ class HttpProvider(Provider):
             body=body,
             headers={**self._extra_headers, **self.auth_headers(key)},
             decoder=decoder,
-            secret=self._api_key,
+            secrets=self._secrets,
+            on_retry=on_retry,
         )
         async with aclosing(self._transport.stream(call)) as deltas:
             async for delta in deltas:

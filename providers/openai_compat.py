@@ -190,4 +190,5 @@ class OpenAICompatProvider(HttpProvider):
             request.model,
             self.body(request),
             lambda: OpenAIChunkDecoder(self.name, request.model),
+            request.on_retry,
         )

@@ -10,13 +10,14 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Iterable
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from moa.errors import ConfigError, MissingKeyError, UnknownProviderError
 
 from .base import Provider
+from .secrets import mask_url
 
 Kind = Literal["openai", "anthropic", "llamacpp", "vllm"]
 
@@ -68,6 +69,15 @@ class ProviderSpec(BaseModel):
     """Backend-specific options: engine settings for embedded engines; for OpenAI-compatible
     servers `continuation` = "vllm" (send `continue_final_message`) or "prefill" (a final
     assistant message is continued as is) when the server can continue an assistant turn."""
+
+    def __repr_args__(self) -> Any:
+        """URL credentials and extra header values (they may hold keys) masked."""
+        for name, value in super().__repr_args__():
+            if name == "base_url" and value:
+                value = mask_url(value)
+            elif name == "options" and isinstance(value.get("headers"), dict):
+                value = {**value, "headers": dict.fromkeys(value["headers"], "***")}
+            yield name, value
 
     @property
     def env_stem(self) -> str:
@@ -192,9 +202,13 @@ class Registry:
             ) from err
 
     async def aclose(self) -> None:
-        """Close every provider this registry created."""
-        instances, self._instances = list(self._instances.values()), {}
-        for instance in instances:
+        """Close this event loop's connections of every provider this registry created.
+
+        The providers stay registered (a later call opens new connections), and connections of
+        other event loops stay open: each loop (each `run_sync`, each thread) closes its own.
+        Calls still running on a closed pool finish first.
+        """
+        for instance in list(self._instances.values()):
             await instance.aclose()
 
 

@@ -415,8 +415,8 @@ async def test_many_open_calls_spread_over_small_pools(loopback: LoopbackServer)
     provider = make(loopback, max_concurrency=40, pool_size=16)
     await provider.complete(ChatRequest(model="m", messages=HI))
     await provider.complete(ChatRequest(model="m", messages=HI))
-    state = provider.transport._state
-    assert state is not None and len(state.pools) == 1, "sequential calls share one pool"
+    state = provider.transport._loop_state()
+    assert len(state.pools) == 1, "sequential calls share one pool"
     assert await _peak_streams(loopback, [(provider, "m")] * 40) == 40
     assert len(state.pools) == 3 and state.leases == [0] * len(state.pools)
     await provider.aclose()

@@ -4,7 +4,6 @@ loopback upstream behind it."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 
 import anyio
@@ -158,18 +157,18 @@ def test_bearer_auth(upstream: LoopbackServer) -> None:
     assert ok.choices[0].message.content == AGG
 
 
-def test_overload_answers_429(upstream: LoopbackServer) -> None:
-    upstream.set_behavior("a", ModelBehavior(reply="slow " * 40, tokens_per_s=100))
+def test_overload_answers_429_before_a_stream_starts(upstream: LoopbackServer) -> None:
+    upstream.set_behavior("a", ModelBehavior(reply="slow " * 40, tokens_per_s=20))
     with serving(upstream, max_concurrency=1, max_queue=0) as server, \
-            httpx.Client(base_url=server.base_url, timeout=10) as http, \
-            http.stream("POST", "/chat/completions",
-                        json={"model": "moa", "messages": HI, "stream": True}) as first:
-        deadline = time.monotonic() + 5
-        while not upstream.requests and time.monotonic() < deadline:
-            time.sleep(0.005)
-        with pytest.raises(openai.RateLimitError, match="concurrency limit"):
-            sdk(server).chat.completions.create(model="moa", messages=HI)  # type: ignore[arg-type]
-        assert "Paris" in first.read().decode()
+            httpx.Client(base_url=server.base_url, timeout=10) as http:
+        client = sdk(server)
+        with http.stream("POST", "/chat/completions",
+                         json={"model": "moa", "messages": HI, "stream": True}) as first:
+            for stream in (False, True):
+                with pytest.raises(openai.RateLimitError, match="concurrency limit") as info:
+                    client.chat.completions.create(model="moa", messages=HI, stream=stream)  # type: ignore[call-overload]
+                assert info.value.response.headers["retry-after"] == "1"
+            assert "Paris" in first.read().decode()
 
 
 def test_error_after_the_stream_began_is_raised_by_the_sdk(upstream: LoopbackServer) -> None:
@@ -199,9 +198,11 @@ def test_client_disconnect_cancels_the_upstream_calls(
 
 
 def test_moa_serve_command_serves_the_options_mixture_and_presets(
-    upstream: LoopbackServer, tmp_path
+    upstream: LoopbackServer, tmp_path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from moa.testing.processes import serve_process
+
+    monkeypatch.delenv("TOGETHER_API_KEY", raising=False)
 
     config = tmp_path / "serve.toml"
     config.write_text(
@@ -212,9 +213,14 @@ def test_moa_serve_command_serves_the_options_mixture_and_presets(
     with serve_process(*options) as url:
         client = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
         models = [m.id for m in client.models.list().data]
-        assert {"moa", "moa-lite", "self-moa", "local"} <= set(models)
-        reply = client.chat.completions.create(model="moa", messages=HI)  # type: ignore[arg-type]
-        assert reply.choices[0].message.content == AGG
+        assert models == ["mixture", "moa", "moa-lite", "self-moa", "local"]
+        for name in ("mixture", "moa/mixture"):
+            reply = client.chat.completions.create(model=name, messages=HI)  # type: ignore[arg-type]
+            assert reply.choices[0].message.content == AGG
+        for name in ("moa", "moa/moa"):  # the preset, not hidden; without its key: 503
+            with pytest.raises(openai.InternalServerError, match="TOGETHER_API_KEY") as info:
+                client.chat.completions.create(model=name, messages=HI)  # type: ignore[arg-type]
+            assert info.value.status_code == 503
 
 
 def test_bench_serve_runs_three_processes_and_checks_every_stream() -> None:

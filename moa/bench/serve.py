@@ -78,7 +78,7 @@ async def _served(clients: list[Any], n: int) -> tuple[list[float], int, float]:
 
     ttfts: list[float] = []
     bad = 0
-    body = {"model": "moa", "messages": [{"role": "user", "content": "Benchmark question?"}],
+    body = {"model": "mixture", "messages": [{"role": "user", "content": "Benchmark question?"}],
             "stream": True}
 
     async def one(client: Any) -> None:

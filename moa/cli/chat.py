@@ -50,17 +50,37 @@ def read_question(arg: str | None) -> str | None:
     """The question to answer once, or None for a chat on a terminal.
 
     Piped stdin is the question; with a question argument too, it comes first (as context).
+    An empty question or text that is not UTF-8 is refused before any call.
     """
     stdin = sys.stdin
     if arg is None:
         if stdin is None or stdin.isatty():
             return None
-        text = stdin.read().strip()
+        text = _read_stdin()
         if not text:
             raise MoaError("No question: pass one as an argument or pipe it on stdin.")
         return text
+    try:
+        arg.encode("utf-8")
+    except UnicodeEncodeError:
+        raise MoaError("The question is not valid UTF-8 text.") from None
     piped = _piped_stdin()
-    return f"{piped}\n\n{arg}" if piped else arg
+    question = f"{piped}\n\n{arg}" if piped else arg
+    if not question.strip():
+        raise MoaError("The question is empty: ask something.")
+    return question
+
+
+def _read_stdin() -> str:
+    """All of stdin as UTF-8 text, stripped."""
+    raw = getattr(sys.stdin, "buffer", None)
+    data = raw.read() if raw is not None else sys.stdin.read().encode("utf-8", "surrogateescape")
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError as err:
+        raise MoaError(
+            f"stdin is not valid UTF-8 text (byte {err.start}); convert it, e.g. with iconv."
+        ) from None
 
 
 def _piped_stdin() -> str:
@@ -71,7 +91,7 @@ def _piped_stdin() -> str:
         return ""
     if not (stat.S_ISFIFO(mode) or stat.S_ISREG(mode)):
         return ""
-    return sys.stdin.read().strip()
+    return _read_stdin()
 
 
 def make_view(args: argparse.Namespace) -> View:

@@ -16,6 +16,7 @@ from moa.cli.options import config_data
 from moa.config import PRESETS, preset
 from moa.errors import ConfigError
 from moa.providers.registry import ProviderSpec, Registry, default_registry
+from moa.providers.secrets import mask_url
 
 _PIPE_WIDTH = 140
 """Table width when stdout is not a terminal (nothing truncated in pipes and files)."""
@@ -69,7 +70,7 @@ def _provider_row(spec: ProviderSpec) -> dict[str, Any]:
     return {
         "prefix": spec.prefix,
         "kind": spec.kind,
-        "base_url": spec.resolved_base_url() or "(embedded)",
+        "base_url": mask_url(spec.resolved_base_url() or "(embedded)"),
         "key_variable": spec.key_variable,
         "key": key,
     }

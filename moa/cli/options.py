@@ -11,7 +11,7 @@ import argparse
 import os
 from typing import Any
 
-from moa.config import MixtureConfig, from_dict, preset, read_file
+from moa.config import MAX_LAYERS, MAX_TOKENS, MixtureConfig, from_dict, preset, read_file
 from moa.errors import ConfigError, MissingKeyError
 from moa.providers.registry import Registry, split_ref
 
@@ -88,6 +88,8 @@ def mixture_from_args(args: argparse.Namespace) -> MixtureConfig:
     if args.layers is not None:
         data["layers"] = _resize(data.get("layers") or [], args.layers)
     _set_on_agents(data, "temperature", args.temperature)
+    if args.max_tokens is not None and args.max_tokens > MAX_TOKENS:
+        raise ConfigError(f"--max-tokens must be at most {MAX_TOKENS}.")
     _set_on_agents(data, "max_tokens", args.max_tokens)
     if args.mode:
         data["mode"] = args.mode
@@ -114,14 +116,20 @@ def check_keys(config: MixtureConfig, registry: Registry | None = None) -> None:
 
 def _layer(models: list[str], base: dict[str, Any]) -> dict[str, Any]:
     """A layer of fresh agents for `models`, keeping the base layer's quorum where it fits."""
-    quorum = min(int(base.get("min_proposers", 1)), len(models))
+    quorum = base.get("min_proposers", 1)  # not a number: left for validation to report
+    if isinstance(quorum, int):
+        quorum = min(quorum, len(models))
     return {"agents": [{"model": m} for m in models], "min_proposers": quorum}
 
 
 def _resize(layers: list[Any], total: int) -> list[Any]:
     """Proposer layers for `total` layers in all (the final aggregator is the last one)."""
-    if total < 2:
-        raise ConfigError("--layers must be at least 2: one proposer layer plus the aggregator.")
+    if not 2 <= total <= MAX_LAYERS + 1:
+        raise ConfigError(
+            f"--layers must be from 2 to {MAX_LAYERS + 1}: proposer layers plus the aggregator."
+        )
+    if not isinstance(layers, list):
+        raise ConfigError("Invalid config: field 'layers' must be a list of layers.")
     if not layers:
         raise ConfigError("--layers needs proposers: give -p MODEL or a preset.")
     wanted = total - 1

@@ -46,6 +46,8 @@ class _Router:
         self.mixtures = {
             name: load(cfg, registry=self.registry) for name, cfg in (mixtures or {}).items()
         }
+        self.running: dict[str, Mixture] = {}
+        """One `Mixture` per name, shared by every call (its pools, its session budget)."""
 
     def config(self, model: Any) -> MixtureConfig | None:
         if not isinstance(model, str):
@@ -67,8 +69,21 @@ class _Router:
         body.update(body.pop("extra_body", None) or {})
         return parse_request(body)
 
-    def mixture(self, config: MixtureConfig) -> Mixture:
-        return Mixture(config, registry=self.registry)
+    def mixture(self, model: Any) -> Mixture | None:
+        """The mixture `model` names, or None when it names none (a plain model)."""
+        config = self.config(model)
+        if config is None:
+            return None
+        name = model.removeprefix("moa/")
+        if name not in self.running:
+            self.running[name] = Mixture(config, registry=self.registry)
+        return self.running[name]
+
+    async def aclose(self) -> None:
+        """Close this event loop's connections of every mixture used."""
+        for mixture in list(self.running.values()):
+            await mixture.aclose()
+        await self.registry.aclose()
 
 
 def _chunk(data: dict[str, Any]) -> Any:
@@ -137,11 +152,10 @@ class _Completions(_Proxy):
         self._router, self._async = router, is_async
 
     def create(self, **kwargs: Any) -> Any:
-        config = self._router.config(kwargs.get("model"))
-        if config is None:
+        mixture = self._router.mixture(kwargs.get("model"))
+        if mixture is None:
             return self._target.create(**kwargs)
         call = self._router.call(kwargs)
-        mixture = self._router.mixture(config)
         if self._async:
             return self._acreate(mixture, call)
         if call.stream:
@@ -157,7 +171,6 @@ class _Completions(_Proxy):
         from openai.types.chat import ChatCompletion
 
         result = await mixture.run(call.messages, **call.overrides)
-        await mixture.aclose()
         return ChatCompletion.model_validate(completion(result, call.model))
 
 
@@ -175,7 +188,8 @@ class WrappedClient(_Proxy):
 
         super().__init__(client)
         self._router = _Router(client, mixtures)
-        self.chat = _Chat(client.chat, self._router, isinstance(client, openai.AsyncOpenAI))
+        self._async = isinstance(client, openai.AsyncOpenAI)
+        self.chat = _Chat(client.chat, self._router, self._async)
 
     def __repr__(self) -> str:
         return f"moa.wrap({type(self._target).__name__}(base_url={str(self._target.base_url)!r}))"
@@ -184,6 +198,32 @@ class WrappedClient(_Proxy):
     def registry(self) -> Registry:
         """The registry mixtures of this client use (with the `client/` prefix)."""
         return self._router.registry
+
+    def close(self) -> Any:
+        """Close the wrapped client and the mixtures' connections (await it on an async client).
+
+        Concurrent calls share the mixtures' connection pools; they stay open until this.
+        """
+        if self._async:
+            return self._aclose()
+        self._target.close()  # a sync client's mixture calls close their own (per-call) pools
+        return None
+
+    async def _aclose(self) -> None:
+        await self._router.aclose()
+        await self._target.close()
+
+    def __enter__(self) -> WrappedClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> WrappedClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._aclose()
 
 
 def wrap(client: Any, mixtures: dict[str, Any] | None = None) -> WrappedClient:

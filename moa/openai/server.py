@@ -1,14 +1,17 @@
 """An OpenAI-compatible HTTP server for mixtures (`moa serve`, extra `moa-stack[server]`).
 
 Routes: `POST /v1/chat/completions` (SSE streaming and not), `GET /v1/models`, `GET /health`.
-Errors use OpenAI's JSON shape. Requests beyond `max_concurrency` wait in a queue of
-`max_queue`; beyond that the answer is 429, and a request that waited `queue_timeout_s` gets
-503. A client that disconnects cancels its mixture, and with it every upstream call. A stream
-that has nothing to send for `keepalive_s` gets an SSE comment line (`: keep-alive`).
+Every failure is an error in OpenAI's JSON shape with its status (docs/openai.md has the
+table). Requests beyond `max_concurrency` wait in a queue of `max_queue`; beyond that the
+answer is 429, and a request that waited `queue_timeout_s` gets 503 — both with `Retry-After`
+and, for streams too, before any 200 is sent. A client that disconnects cancels its mixture,
+and with it every upstream call. A stream that has nothing to send for `keepalive_s` gets an
+SSE comment line (`: keep-alive`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -23,36 +26,87 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from moa.config import MixtureConfig
-from moa.errors import ConfigError, MoaError
+from moa.errors import BudgetExceeded, ConfigError, DeadlineExceeded, MissingKeyError, MoaError
 from moa.mixture import Mixture
-from moa.openai.wire import ChunkStream, RequestError, completion, parse_request
+from moa.openai.wire import (
+    ChatCall,
+    ChunkStream,
+    RequestError,
+    completion,
+    load_json,
+    parse_request,
+)
 from moa.providers.registry import Registry
 
 if TYPE_CHECKING:
     import uvicorn
     from anyio.streams.memory import MemoryObjectSendStream
+    from starlette.types import Receive, Scope, Send
 
 log = logging.getLogger("moa.openai.server")
 API_KEY_ENV = "MOA_SERVER_API_KEY"
 KEEPALIVE = ": keep-alive\n\n"
+HEADER_TIMEOUT_S = 10.0
+"""A connection whose request headers have not all arrived by then is closed."""
+BODY_TIMEOUT_S = 30.0
+"""A request whose body has not all arrived by then gets 408."""
 
 
-def error(status: int, message: str, kind: str, code: str | None = None,
-          param: str | None = None) -> JSONResponse:
-    """An error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
+class Refused(Exception):
+    """A request answered with an OpenAI-shaped error instead of a completion."""
 
-
-class Overloaded(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        self.status = status
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
+                 code: str | None = None, param: str | None = None,
+                 retry_after: int | None = None) -> None:
         super().__init__(message)
+        self.status, self.kind, self.code, self.param = status, kind, code, param
+        self.retry_after = retry_after
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param,
+                          "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        """The JSON answer; 429 and 503 overload carry `Retry-After`, and other 5xx tell the
+        official SDKs not to retry (`x-should-retry: false`): the mixture already retried each
+        upstream call, and a retried mixture repeats every one of them."""
+        headers = {}
+        if self.retry_after is not None:
+            headers["retry-after"] = str(self.retry_after)
+        elif self.status >= 500:
+            headers["x-should-retry"] = "false"
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def failure(model: str, err: Exception) -> Refused:
+    """The error a failed run is answered with: 504 deadline, 503 not ready, 502 upstream."""
+    if isinstance(err, DeadlineExceeded):
+        return Refused(504, str(err), "server_error", "deadline_exceeded")
+    if isinstance(err, BudgetExceeded):
+        return Refused(400, str(err), "invalid_request_error", "budget_exceeded")
+    if isinstance(err, MissingKeyError | ConfigError):
+        return Refused(503, f"The server cannot run {model!r}: {err}", "server_error", "not_ready")
+    if isinstance(err, MoaError):
+        return Refused(502, str(err), "upstream_error", "upstream_failed")
+    return Refused(500, "Internal server error.", "server_error")
+
+
+def _logged(refused: Refused, model: str | None, err: Exception | None = None) -> Refused:
+    """Log one line per failed request (the client's mistakes at INFO, the server's at WARNING);
+    a traceback only for an internal error or at DEBUG (`moa serve --debug`)."""
+    where = f"{model}: " if model else ""
+    if refused.status == 500:
+        log.error("%sinternal error: %r", where, err, exc_info=err)
+    else:
+        level = logging.WARNING if refused.status >= 500 else logging.INFO
+        log.log(level, "%sHTTP %d: %s", where, refused.status, err or refused,
+                exc_info=err if err is not None and log.isEnabledFor(logging.DEBUG) else None)
+    return refused
 
 
 class Gate:
@@ -63,13 +117,11 @@ class Gate:
         self.queue, self.timeout = queue, timeout
         self.waiting = self.active = 0
 
-    def check(self) -> None:
+    async def enter(self) -> None:
+        """Take a slot (call `leave()` after), or raise 429 (queue full) / 503 (waited too long)."""
         if self.slots.value == 0 and self.waiting >= self.queue:
-            raise Overloaded(429, "The server is at its concurrency limit; retry shortly.")
-
-    @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        self.check()
+            raise Refused(429, "The server is at its concurrency limit; retry shortly.",
+                          "rate_limit_error", "overloaded", retry_after=1)
         self.waiting += 1
         try:
             with anyio.move_on_after(self.timeout) as waited:
@@ -77,25 +129,55 @@ class Gate:
         finally:
             self.waiting -= 1
         if waited.cancelled_caught:
-            raise Overloaded(503, "The server is overloaded: no slot freed in time.")
+            raise Refused(503, "The server is overloaded: no slot freed in time.",
+                          "server_error", "overloaded", retry_after=1)
         self.active += 1
+
+    def leave(self) -> None:
+        self.active -= 1
+        self.slots.release()
+
+
+class _SlotStream(StreamingResponse):
+    """A streaming response that gives its gate slot back when it ends, however it ends."""
+
+    def __init__(self, content: AsyncIterator[str], gate: Gate) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"cache-control": "no-cache"})
+        self.gate = gate
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            yield
+            await super().__call__(scope, receive, send)
         finally:
-            self.active -= 1
-            self.slots.release()
+            self.gate.leave()
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, at most `limit` bytes (else 413), within `BODY_TIMEOUT_S` (else 408)."""
+    too_large = Refused(413, f"The request body is larger than {limit} bytes.")
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise Overloaded(413, f"The request body is larger than {limit} bytes.")
+        raise too_large
     body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > limit:
-            raise Overloaded(413, f"The request body is larger than {limit} bytes.")
+    with anyio.move_on_after(BODY_TIMEOUT_S) as timer:
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise too_large
+    if timer.cancelled_caught:
+        raise Refused(408, f"The request body did not arrive within {BODY_TIMEOUT_S:g} s.",
+                      code="timeout")
     return bytes(body)
+
+
+def _check_content_type(request: Request) -> None:
+    """Only `application/json`: a form or `text/plain` body is what a hostile web page can send
+    from a visitor's browser without a CORS preflight."""
+    kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if kind != "application/json":
+        raise Refused(415, "The request body must be JSON with content-type: application/json.",
+                      code="unsupported_media_type")
 
 
 def create_app(
@@ -109,78 +191,81 @@ def create_app(
     keepalive_s: float = 15.0,
     registry: Registry | None = None,
 ) -> Starlette:
-    """The Starlette app serving `mixtures` (model name -> config).
+    """The Starlette app serving `mixtures` (model name -> config; `moa/NAME` works too).
 
-    A stream with nothing to send for `keepalive_s` (queued, or proposers still working) gets
-    an SSE comment line, so proxies and clients with idle timeouts keep the connection.
+    A stream with nothing to send for `keepalive_s` (proposers still working) gets an SSE
+    comment line, so proxies and clients with idle timeouts keep the connection. A mixture
+    whose provider keys are missing is listed but answers 503 (see `not_ready`).
     """
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     shared = registry or Registry()
     gate = Gate(max_concurrency, max_queue, queue_timeout_s)
-    running: dict[str, Mixture] = {}
+    running = {name: Mixture(config, registry=shared) for name, config in mixtures.items()}
+    unready = not_ready(mixtures, shared)
 
-    def mixture(name: str) -> Mixture:
-        if name not in running:
-            running[name] = Mixture(mixtures[name], registry=shared)
-        return running[name]
-
-    def authorized(request: Request) -> bool:
+    def authorize(request: Request) -> None:
         if not api_key:
-            return True
+            return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), api_key.encode())
+        if not (scheme.lower() == "bearer"
+                and hmac.compare_digest(token.encode(), api_key.encode())):
+            raise Refused(401, "Invalid or missing API key.", "authentication_error",
+                          "invalid_api_key")
+
+    def named(model: str) -> str:
+        for name in (model, model.removeprefix("moa/")):
+            if name in running:
+                if name in unready:
+                    raise Refused(503, f"The server cannot run {name!r}: {unready[name]}",
+                                  "server_error", "not_ready")
+                return name
+        raise Refused(404, f"The model {model!r} does not exist; see /v1/models.",
+                      code="model_not_found", param="model")
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok", "active": gate.active, "queued": gate.waiting})
 
     async def models(request: Request) -> Response:
-        if not authorized(request):
-            return error(401, "Invalid or missing API key.", "authentication_error",
-                         "invalid_api_key")
+        try:
+            authorize(request)
+        except Refused as err:
+            return _logged(err, None).response()
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "moa"}
                 for name in mixtures]
         return JSONResponse({"object": "list", "data": data})
 
     async def chat(request: Request) -> Response:
-        if not authorized(request):
-            return error(401, "Invalid or missing API key.", "authentication_error",
-                         "invalid_api_key")
         try:
-            raw = await _read_body(request, max_body_bytes)
-            try:
-                body = json.loads(raw)
-            except (ValueError, UnicodeDecodeError):
-                raise RequestError("The request body is not valid JSON.") from None
-            call = parse_request(body)
-            if call.model not in mixtures:
-                return error(404, f"The model {call.model!r} does not exist; see /v1/models.",
-                             "invalid_request_error", "model_not_found", "model")
-            gate.check()
+            authorize(request)
+            _check_content_type(request)
+            call = parse_request(load_json(await _read_body(request, max_body_bytes)))
+            name = named(call.model)
+            await gate.enter()
         except RequestError as err:
-            return error(400, str(err), "invalid_request_error", None, err.param)
-        except Overloaded as err:
-            return _overloaded(err)
+            return _logged(Refused(400, str(err), param=err.param), None).response()
+        except Refused as err:
+            return _logged(err, None).response()
+        except ClientDisconnect:  # gone while sending the body; nobody reads an answer
+            return Response(status_code=499)
         if call.stream:
-            return StreamingResponse(_stream(call), media_type="text/event-stream",
-                                     headers={"cache-control": "no-cache"})
+            return _SlotStream(_stream(name, call), gate)
         try:
-            async with gate.slot():
-                result = await _until_disconnect(
-                    request, mixture(call.model).run(call.messages, **call.overrides)
-                )
-        except Overloaded as err:
-            return _overloaded(err)
-        except MoaError as err:
-            return _failure(err)
+            result = await _until_disconnect(
+                request, running[name].run(call.messages, **call.overrides)
+            )
+        except Exception as err:
+            return _logged(failure(name, err), name, err).response()
+        finally:
+            gate.leave()
         if result is None:  # the client went away; nobody reads this
             return Response(status_code=499)
         return JSONResponse(completion(result, call.model))
 
-    async def _stream(call: Any) -> AsyncIterator[str]:
+    async def _stream(name: str, call: ChatCall) -> AsyncIterator[str]:
         """The SSE body, produced by a task that a client disconnect cancels."""
         send, receive = anyio.create_memory_object_stream[str](math.inf)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_produce, call, send)
+            tg.start_soon(_produce, name, call, send)
             try:
                 async with receive:
                     async for line in receive:
@@ -188,7 +273,7 @@ def create_app(
             finally:
                 tg.cancel_scope.cancel()  # the client went away: cancel the mixture
 
-    async def _produce(call: Any, send: MemoryObjectSendStream[str]) -> None:
+    async def _produce(name: str, call: ChatCall, send: MemoryObjectSendStream[str]) -> None:
         chunks = ChunkStream(call.model, call.include_usage)
         last_sent = anyio.current_time()
 
@@ -206,20 +291,13 @@ def create_app(
         async with send, anyio.create_task_group() as tg:
             tg.start_soon(keep_alive)
             try:
-                async with gate.slot():
-                    events = mixture(call.model).stream(call.messages, **call.overrides)
-                    async with contextlib.aclosing(events):
-                        async for event in events:
-                            for chunk in chunks.feed(event):
-                                put(f"data: {json.dumps(chunk)}\n\n")
-            except Overloaded as err:
-                put(_sse_error(str(err), "server_error", "overloaded"))
-            except MoaError as err:
-                kind = "server_error" if isinstance(err, ConfigError) else "upstream_error"
-                put(_sse_error(str(err), kind, None))
-            except Exception:
-                log.exception("stream failed")
-                put(_sse_error("Internal server error.", "server_error", None))
+                events = running[name].stream(call.messages, **call.overrides)
+                async with contextlib.aclosing(events):
+                    async for event in events:
+                        for chunk in chunks.feed(event):
+                            put(f"data: {json.dumps(chunk)}\n\n")
+            except Exception as err:
+                put(f"data: {json.dumps(_logged(failure(name, err), name, err).body())}\n\n")
             put("data: [DONE]\n\n")
             tg.cancel_scope.cancel()
 
@@ -234,45 +312,44 @@ def create_app(
             Route("/v1/models", models),
             Route("/v1/chat/completions", chat, methods=["POST"]),
         ],
-        exception_handlers={Exception: _internal, 404: _not_found, 405: _not_allowed},
+        exception_handlers={404: _not_found, 405: _not_allowed},
         lifespan=lifespan,
     )
 
 
-def _overloaded(err: Overloaded) -> JSONResponse:
-    kind = "invalid_request_error" if err.status == 413 else "server_error"
-    return error(err.status, str(err), kind, "overloaded" if err.status != 413 else None)
+def not_ready(mixtures: dict[str, MixtureConfig], registry: Registry) -> dict[str, str]:
+    """Mixture name -> why it cannot run (a provider key that is not set), for those that can't."""
+    from moa.cli.options import check_keys
 
-
-def _failure(err: MoaError) -> JSONResponse:
-    if isinstance(err, ConfigError):
-        return error(500, f"The server cannot run this mixture: {err}", "server_error")
-    return error(502, str(err), "upstream_error")
-
-
-def _sse_error(message: str, kind: str, code: str | None) -> str:
-    return f"data: {json.dumps({'error': {'message': message, 'type': kind, 'code': code}})}\n\n"
-
-
-async def _internal(request: Request, exc: Exception) -> Response:
-    log.exception("request failed", exc_info=exc)
-    return error(500, "Internal server error.", "server_error")
+    missing: dict[str, str] = {}
+    for name, config in mixtures.items():
+        try:
+            check_keys(config, registry)
+        except MissingKeyError as err:
+            missing[name] = str(err)
+    return missing
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:
-    return error(404, f"No route {request.url.path!r}.", "invalid_request_error")
+    return Refused(404, f"No route {request.url.path!r}.").response()
 
 
 async def _not_allowed(request: Request, exc: Exception) -> Response:
-    return error(405, f"Method {request.method} is not allowed here.", "invalid_request_error")
+    return Refused(405, f"Method {request.method} is not allowed here.").response()
 
 
 async def _until_disconnect(request: Request, work: Any) -> Any:
-    """Await `work`, cancelling it if the client disconnects first (then return None)."""
+    """Await `work`, cancelling it if the client disconnects first (then return None).
+
+    The work's own exception is re-raised as itself, not inside an exception group.
+    """
     box: dict[str, Any] = {}
 
     async def run(scope: anyio.CancelScope) -> None:
-        box["value"] = await work
+        try:
+            box["value"] = await work
+        except Exception as err:
+            box["error"] = err
         scope.cancel()
 
     async def watch(scope: anyio.CancelScope) -> None:
@@ -283,14 +360,79 @@ async def _until_disconnect(request: Request, work: Any) -> Any:
     async with anyio.create_task_group() as tg:
         tg.start_soon(run, tg.cancel_scope)
         tg.start_soon(watch, tg.cancel_scope)
+    if "error" in box:
+        raise box["error"]
     return box.get("value")
 
 
-def serve(app: Starlette, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Run `app` with uvicorn until interrupted."""
+
+
+def _protocol() -> Any:
+    """uvicorn's HTTP/1.1 protocol, closing a connection whose request headers are too slow
+    (uvicorn has no such timeout; without it idle half-requests hold sockets forever)."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:  # httptools missing: uvicorn's h11 protocol, without the timeout
+        return "auto"
+
+    class Protocol(HttpToolsProtocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._header_timer = self.loop.call_later(HEADER_TIMEOUT_S, self.transport.close)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return Protocol
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, or a `ConfigError` saying in one sentence why not."""
+    sock: socket.socket | None = None
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except (OSError, UnicodeError) as err:
+        if sock is not None:
+            sock.close()
+        why = getattr(err, "strerror", None) or str(err)
+        raise ConfigError(f"Cannot serve on {host}:{port}: {why}.") from None
+    return sock
+
+
+def _server(app: Starlette, log_level: str = "warning") -> uvicorn.Server:
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    return uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on",
+                                         http=_protocol()))
+
+
+def serve(app: Starlette, sock: socket.socket) -> None:
+    """Run `app` with uvicorn on the bound `sock` until interrupted."""
+    _server(app).run(sockets=[sock])
 
 
 class ServerThread:
@@ -298,9 +440,7 @@ class ServerThread:
 
     def __init__(self, app: Starlette, host: str = "127.0.0.1", port: int = 0) -> None:
         self.app = app
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
+        self.sock = bind(host, port)
         self.host, self.port = self.sock.getsockname()[:2]
         self.server: uvicorn.Server | None = None
         self.thread: threading.Thread | None = None
@@ -310,10 +450,7 @@ class ServerThread:
         return f"http://{self.host}:{self.port}/v1"
 
     def __enter__(self) -> ServerThread:
-        import uvicorn
-
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="on")
-        self.server = uvicorn.Server(config)
+        self.server = _server(self.app)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        daemon=True)
         self.thread.start()

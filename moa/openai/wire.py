@@ -7,11 +7,13 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from moa.config import MAX_TOKENS
 from moa.errors import MoaError
 from moa.events import Event, FinalDelta, RunFinished
 from moa.result import MixtureResult
@@ -29,6 +31,8 @@ NEUTRAL = {"top_p": 1, "frequency_penalty": 0, "presence_penalty": 0, "logprobs"
 """Fields accepted only at the value that changes nothing (a mixture cannot apply them)."""
 INFORMATIONAL = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")
 """Fields with no effect on a mixture's answer; accepted (and kept in the trace)."""
+MAX_DEPTH = 32
+"""Deepest JSON nesting a request body may have (a chat request needs 4)."""
 REJECTED = ("tools", "tool_choice", "functions", "function_call", "logit_bias", "top_logprobs",
             "audio", "modalities", "prediction", "web_search_options", "reasoning_effort")
 
@@ -54,12 +58,41 @@ def _number(body: dict[str, Any], name: str, low: float, high: float) -> float |
     return float(value)
 
 
-def _integer(body: dict[str, Any], name: str, low: int) -> int | None:
+def _integer(body: dict[str, Any], name: str, low: int, high: int) -> int | None:
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise RequestError(f"'{name}' must be an integer of at least {low}.", name)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise RequestError(f"'{name}' must be an integer from {low} to {high}.", name)
+    return value
+
+
+def load_json(raw: bytes) -> Any:
+    """Parse a request body: valid UTF-8 JSON, at most `MAX_DEPTH` deep, no lone surrogates."""
+    too_deep = RequestError(f"The request body nests deeper than {MAX_DEPTH} levels.")
+    try:
+        value = json.loads(raw)
+    except RecursionError:
+        raise too_deep from None
+    except ValueError:  # UnicodeDecodeError included
+        raise RequestError("The request body is not valid JSON (UTF-8).") from None
+    pending: list[tuple[Any, int]] = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RequestError(
+                    "The request body holds invalid Unicode (an unpaired surrogate escape)."
+                ) from None
+            continue
+        children = [*item, *item.values()] if isinstance(item, dict) else item
+        if not isinstance(children, list):
+            continue
+        if depth > MAX_DEPTH:
+            raise too_deep
+        pending += [(child, depth + 1) for child in children]
     return value
 
 
@@ -125,12 +158,13 @@ def parse_request(body: Any) -> ChatCall:
         stop = [stop]
     if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
         raise RequestError("'stop' must be a string or a list of strings.", "stop")
-    max_tokens = _integer(body, "max_completion_tokens", 1) or _integer(body, "max_tokens", 1)
+    max_tokens = (_integer(body, "max_completion_tokens", 1, MAX_TOKENS)
+                  or _integer(body, "max_tokens", 1, MAX_TOKENS))
     overrides = {
         "temperature": _number(body, "temperature", 0, 2),
         "max_tokens": max_tokens,
         "stop": stop or None,
-        "seed": _integer(body, "seed", -(2**63)),
+        "seed": _integer(body, "seed", -(2**63), 2**63 - 1),
     }
     return ChatCall(
         model=model,

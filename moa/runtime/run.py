@@ -325,6 +325,10 @@ class Run:
             and node.provider.capabilities.logprobs
             and (router is None or router.logprobs)
         )
+
+        def retried() -> None:  # `calls` counts attempts; usage and cost stay per success
+            node.output.calls += 1
+
         request = ChatRequest(
             model=node.model,
             messages=messages,
@@ -335,6 +339,7 @@ class Run:
             continue_final=continue_final,
             logprobs=logprobs,
             top_logprobs=(router.top_logprobs if router else 5) if logprobs else None,
+            on_retry=retried,
         )
         parts: list[str] = []
         finish: str | None = None

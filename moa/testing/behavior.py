@@ -59,6 +59,9 @@ class ModelBehavior:
     multi-line `data:` fields and `content: null` deltas."""
     raw_sse: bytes | None = None
     """Send exactly these bytes as a streamed response body (framing tests)."""
+    echo_credentials: bool = False
+    """Injected failures (statuses, error events) quote the request's API key, as some real
+    servers do (credential-leak tests)."""
 
 
 @dataclass

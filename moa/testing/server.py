@@ -265,15 +265,18 @@ class LoopbackServer:
         self._served[model] = served + 1
         self._serial += 1
         faulty = behavior.fail_times is None or served < behavior.fail_times
+        echoed = _echoed_credentials(behavior, request)
         if behavior.fail_status is not None and faulty:
             await conn.send_json(
                 behavior.fail_status,
-                frames_type.error_document(behavior.fail_status, "loopback injected failure"),
+                frames_type.error_document(behavior.fail_status,
+                                           f"loopback injected failure{echoed}"),
                 headers=_retry_headers(behavior.retry_after),
             )
             return True
         plan = plan_reply(behavior, body, anthropic=frames_type is AnthropicFrames)
         frames = frames_type(body, behavior, plan, self._serial)
+        frames.error_message += echoed
         if body.get("stream"):
             return await self._stream(conn, frames, faulty)
         return await self._document(conn, frames, faulty)
@@ -292,7 +295,7 @@ class LoopbackServer:
             await conn.send(200, b'{"choices": [')
             return True
         if fault == "error":
-            await conn.send_json(500, frames.error_document(500, "loopback injected error"))
+            await conn.send_json(500, frames.error_document(500, frames.error_message))
             return True
         count = max(len(t) for t in frames.plan.tokens)
         rate = behavior.tokens_per_s
@@ -325,6 +328,14 @@ def _fault_positions(behavior: ModelBehavior) -> dict[str, int]:
         for kind in _FAULTS
     }
     return {kind: at for kind, at in positions.items() if at is not None}
+
+
+def _echoed_credentials(behavior: ModelBehavior, request: Request) -> str:
+    if not behavior.echo_credentials:
+        return ""
+    headers = request.headers
+    key = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ")
+    return f" (request key: {key})"
 
 
 def _retry_headers(retry_after: float | None) -> dict[str, str]:

@@ -36,6 +36,7 @@ class OpenAIFrames:
         self, body: dict[str, Any], behavior: ModelBehavior, plan: ReplyPlan, serial: int
     ) -> None:
         self.body, self.behavior, self.plan = body, behavior, plan
+        self.error_message = INJECTED_ERROR
         self.id = f"chatcmpl-loop-{serial}"
         self.model = str(body.get("model", ""))
         self.created = int(time.time())
@@ -114,7 +115,7 @@ class OpenAIFrames:
         return b'data: {"id": "broken", "choices": [{"delta": {"content": "x"\n\n'
 
     def error(self) -> bytes:
-        error = {"error": {"message": INJECTED_ERROR, "type": "server_error", "code": 500}}
+        error = {"error": {"message": self.error_message, "type": "server_error", "code": 500}}
         return sse(error, quirks=self.quirks) + sse("[DONE]", quirks=self.quirks)
 
     def document(self) -> dict[str, Any]:
@@ -158,6 +159,7 @@ class AnthropicFrames:
         self, body: dict[str, Any], behavior: ModelBehavior, plan: ReplyPlan, serial: int
     ) -> None:
         self.body, self.behavior, self.plan = body, behavior, plan
+        self.error_message = INJECTED_ERROR
         self.id = f"msg_loop_{serial}"
         self.model = str(body.get("model", ""))
 
@@ -209,7 +211,7 @@ class AnthropicFrames:
 
     def error(self) -> bytes:
         return self._event(
-            {"type": "error", "error": {"type": "overloaded_error", "message": INJECTED_ERROR}}
+            {"type": "error", "error": {"type": "overloaded_error", "message": self.error_message}}
         )
 
     def document(self) -> dict[str, Any]:
