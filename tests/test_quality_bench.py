@@ -108,6 +108,7 @@ def test_unknown_row_is_one_sentence(capsys: Any) -> None:
     assert "Unknown row 'best'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_greedy_row_on_the_bundled_model(capsys: Any) -> None:
     pytest.importorskip("llama_cpp", reason="llama-cpp-python (moa-stack[local]) missing")
     argv = ["bench", "quality", "--json", "--split", "heldout", "--limit", "1", "--rows",

@@ -242,9 +242,9 @@ ROWS: dict[str, Row] = {
     "alone sampled": _alone_sampled,
     "vote 3 sampled": _vote_sampled,
     "vote greedy+2 sampled": _vote_greedy,
-    "skip-on-agreement": _skip_on_agreement,
     "preset local": _preset,
     "paper prompt 3 sampled": _paper_sampled,
+    "skip-on-agreement": _skip_on_agreement,
     "short instruction": _short_instruction,
     "extracted answers": _extracted,
 }
@@ -278,16 +278,18 @@ def score(split: str, name: str, tasks: list[Task],
     }
 
 
-async def _composed(composer: Composer, row: Row, tasks: list[Task]
-                    ) -> list[tuple[Outcome | None, float]]:
-    out: list[tuple[Outcome | None, float]] = []
+async def _composed(composer: Composer, rows: dict[str, Row], tasks: list[Task]
+                    ) -> dict[str, list[tuple[Outcome | None, float]]]:
+    """Every row on each task in turn (task by task, so a cut-short run cached whole tasks)."""
+    out: dict[str, list[tuple[Outcome | None, float]]] = {name: [] for name in rows}
     for task in tasks:
-        try:
-            answer = await row(composer, task.question)
-        except MoaError:
-            out.append((None, 0.0))
-            continue
-        out.append((answer.outcome(), sum(c.seconds for c in answer.calls)))
+        for name, row in rows.items():
+            try:
+                answer = await row(composer, task.question)
+            except MoaError:
+                out[name].append((None, 0.0))
+                continue
+            out[name].append((answer.outcome(), sum(c.seconds for c in answer.calls)))
     return out
 
 
@@ -353,8 +355,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
         try:
             for split in splits:
                 tasks = [t for _, t in taskset.load(split, limit=args.limit)]
-                for name, row in rows_to_run.items():
-                    rows.append(score(split, name, tasks, await _composed(composer, row, tasks)))
+                results = await _composed(composer, rows_to_run, tasks)
+                rows.extend(score(split, name, tasks, results[name]) for name in rows_to_run)
                 for source in args.config:
                     mixture = Mixture(source, registry=registry)
                     results = await _mixture(mixture, tasks)

@@ -162,11 +162,11 @@ def generate() -> dict[str, list[dict[str, Any]]]:
             for q, opts, right in _CHOICES
         ],
     }
+    orders = {kind: rng.sample(range(len(items)), len(items)) for kind, items in kinds.items()}
     out: dict[str, list[dict[str, Any]]] = {split: [] for split in SPLITS}
-    for kind, items in kinds.items():
-        order = list(range(len(items)))
-        rng.shuffle(order)
-        for rank, index in enumerate(order):
+    for rank in range(40):  # kinds interleaved, so any prefix of a file mixes them evenly
+        for kind, items in kinds.items():
+            index = orders[kind][rank]
             question, answer = items[index]
             suffix = OPTION_ONLY if kind == "choice" else NUMBER_ONLY
             out[SPLITS[rank % 2]].append({
