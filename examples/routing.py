@@ -37,11 +37,13 @@ CONFIG = {
 
 async def main() -> None:
     sim = SimulatedModels()
+    choices, refused = [], False
     async with LoopbackServer(sim.behaviors()) as server:
         mixture = RoutedMixture(CONFIG, registry=server.registry("sim"))
         for question in sim.questions[:4]:
             async for event in mixture.stream(question.prompt, seed=question.qid):
                 if isinstance(event, RouteDecision) and event.stage == "aggregate":
+                    choices.append(event.choice)
                     print(f"{question.prompt[:40]}…  {event.choice:6} ({event.reason})")
                 elif isinstance(event, RunFinished):
                     result = event.result
@@ -53,7 +55,10 @@ async def main() -> None:
         try:
             await tight.run(sim.questions[0].prompt)
         except BudgetExceeded as err:
+            refused = True
             print(f"Refused before any call: {err}")
+    # Every question got an aggregation decision, and the tight budget refused the request.
+    assert len(choices) == 4 and refused, (choices, refused)
 
 
 if __name__ == "__main__":

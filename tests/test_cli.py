@@ -66,7 +66,10 @@ def test_no_flags_use_local_or_the_env_preset(monkeypatch: pytest.MonkeyPatch) -
 
 def test_flags_override_the_preset() -> None:
     config = mixture("--preset", "moa", "--temperature", "0.1", "--max-tokens", "64")
-    assert {(a.temperature, a.max_tokens) for a in config.agents()} == {(0.1, 64)}
+    assert {a.temperature for a in config.agents()} == {0.1}
+    # --max-tokens caps the final answer, as `Mixture.run(max_tokens=...)` does.
+    assert config.aggregator.max_tokens == 64
+    assert {a.max_tokens for layer in config.layers for a in layer.agents} == {512}
     assert len(config.layers) == 2
     config = mixture("--preset", "moa", "-p", "openai/x")
     assert models(config) == [["openai/x"], ["openai/x"]]
@@ -358,15 +361,22 @@ def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
         time.sleep(0.005)
 
 
+def default_sigint() -> None:
+    """Give the child Python's Ctrl-C handler even when pytest runs with SIGINT ignored (a CI
+    script that backgrounds it): a process started with SIGINT ignored keeps it ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_subprocess_ctrl_c_is_one_line_and_closes_the_streams(server: Any, config: str) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "NO_COLOR")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "moa.cli", "chat", "-c", config, "-p", "loop/slow", "Hi"],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=env,
+        env=env, preexec_fn=default_sigint,
     )
     try:
-        wait_until(lambda: server.active_streams > 0 or proc.poll() is not None)
+        # The slow model's request arrived: the run is under way, past any input.
+        wait_until(lambda: bodies(server, "slow") or proc.poll() is not None)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
     finally:
@@ -417,6 +427,7 @@ def test_repl_through_a_pseudo_terminal_keeps_history(server: Any, config: str) 
     proc = subprocess.Popen(
         [sys.executable, "-m", "moa.cli", *CHAT, "-c", config],
         stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True,
+        preexec_fn=default_sigint,
     )
     os.close(slave)
     term = Pty(master)
@@ -432,7 +443,8 @@ def test_repl_through_a_pseudo_terminal_keeps_history(server: Any, config: str) 
         term.expect("you> ", 5)
         server.set_behavior("a", ModelBehavior(reply="stuck here", stall_after=1))
         term.type("Will you hang?")
-        wait_until(lambda: server.active_streams > 0)
+        # Wait for this turn's own request (an earlier turn's stream may still be closing).
+        wait_until(lambda: len(bodies(server, "a")) == 4)
         proc.send_signal(signal.SIGINT)  # Ctrl-C cancels the turn, the chat goes on
         term.expect("you> ", 6)
         wait_until(lambda: server.active_streams == 0)

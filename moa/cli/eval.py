@@ -17,6 +17,7 @@ import json
 import sys
 from typing import Any
 
+from moa.cli.options import check_model_keys
 from moa.errors import ConfigError
 from moa.providers.registry import ProviderSpec, Registry, default_registry
 
@@ -127,18 +128,21 @@ async def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
             "or a -c file with a [routing] table."
         )
     runners: list[tuple[str, Any]] = []
+    refs: list[str] = [*args.model]
     for source in args.config:
         if source in files and "layers" not in files[source]:
             continue
         mixture = Mixture(source, registry=registry)
+        refs += [agent.model for agent in mixture.config.agents()]
         runners.append((f"mixture {mixture.config.name}", _runner(mixture)))
     prices = next((d.get("prices") for d in files.values() if d.get("prices")), None)
     for ref in args.model:
-        registry.check(ref)
         runner = single_model(registry, ref, max_tokens=args.max_tokens, prices=prices)
         runners.append((f"model {ref}", runner))
     if routing is not None:
         config = load_routing(routing, registry=registry)
+        judge = config.verifier.model if config.verifier else None
+        refs += [config.cheap, config.strong, *filter(None, [judge])]
         specs = [parse_policy(p, config.router) for p in args.policy] or [config.router]
         for spec in specs:
             routed = RoutedMixture(config.model_copy(update={"router": spec}), registry=registry)
@@ -150,6 +154,7 @@ async def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
             runners.append((f"{config.strategy} {label}", _runner(routed)))
     if not runners:
         raise ConfigError("Nothing to score: give -c, -m or --policy.")
+    check_model_keys(registry, refs)
     rows = []
     try:
         for name, runner in runners:
@@ -166,8 +171,16 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         json.dump({"rows": rows}, sys.stdout)
         sys.stdout.write("\n")
-        return 0
-    _print_table(rows)
+    else:
+        _print_table(rows)
+    for row in rows:
+        for reason, count in row["failures"].items():
+            print(f"moa: {row['config']}: {count} of {row['tasks']} tasks failed: {reason}",
+                  file=sys.stderr)
+    dead = [row["config"] for row in rows if row["errors"] == row["tasks"]]
+    if dead:
+        print(f"moa: every task failed for {', '.join(dead)}.", file=sys.stderr)
+        return 1
     return 0
 
 
