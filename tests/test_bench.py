@@ -27,8 +27,7 @@ def test_table_printer(capsys: pytest.CaptureFixture[str]) -> None:
     lines = out.splitlines()
     header = next(line for line in lines if "name" in line)
     # Columns: the union of keys in first-seen order; floats to 4 significant digits.
-    assert [c for c in ("name", "ms", "n", "extra") if c in header] == ["name", "ms", "n", "extra"]
-    assert header.index("name") < header.index("ms") < header.index("n") < header.index("extra")
+    assert [c.strip() for c in header.strip("┃").split("┃")] == ["name", "ms", "n", "extra"]
     assert "moa bench demo" in out and "1.235" in out and "1.23456" not in out
     row_b = next(line for line in lines if " b " in line)
     assert "None" not in row_b and "0.5" in row_b
@@ -76,12 +75,15 @@ def test_serve_quick(capsys: pytest.CaptureFixture[str]) -> None:
         assert ("overhead_p50_ms" in r) == (r["path"] == "server")
 
 
-def test_routing_quick_writes_a_plot_only_where_asked(
+def test_routing_quick_writes_its_plot_only_where_asked(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    out = bench(capsys, "routing", "--questions", "20")
-    assert list(tmp_path.iterdir()) == []  # no --plot: nothing written
+    plot = tmp_path / "out" / "curve.png"
+    out = bench(capsys, "routing", "--questions", "12", "--calibration", "12", "--plot", str(plot))
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list(tmp_path.iterdir()) == [plot.parent]  # nothing else in the current folder
+    assert f"Cost-accuracy curve saved to {plot}." in out["notes"]
     rows = {r["policy"]: r for r in out["rows"]}
     cheap, strong = rows["always-cheap"], rows["always-strong"]
     assert cheap["strong_calls"] == 0 and strong["strong_calls"] > 0
@@ -89,10 +91,6 @@ def test_routing_quick_writes_a_plot_only_where_asked(
     for r in rows.values():
         assert 0 <= r["accuracy"] <= 1 and r["calls"] >= r["strong_calls"]
     assert {"cal thr agree", "cal mu", "evolve"} <= set(rows)
-    plot = tmp_path / "out" / "curve.png"
-    assert moa(["bench", "routing", "--questions", "20", "--plot", str(plot)]) == 0
-    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert f"saved to {plot}" in capsys.readouterr().out
 
 
 def test_routing_help_says_where_the_plot_goes(capsys: pytest.CaptureFixture[str]) -> None:
@@ -100,6 +98,8 @@ def test_routing_help_says_where_the_plot_goes(capsys: pytest.CaptureFixture[str
         moa(["bench", "routing", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--plot PATH" in text and "nothing is written without it" in text
+    assert moa(["bench", "routing", "--backend", "local", "--plot", "x.png"]) == 1
+    assert "--plot draws the sim backend's curve" in capsys.readouterr().err
 
 
 @pytest.mark.slow

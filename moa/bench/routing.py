@@ -40,6 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--questions", type=int, metavar="N", help="test questions (sim default: 400)"
     )
     parser.add_argument(
+        "--calibration", type=int, metavar="N",
+        help="labelled questions the calibrated policies are fitted on (sim default: 200)",
+    )
+    parser.add_argument(
         "--plot",
         metavar="PATH",
         help="save the cost-accuracy curve as a PNG at PATH (sim backend; needs matplotlib, "
@@ -54,7 +58,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
         return asyncio.run(_local(args.questions or 5))
     if args.plot:
         _pyplot()  # fail before the run, not after it
-    return asyncio.run(_sim(args.questions, args.plot))
+    return asyncio.run(_sim(args.questions, args.calibration, args.plot))
 
 
 async def evaluate(
@@ -95,7 +99,9 @@ async def evaluate(
     }
 
 
-async def _sim(questions: int | None, plot: str | None) -> tuple[list[dict[str, Any]], list[str]]:
+async def _sim(
+    questions: int | None, calibration: int | None, plot: str | None
+) -> tuple[list[dict[str, Any]], list[str]]:
     from moa.testing import LoopbackServer
 
     p = routing_sim
@@ -115,7 +121,7 @@ async def _sim(questions: int | None, plot: str | None) -> tuple[list[dict[str, 
             },
             registry=registry,
         )
-        items = [(q.prompt, str(q.answer)) for q in sim.calibration]
+        items = [(q.prompt, str(q.answer)) for q in sim.calibration[:calibration]]
         samples = await collect(config, items, registry=registry, seed=len(sim.questions))
         share = p.CALIBRATED_STRONG_SHARE
         fits = {
@@ -206,23 +212,23 @@ def _pyplot() -> Any:
 
 
 def _plot(path: Path, rows: list[dict[str, Any]], curves: dict[str, list[dict[str, Any]]]) -> Path:
-    """Policies as labelled points, each threshold / multiplier sweep as a line."""
+    """Each policy as a point, each threshold / multiplier sweep as a line; a legend names them
+    (labels next to points would overlap where policies cost the same)."""
     plt = _pyplot()
     curve_rows = {id(r) for curve in curves.values() for r in curve}
-    fig, ax = plt.subplots(figsize=(9, 6), dpi=110)
+    fig, ax = plt.subplots(figsize=(10, 6), dpi=110)
     try:
         for name, curve in curves.items():
             line = sorted(curve, key=lambda r: r["cost_usd"])
             ax.plot([r["cost_usd"] for r in line], [r["accuracy"] for r in line], marker=".",
-                    alpha=0.6, label=f"sweep {name}")
-        for r in rows:
-            if id(r) not in curve_rows:
-                ax.scatter(r["cost_usd"], r["accuracy"], zorder=3)
-                ax.annotate(r["policy"], (r["cost_usd"], r["accuracy"]), fontsize=8,
-                            xytext=(4, 4), textcoords="offset points")
+                    linestyle="--", alpha=0.6, label=f"sweep {name}")
+        markers = "osD^vP*Xh"
+        for i, r in enumerate(r for r in rows if id(r) not in curve_rows):
+            ax.scatter(r["cost_usd"], r["accuracy"], marker=markers[i % len(markers)], s=60,
+                       zorder=3, label=r["policy"])
         ax.set(title="moa bench routing", xlabel="total cost (USD)", ylabel="accuracy")
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, format="png")
