@@ -41,6 +41,10 @@ async def main(registry) -> None:
     print(f"spent ${report['spent_usd']:.6f} of ${report['limit_usd']} "
           f"({report['spent_tokens']} tokens)")
     assert report["spent_usd"] <= 0.004
+    # The cap binds: some requests were answered within it, the rest refused before any call.
+    assert answered and refused and len(answered) + len(refused) == 10
+    # A refused request may have paid for its proposers: the ledger holds at least the answers.
+    assert report["spent_usd"] >= sum(cost for _, cost in answered) - 1e-12
     if refused:
         print("first refusal:", refused[0][1])
 

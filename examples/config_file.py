@@ -23,3 +23,5 @@ else:
 print(result.text)
 for out in result.outputs:
     print(f"{out.agent.label}: ok={out.ok} calls={out.calls} tokens={out.usage.total_tokens}")
+# The file's shape: three proposer calls (one model sampled twice) and the aggregator.
+assert len(result.outputs) == 4 and not result.failed and "Paris" in result.text, result

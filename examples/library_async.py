@@ -15,6 +15,7 @@ from moa.testing import LoopbackServer, ModelBehavior
 
 
 async def main(mixture: Mixture) -> None:
+    streamed, finished = "", None
     async for event in mixture.stream("In one paragraph: why is the sky blue?"):
         if isinstance(event, Notice):
             print(f"[notice] {event.message}")
@@ -23,12 +24,16 @@ async def main(mixture: Mixture) -> None:
         elif isinstance(event, AgentFailed):
             print(f"[{event.agent.label}] failed: {event.error}")
         elif isinstance(event, FinalDelta):
+            streamed += event.text
             print(event.text, end="", flush=True)
         elif isinstance(event, RunFinished):
-            r = event.result
+            r = finished = event.result
             print(f"\n{r.mode}: {r.calls} calls, {r.usage.total_tokens} tokens, "
                   f"TTFT {r.ttft_s:.2f} s, total {r.latency_s:.2f} s, cost {r.cost_usd}")
     await mixture.aclose()
+    # The streamed answer is the result's answer; moa-lite makes 6 proposer calls + 1.
+    assert finished is not None and finished.text == streamed and streamed.strip()
+    assert finished.calls == 7, finished.calls
 
 
 if __name__ == "__main__":

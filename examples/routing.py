@@ -67,12 +67,15 @@ BEHAVIORS = {
 
 
 async def main() -> None:
+    choices: dict[str, str] = {}
+    refused = False
     async with LoopbackServer(BEHAVIORS) as server:
         mixture = Mixture(CONFIG, registry=server.registry("sim"))
         for question in QUESTIONS:
             answer = ""
             async for event in mixture.stream(question):
                 if isinstance(event, RouteDecision):
+                    choices[question] = event.choice
                     s = event.signals
                     print(
                         f"{question} {event.stage} -> {event.choice} ({event.reason}; "
@@ -88,7 +91,10 @@ async def main() -> None:
         try:
             await tight.run("What is 2 + 2?")
         except MixtureError as err:
+            refused = True
             print(f"Over budget: {err}")
+    # Agreement -> the small aggregator, disagreement -> the large one; the tight budget refuses.
+    assert list(choices.values()) == ["cheap", "strong"] and refused, (choices, refused)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,11 @@ if __name__ == "__main__":
             with ServerThread(app) as server:
                 root = server.base_url.removesuffix("/v1")
                 with httpx.stream("POST", f"{root}/ask", json={"question": "Why mix?"}) as r:
-                    print("".join(r.iter_text()))
+                    streamed = "".join(r.iter_text())
+                print(streamed)
                 body = {"model": "moa", "messages": [{"role": "user", "content": "Why mix?"}]}
                 reply = httpx.post(f"{root}/openai/v1/chat/completions", json=body).json()
                 print(reply["choices"][0]["message"]["content"])
+                # Both routes ran the mixture: the answer is the aggregator's reply.
+                assert streamed == upstream.reply, streamed
+                assert reply["choices"][0]["message"]["content"] == upstream.reply, reply

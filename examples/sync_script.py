@@ -17,10 +17,15 @@ def demo(mixture: Mixture) -> None:
     result = mixture.run_sync("Name one use of a mixture of agents.", max_tokens=32)
     print(result.text)
     print(f"{result.calls} calls, {result.usage.total_tokens} tokens, {result.latency_s:.2f} s")
+    streamed = ""
     for event in mixture.stream_sync("And another one?", max_tokens=32):
         if isinstance(event, FinalDelta):
+            streamed += event.text
             print(event.text, end="", flush=True)
     print()
+    final = next(o for o in result.outputs if o.agent.final)
+    # max_tokens caps the final answer; both calls produced one.
+    assert result.text.strip() and streamed.strip() and final.usage.completion_tokens <= 32
 
 
 if __name__ == "__main__":

@@ -225,15 +225,19 @@ class MixtureConfig(BaseModel):
         ]
         return [*fields, ("aggregator", self.aggregator)]
 
+    def model_refs(self) -> list[tuple[str, str]]:
+        """Every model reference with the config path that names it (tiers and judge too)."""
+        refs = [(f"{where}.{key}", ref) for where, agent in self.agent_fields()
+                for key, ref in (("model", agent.model), ("strong", agent.strong)) if ref]
+        verifier = self.router.verifier if self.router is not None else None
+        if verifier is not None and verifier.model:
+            refs.append(("router.verifier.model", verifier.model))
+        return refs
+
     def check_models(self, registry: Registry | None = None) -> None:
         """Fail now, naming the field, if an agent names an unknown provider prefix."""
         registry = self.registry(registry)
-        checks = [(f"{where}.{key}", ref) for where, agent in self.agent_fields()
-                  for key, ref in (("model", agent.model), ("strong", agent.strong)) if ref]
-        verifier = self.router.verifier if self.router is not None else None
-        if verifier is not None and verifier.model:
-            checks.append(("router.verifier.model", verifier.model))
-        for where, ref in checks:
+        for where, ref in self.model_refs():
             try:
                 registry.check(ref)
             except ConfigError as err:

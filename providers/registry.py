@@ -196,7 +196,7 @@ class Registry:
             return factory(spec, key)
         except ImportError as err:
             extra = _EXTRAS.get(spec.kind)
-            hint = f" install it with: pip install 'moa-stack[{extra}]'" if extra else ""
+            hint = f" install it with: pip install -e '.[{extra}]'" if extra else ""
             raise ConfigError(
                 f"Provider {spec.prefix!r} needs the missing package {err.name or err}:{hint}."
             ) from err

@@ -3,6 +3,7 @@ against the loopback server (in process, as a subprocess, and through a pseudo-t
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -17,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 import moa.bench
@@ -66,7 +68,10 @@ def test_no_flags_use_local_or_the_env_preset(monkeypatch: pytest.MonkeyPatch) -
 
 def test_flags_override_the_preset() -> None:
     config = mixture("--preset", "moa", "--temperature", "0.1", "--max-tokens", "64")
-    assert {(a.temperature, a.max_tokens) for a in config.agents()} == {(0.1, 64)}
+    assert {a.temperature for a in config.agents()} == {0.1}
+    # --max-tokens caps the final answer, as `Mixture.run(max_tokens=...)` does.
+    assert config.aggregator.max_tokens == 64
+    assert {a.max_tokens for layer in config.layers for a in layer.agents} == {512}
     assert len(config.layers) == 2
     config = mixture("--preset", "moa", "-p", "openai/x")
     assert models(config) == [["openai/x"], ["openai/x"]]
@@ -176,6 +181,44 @@ def test_models_never_prints_a_key(
     assert run(["models"]) == 0
     out += capsys.readouterr().out
     assert "sk-very-secret" not in out and "GROQ_API_KEY" in out
+
+
+def test_models_at_80_columns_keeps_key_variables_and_lists_preset_models() -> None:
+    from moa.providers.registry import default_registry
+
+    env = {**os.environ, "COLUMNS": "80"}
+    proc = subprocess.run([sys.executable, "-m", "moa.cli", "models"], capture_output=True,
+                          text=True, env=env, timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    assert max(len(line) for line in proc.stdout.splitlines()) <= 80
+    words = set(re.findall(r"[A-Z_]+", proc.stdout))
+    assert {spec.key_variable for spec in default_registry.specs()} <= words
+    assert "…" not in proc.stdout
+    assert "local/smollm2 ×4" in proc.stdout and "$ / request" in proc.stdout
+
+
+def test_models_json_has_each_presets_models_and_estimated_cost(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from moa.cli.models import ANSWER_TOKENS, QUESTION_TOKENS, estimate_usd
+    from moa.config import preset
+    from moa.pricing import PRICES
+
+    assert run(["models", "--json"]) == 0
+    presets = {p["name"]: p for p in json.loads(capsys.readouterr().out)["presets"]}
+    assert presets["local"]["models"] == {"local/smollm2": 4}
+    assert presets["local"]["usd_per_request"] == 0.0
+    self_moa = presets["self-moa"]
+    assert self_moa["models"] == {"together/Qwen/Qwen2.5-72B-Instruct-Turbo": 7}
+    # 6 samples of the question, then one aggregation reading the 6 answers.
+    price_in, price_out = PRICES["together/Qwen/Qwen2.5-72B-Instruct-Turbo"]
+    answers = 6 * (QUESTION_TOKENS * price_in + ANSWER_TOKENS * price_out)
+    assert self_moa["usd_per_request"] > (answers + 6 * ANSWER_TOKENS * price_in) / 1e6
+    lite, full = presets["moa-lite"]["usd_per_request"], presets["moa"]["usd_per_request"]
+    assert 0 < lite < full
+    unpriced = preset("moa-lite").model_copy(update={"prices": {}})
+    unpriced.aggregator.model = "openai/not-in-the-table"
+    assert estimate_usd(unpriced) is None
 
 
 def test_bench_dispatch(
@@ -358,15 +401,22 @@ def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
         time.sleep(0.005)
 
 
+def default_sigint() -> None:
+    """Give the child Python's Ctrl-C handler even when pytest runs with SIGINT ignored (a CI
+    script that backgrounds it): a process started with SIGINT ignored keeps it ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_subprocess_ctrl_c_is_one_line_and_closes_the_streams(server: Any, config: str) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "NO_COLOR")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "moa.cli", "chat", "-c", config, "-p", "loop/slow", "Hi"],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=env,
+        env=env, preexec_fn=default_sigint,
     )
     try:
-        wait_until(lambda: server.active_streams > 0 or proc.poll() is not None)
+        # The slow model's request arrived: the run is under way, past any input.
+        wait_until(lambda: bodies(server, "slow") or proc.poll() is not None)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
     finally:
@@ -417,6 +467,7 @@ def test_repl_through_a_pseudo_terminal_keeps_history(server: Any, config: str) 
     proc = subprocess.Popen(
         [sys.executable, "-m", "moa.cli", *CHAT, "-c", config],
         stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True,
+        preexec_fn=default_sigint,
     )
     os.close(slave)
     term = Pty(master)
@@ -432,7 +483,8 @@ def test_repl_through_a_pseudo_terminal_keeps_history(server: Any, config: str) 
         term.expect("you> ", 5)
         server.set_behavior("a", ModelBehavior(reply="stuck here", stall_after=1))
         term.type("Will you hang?")
-        wait_until(lambda: server.active_streams > 0)
+        # Wait for this turn's own request (an earlier turn's stream may still be closing).
+        wait_until(lambda: len(bodies(server, "a")) == 4)
         proc.send_signal(signal.SIGINT)  # Ctrl-C cancels the turn, the chat goes on
         term.expect("you> ", 6)
         wait_until(lambda: server.active_streams == 0)
@@ -451,3 +503,76 @@ def test_repl_through_a_pseudo_terminal_keeps_history(server: Any, config: str) 
         ("user", "What is 2+2?"), ("assistant", REPLIES["agg"]), ("user", "And 3+3?")
     ]
     assert third == [("user", "Fresh start")]
+
+
+def test_one_shot_live_view_marks_a_cut_answer_and_an_unknown_cost(
+    server: Any, config: str
+) -> None:
+    import pty
+
+    master, slave = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "NO_COLOR")}
+    env.update(TERM="xterm-256color", COLUMNS="160", LINES="40")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moa.cli", *CHAT, "-c", config, "--max-tokens", "2", "Hi"],
+        stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True,
+    )
+    os.close(slave)
+    term = Pty(master)
+    try:
+        term.expect("TTFT", 1)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    screen = ANSI.sub("", term.output.decode(errors="replace"))
+    assert "[truncated: the answer was cut at its max_tokens limit" in screen
+    assert "cost unknown (no price for loop/a, loop/agg, loop/b)" in screen
+    assert re.search(r"final loop/agg\s+cut", screen)
+    assert "$0.0000" not in screen
+    [agg] = bodies(server, "agg")
+    assert agg["max_tokens"] == 2 and bodies(server, "a")[0]["max_tokens"] == 512
+
+
+def test_plain_output_notes_a_cut_answer(server: Any, config: str) -> None:
+    proc = moa_cli(*CHAT, "-c", config, "--max-tokens", "2", "Hi")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "The answer\n"
+    assert "moa: the answer was cut at its max_tokens limit" in proc.stderr
+
+
+def test_live_view_shows_a_started_agent_without_tokens_as_waiting(server: Any) -> None:
+    from rich.console import Console
+
+    from moa.cli.live import LiveView
+    from moa.events import AgentDelta, AgentStarted
+    from moa.mixture import Mixture
+    from moa.testing import ModelBehavior
+
+    server.set_behavior("slow", ModelBehavior(reply="late", ttft_s=30))
+    mixture = Mixture({"mode": "layered", "layers": [{"agents": [{"model": "loop/slow"}]}],
+                       "aggregator": {"model": "loop/agg"}}, registry=server.registry("loop"))
+    view = LiveView(Console(width=120, record=True, force_terminal=False))
+    seen: list[str] = []
+
+    async def watch() -> None:
+        async with contextlib.aclosing(mixture.stream("Hi")) as events:
+            async for event in events:
+                view.on_event(event)
+                if isinstance(event, AgentStarted):
+                    with view.console.capture() as capture:
+                        view.console.print(view)
+                    seen.append(capture.get())
+                    break
+        await mixture.aclose()
+
+    anyio.run(watch)
+    [screen] = seen
+    assert re.search(r"L1\.1 loop/slow\s+waiting\s+0", screen), screen
+    assert "streaming" not in screen
+    view.on_event(AgentDelta(0.1, next(iter(view._agents)), "la"))
+    with view.console.capture() as capture:
+        view.console.print(view)
+    assert re.search(r"L1\.1 loop/slow\s+streaming\s+1", capture.get())

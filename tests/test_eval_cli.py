@@ -37,7 +37,11 @@ def strong(body: dict[str, Any]) -> str:
 
 @pytest.fixture
 def setup(tmp_path: Path) -> Iterator[tuple[LoopbackServer, Path, Path]]:
-    behaviors = {"cheap": ModelBehavior(reply=cheap), "strong": ModelBehavior(reply=strong)}
+    behaviors = {
+        "cheap": ModelBehavior(reply=cheap),
+        "strong": ModelBehavior(reply=strong),
+        "bad": ModelBehavior(reply="never", fail_status=400),
+    }
     with LoopbackServer(behaviors) as srv:
         tasks = tmp_path / "tasks.jsonl"
         tasks.write_text(
@@ -53,6 +57,7 @@ def setup(tmp_path: Path) -> Iterator[tuple[LoopbackServer, Path, Path]]:
             '[[layers]]\nagents = [{model = "loop/cheap", n = 3, max_tokens = 32}]\n'
             '[aggregator]\nmodel = "loop/cheap"\nstrong = "loop/strong"\nmax_tokens = 32\n'
             f'[providers.loop]\nbase_url = "{srv.base_url}"\nkey_required = false\n'
+            f'[providers.locked]\nbase_url = "{srv.base_url}"\nkey_env = "MOA_TEST_UNSET_KEY"\n'
             '[prices]\n"loop/cheap" = [1.0, 2.0]\n"loop/strong" = [10.0, 30.0]\n'
             '[router]\npolicy = "fixed"\ntier = "cheap"\ntop_logprobs = 3\n'
         )
@@ -160,3 +165,71 @@ def test_calibrate_writes_thresholds(setup: tuple[LoopbackServer, Path, Path], c
         ]
     )
     assert rc == 0 and "strong share 0.0%" in capsys.readouterr().out
+
+
+def test_eval_checks_keys_before_the_first_call(
+    setup: tuple[LoopbackServer, Path, Path], capsys: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    srv, tasks, config = setup
+    monkeypatch.delenv("MOA_TEST_UNSET_KEY", raising=False)
+    assert moa(["eval", str(tasks), "-c", str(config), "-m", "locked/x"]) == 1
+    err = capsys.readouterr().err
+    assert err == "moa: Provider 'locked' needs an API key: set the MOA_TEST_UNSET_KEY variable.\n"
+    assert not srv.requests
+
+
+def test_eval_reports_each_failure_reason_and_exits_1_when_all_fail(
+    setup: tuple[LoopbackServer, Path, Path], capsys: Any
+) -> None:
+    _, tasks, config = setup
+    argv = ["eval", str(tasks), "-c", str(config), "-m", "loop/strong", "-m", "loop/bad"]
+    assert moa([*argv, "--json"]) == 1
+    out, err = capsys.readouterr()
+    rows = {r["config"]: r for r in json.loads(out)["rows"]}
+    assert rows["model loop/strong"]["failures"] == {}
+    [(reason, count)] = rows["model loop/bad"]["failures"].items()
+    assert count == len(QUESTIONS) and "400" in reason
+    assert f"moa: model loop/bad: {len(QUESTIONS)} of {len(QUESTIONS)} tasks failed: " in err
+    assert err.splitlines()[-1] == "moa: every task failed for model loop/bad."
+    # The text table and --debug report the same reasons.
+    for extra in ([], ["--debug"]):
+        assert moa([*argv, *extra]) == 1
+        out, err = capsys.readouterr()
+        assert "model loop/bad" in out and reason in err
+
+
+def test_eval_names_the_failed_agents_behind_a_mixture_failure(
+    setup: tuple[LoopbackServer, Path, Path], capsys: Any, tmp_path: Path
+) -> None:
+    srv, tasks, _ = setup
+    config = tmp_path / "bad.toml"
+    config.write_text(
+        'name = "broken"\n[[layers]]\nagents = [{model = "loop/bad"}]\n'
+        '[aggregator]\nmodel = "loop/strong"\n'
+        f'[providers.loop]\nbase_url = "{srv.base_url}"\nkey_required = false\n'
+    )
+    assert moa(["eval", str(tasks), "-c", str(config), "--limit", "2", "--json"]) == 1
+    [row] = json.loads(capsys.readouterr().out)["rows"]
+    [(reason, count)] = row["failures"].items()
+    assert "loop/bad: HTTP 400" in reason and count == 2 and "cancelled" not in reason
+
+
+def test_calibrate_checks_keys_and_names_the_cause(
+    setup: tuple[LoopbackServer, Path, Path], capsys: Any, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    srv, tasks, config = setup
+    monkeypatch.delenv("MOA_TEST_UNSET_KEY", raising=False)
+    argv = ["calibrate", str(tasks), "--strong-share", "0.5", "-c"]
+    locked = tmp_path / "locked.toml"
+    locked.write_text(config.read_text().replace('strong = "loop/strong"', 'strong = "locked/x"'))
+    assert moa([*argv, str(locked)]) == 1
+    assert capsys.readouterr().err == (
+        "moa: Provider 'locked' needs an API key: set the MOA_TEST_UNSET_KEY variable.\n"
+    )
+    assert not srv.requests
+    broken = tmp_path / "broken.toml"
+    broken.write_text(config.read_text().replace('"loop/cheap"', '"loop/bad"'))
+    assert moa([*argv, str(broken)]) == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("moa: Calibration stopped: ") and "loop/bad: " in line and "400" in line

@@ -13,6 +13,8 @@ from moa.errors import ConfigError
 from moa.providers.base import ChatRequest
 from moa.providers.registry import ProviderSpec, Registry
 
+pytestmark = pytest.mark.slow  # the real model: deselect with -m "not slow" for quick runs
+
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (moa-stack[local]) missing")
 
 from moa.local_engine.llamacpp import (  # noqa: E402

@@ -249,12 +249,18 @@ async def test_cancellation_leaves_no_task_or_stream(srv: LoopbackServer) -> Non
 async def test_closing_the_stream_cancels_the_run(srv: LoopbackServer) -> None:
     srv.set_behavior("google/gemma-2-27b-it", ModelBehavior(reply="never " * 50, tokens_per_s=5))
     m = Mixture(loopback_config("moa-lite", mode="layered"), registry=fast_registry(srv))
+    before = set(asyncio.all_tasks())
     events = m.stream("q")
     async for event in events:
         if isinstance(event, AgentFinished):
             break
     await events.aclose()
+    with pytest.raises(StopAsyncIteration):  # a closed stream yields nothing more
+        await events.__anext__()
     await _no_streams(srv)
+    assert srv.active_streams == 0
+    assert set(asyncio.all_tasks()) == before  # the run's tasks are gone
+    assert not aggregator_bodies(srv)  # the slow proposer never finished: nothing aggregated
     await m.aclose()
 
 

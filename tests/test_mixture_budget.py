@@ -165,6 +165,28 @@ async def test_staircase_steps_are_budgeted_too(srv: LoopbackServer) -> None:
     assert result.budget["request"]["spent_usd"] == pytest.approx(result.cost_usd)
 
 
+async def test_a_staircase_budget_runs_out_at_the_aggregator(srv: LoopbackServer) -> None:
+    # b streams a little, then stalls: the aggregator steps on what it has (16-token steps fit
+    # the budget; its long reply needs more than one) until b has been silent for stall_s and
+    # the unbounded last call reserves 5000 tokens: refused.
+    srv.set_behavior("b", ModelBehavior(reply="word " * 40, stall_after=20))
+    srv.set_behavior("agg", ModelBehavior(reply="step " * 300))
+    data = config(mode="staircase", agg_max_tokens=5000).model_dump()
+    data["layers"][0]["agents"][1]["max_tokens"] = 64
+    data["staircase"] = {"stall_s": 0.5}
+    async with Mixture(data, registry=registry(srv), budget={"tokens": 3000}) as mixture:
+        with pytest.raises(AggregatorOverBudget, match="request budget") as caught:
+            await mixture.run(QUESTION)
+    partial = caught.value.partial
+    report = partial.budget["request"]
+    assert report["refused"] == 1 and report["spent_tokens"] <= 3000
+    # Every call that went out was settled against the budget (proposers and any steps).
+    assert report["calls"] == partial.calls == len([r for r in srv.requests if r.model])
+    final = next(o for o in partial.outputs if o.agent.final)
+    assert not final.ok and "refused" in (final.error or "")
+    assert final.calls >= 1 and final.text.startswith("step")  # the steps that fitted ran
+
+
 async def test_dollar_budget_needs_prices(srv: LoopbackServer) -> None:
     with pytest.raises(ConfigError, match="needs a price for 'loop/a'"):
         Mixture(config(prices={}), registry=registry(srv), budget={"usd": 1.0})

@@ -7,7 +7,8 @@ mixture — three routed proposers and a routed aggregator, through the one exec
 (`moa.mixture.Mixture`) — on the test split: always-cheap, always-strong, threshold sweeps,
 the calibrated thresholds and marginal utility, random routing at the marginal policy's strong
 share, and Squeeze Evolve (routed by the rank rule, and with every group on the strong tier).
-The cost-accuracy curve is saved as a PNG.
+`--plot PATH` saves the cost-accuracy curve as a PNG drawn with matplotlib (the `plot`
+extra); without it nothing is written.
 
 Backend `local`: the embedded CPU engine (`local/smollm2`) on a few arithmetic questions, one
 row per question, to show the signals on real logprobs.
@@ -23,9 +24,9 @@ from typing import Any
 import anyio
 
 from moa.bench import routing_sim
-from moa.bench.png import Point, scatter_png
 from moa.bench.routing_model import Question, SimulatedModels
 from moa.config import MixtureConfig, from_dict
+from moa.errors import ConfigError
 from moa.mixture import Mixture
 from moa.providers.registry import Registry
 from moa.routing.calibration import collect, fit_marginal, fit_threshold
@@ -41,17 +42,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--questions", type=int, metavar="N", help="test questions (sim default: 400)"
     )
     parser.add_argument(
-        "--png",
-        default="moa-routing.png",
+        "--calibration", type=int, metavar="N",
+        help="labelled questions the calibrated policies are fitted on (sim default: 200)",
+    )
+    parser.add_argument(
+        "--plot",
         metavar="PATH",
-        help="where to save the curve ('' for none)",
+        help="save the cost-accuracy curve as a PNG at PATH (sim backend; needs matplotlib, "
+        "the 'plot' extra); nothing is written without it",
     )
 
 
 def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
     if args.backend == "local":
+        if args.plot:
+            raise ConfigError("--plot draws the sim backend's curve; drop it with --backend local.")
         return asyncio.run(_local(args.questions or 5))
-    return asyncio.run(_sim(args.questions, args.png))
+    if args.plot:
+        _pyplot()  # fail before the run, not after it
+    return asyncio.run(_sim(args.questions, args.calibration, args.plot))
 
 
 def routed_config(
@@ -108,7 +117,9 @@ async def evaluate(
     }
 
 
-async def _sim(questions: int | None, png: str) -> tuple[list[dict[str, Any]], list[str]]:
+async def _sim(
+    questions: int | None, calibration: int | None, plot: str | None
+) -> tuple[list[dict[str, Any]], list[str]]:
     from moa.testing import LoopbackServer
 
     p = routing_sim
@@ -128,7 +139,7 @@ async def _sim(questions: int | None, png: str) -> tuple[list[dict[str, Any]], l
             ),
             registry=registry,
         )
-        items = [(q.prompt, str(q.answer)) for q in sim.calibration]
+        items = [(q.prompt, str(q.answer)) for q in sim.calibration[:calibration]]
         samples = await collect(config, items, registry=registry, seed=len(sim.questions))
         share = p.CALIBRATED_STRONG_SHARE
         fits = {
@@ -186,8 +197,8 @@ async def _sim(questions: int | None, png: str) -> tuple[list[dict[str, Any]], l
     for r in rows:
         r["cost_share"] = round(r["cost_usd"] / rows[1]["cost_usd"], 3)
     notes = _notes(rows, fits, len(test), len(items))
-    if png:
-        notes.append(f"Cost-accuracy curve saved to {_plot(png, rows, curves)}.")
+    if plot:
+        notes.append(f"Cost-accuracy curve saved to {_plot(Path(plot), rows, curves)}.")
     return rows, notes
 
 
@@ -209,30 +220,44 @@ def _notes(rows: list[dict[str, Any]], fits: dict[str, Any], n_test: int, n_cal:
     return notes
 
 
-def _plot(path: str, rows: list[dict[str, Any]], curves: dict[str, list[dict[str, Any]]]) -> Path:
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend, or one clear error without it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ConfigError(
+            "--plot needs matplotlib: pip install -e '.[plot]' in the checkout."
+        ) from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot(path: Path, rows: list[dict[str, Any]], curves: dict[str, list[dict[str, Any]]]) -> Path:
+    """Each policy as a point, each threshold / multiplier sweep as a line; a legend names them
+    (labels next to points would overlap where policies cost the same)."""
+    plt = _pyplot()
     curve_rows = {id(r) for curve in curves.values() for r in curve}
-    points = [
-        Point(r["cost_usd"], r["accuracy"], r["policy"], i)
-        for i, r in enumerate(r for r in rows if id(r) not in curve_rows)
-    ]
-    series = []
-    first_color = len(points)
-    for n, (name, curve) in enumerate(curves.items()):
-        color = first_color + n
-        line = sorted(
-            (Point(r["cost_usd"], r["accuracy"], "", color) for r in curve), key=lambda q: q.x
-        )
-        series.append(line)
-        points.extend(Point(q.x, q.y, "", color) for q in line)
-        points[-1].label = f"sweep {name}"
-    return scatter_png(
-        path,
-        points,
-        series=series,
-        title="moa bench routing",
-        x_label="total cost usd",
-        y_label="accuracy",
-    )
+    fig, ax = plt.subplots(figsize=(10, 6), dpi=110)
+    try:
+        for name, curve in curves.items():
+            line = sorted(curve, key=lambda r: r["cost_usd"])
+            ax.plot([r["cost_usd"] for r in line], [r["accuracy"] for r in line], marker=".",
+                    linestyle="--", alpha=0.6, label=f"sweep {name}")
+        markers = "osD^vP*Xh"
+        for i, r in enumerate(r for r in rows if id(r) not in curve_rows):
+            ax.scatter(r["cost_usd"], r["accuracy"], marker=markers[i % len(markers)], s=60,
+                       zorder=3, label=r["policy"])
+        ax.set(title="moa bench routing", xlabel="total cost (USD)", ylabel="accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, format="png")
+    finally:
+        plt.close(fig)
+    return path
 
 
 LOCAL_QUESTIONS = [
@@ -252,10 +277,9 @@ async def _local(count: int) -> tuple[list[dict[str, Any]], list[str]]:
     try:
         import moa.local_engine.llamacpp  # noqa: F401
     except ImportError as err:
-        from moa.errors import ConfigError
-
         raise ConfigError(
-            f"The local backend needs the CPU engine (pip install 'moa-stack[local]'): {err}."
+            f"The local backend needs the CPU engine (pip install -e '.[local]' in the "
+            f"checkout): {err}."
         ) from None
     config = routed_config(
         "local/smollm2",

@@ -6,7 +6,7 @@ Runs the mixture of CONFIG (a mixture file whose aggregator has a `strong` tier)
 labelled question twice — the routed aggregation skipped, and strong — then fits the policy so
 that the target share of questions (or the target cost per question) goes to the strong tier
 (RouteLLM-style). `--write` replaces the policy in the file's `[router]` table (its other keys
-stay).
+stay). Keys are checked before the first call; a failed run names every distinct reason.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from moa.errors import ConfigError
+from moa.errors import ConfigError, MixtureError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,13 +98,18 @@ def write_router(path: Path, router: dict[str, Any]) -> None:
 
 
 async def _fit(args: argparse.Namespace) -> Any:
+    from moa.cli.options import check_model_keys
     from moa.config import load_file
     from moa.routing.calibration import collect, fit_marginal, fit_threshold
-    from moa.routing.evaluate import load_tasks
+    from moa.routing.evaluate import failure_reason, load_tasks
 
     config = load_file(args.config)
     tasks = load_tasks(args.labelled, args.limit)
-    samples = await collect(config, [(t.question, t.answer) for t in tasks], seed=args.seed)
+    check_model_keys(config.registry(), [ref for _, ref in config.model_refs()])
+    try:
+        samples = await collect(config, [(t.question, t.answer) for t in tasks], seed=args.seed)
+    except MixtureError as err:
+        raise MixtureError(f"Calibration stopped: {failure_reason(err)}") from err
     target = {"strong_share": args.strong_share, "target_cost": args.target_cost}
     if args.policy == "threshold":
         return fit_threshold(samples, args.signal, **target), len(samples)

@@ -17,6 +17,7 @@ import json
 import sys
 from typing import Any
 
+from moa.cli.options import check_model_keys
 from moa.config import from_dict
 from moa.errors import ConfigError
 from moa.providers.registry import ProviderSpec, Registry, default_registry
@@ -138,18 +139,20 @@ async def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
             "or a -c file with a `strong` tier on an agent."
         )
     runners: list[tuple[str, Any]] = []
+    refs: list[str] = [*args.model]
     for source in args.config:
         if source in files and "layers" not in files[source]:
             continue
         mixture = Mixture(source, registry=registry)
+        refs += [ref for _, ref in mixture.config.model_refs()]
         runners.append((f"mixture {mixture.config.name}", _runner(mixture)))
     prices = next((d.get("prices") for d in files.values() if d.get("prices")), None)
     for ref in args.model:
-        registry.check(ref)
         runner = single_model(registry, ref, max_tokens=args.max_tokens, prices=prices)
         runners.append((f"model {ref}", runner))
     if routing is not None and args.policy:
         config = from_dict(routing, registry=registry)
+        refs += [ref for _, ref in config.model_refs()]
         base = config.router.model_dump() if config.router else None
         for policy in args.policy:
             spec = parse_policy(policy, base)
@@ -161,6 +164,7 @@ async def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
             runners.append((f"{config.name} {label}", _runner(routed)))
     if not runners:
         raise ConfigError("Nothing to score: give -c, -m or --policy.")
+    check_model_keys(registry, refs)
     rows = []
     try:
         for name, runner in runners:
@@ -177,8 +181,16 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         json.dump({"rows": rows}, sys.stdout)
         sys.stdout.write("\n")
-        return 0
-    _print_table(rows)
+    else:
+        _print_table(rows)
+    for row in rows:
+        for reason, count in row["failures"].items():
+            print(f"moa: {row['config']}: {count} of {row['tasks']} tasks failed: {reason}",
+                  file=sys.stderr)
+    dead = [row["config"] for row in rows if row["errors"] == row["tasks"]]
+    if dead:
+        print(f"moa: every task failed for {', '.join(dead)}.", file=sys.stderr)
+        return 1
     return 0
 
 

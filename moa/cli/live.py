@@ -1,9 +1,11 @@
 """The rich live view of `moa chat` on a terminal.
 
 While a run goes: one panel per proposer of the layer that is running (the tail of its
-stream), a status line per agent (waiting / streaming / done / failed, tokens, seconds) and
-the answer as it arrives. Afterwards the status table, the answer as Markdown and a summary
-line stay on screen.
+stream), a status line per agent (waiting / streaming / done / cut / failed, tokens, seconds)
+and the answer as it arrives. An agent is "waiting" until its first token (a queued call on
+an embedded engine included); "cut" means it stopped at its max_tokens. Afterwards the status
+table, the answer as Markdown (with a truncation mark when it was cut) and a summary line stay
+on screen.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from moa.cli.views import summary_line
+from moa.cli.views import summary_line, truncation_note
 from moa.events import (
     AgentDelta,
     AgentFailed,
@@ -39,7 +41,7 @@ if TYPE_CHECKING:
 
     from moa.result import MixtureResult
 
-_STYLE = {"waiting": "dim", "streaming": "cyan", "done": "green", "failed": "red"}
+_STYLE = {"waiting": "dim", "streaming": "cyan", "done": "green", "cut": "yellow", "failed": "red"}
 _PANEL_LINES = 6
 _PANELS_PER_ROW = 3
 
@@ -85,7 +87,7 @@ class LiveView:
         self._stop()
         for out in result.outputs:
             state = self._agents.setdefault(out.agent, _AgentState(out.agent))
-            state.status = "done" if out.ok else "failed"
+            state.status = _finished(out.finish_reason) if out.ok else "failed"
             state.tokens = out.usage.completion_tokens or state.tokens
             state.seconds = out.latency_s if out.latency_s is not None else state.seconds
             state.error = out.error or ""
@@ -93,6 +95,8 @@ class LiveView:
         for notice in self._notices:
             self.console.print(f"[yellow]note:[/] {notice}", highlight=False)
         self.console.print(Markdown(result.text or "_(empty answer)_"))
+        if (cut := truncation_note(result)) is not None:
+            self.console.print(Text(f"[truncated: {cut}]", style="yellow"))
         self.console.print(Text(summary_line(result), style="dim"))
 
     def abort(self) -> None:
@@ -121,13 +125,13 @@ class LiveView:
         state = self._agents.setdefault(agent, _AgentState(agent))
         state.agent = agent  # a routed stage's id names its tier once the router decided
         if isinstance(event, AgentStarted):
-            state.status, state.started = "streaming", event.t
+            state.started = event.t  # still "waiting" until its first token
         elif isinstance(event, AgentDelta):
             state.status = "streaming"
             state.text += event.text
             state.tokens += 1
         elif isinstance(event, AgentFinished):
-            state.status, state.seconds = "done", event.latency_s
+            state.status, state.seconds = _finished(event.finish_reason), event.latency_s
             state.text = event.text or state.text
         elif isinstance(event, AgentFailed):
             state.status, state.error = "failed", event.error
@@ -152,7 +156,7 @@ class LiveView:
     def _panels(self, width: int) -> Table:
         """Panels of the proposers of the latest layer that has started."""
         proposers = [s for s in self._agents.values() if not s.agent.final]
-        started = [s.agent.layer for s in proposers if s.status != "waiting"]
+        started = [s.agent.layer for s in proposers if s.started is not None]
         layer = max(started, default=0)
         shown = [s for s in proposers if s.agent.layer == layer]
         columns = max(1, min(len(shown), _PANELS_PER_ROW))
@@ -188,3 +192,7 @@ class LiveView:
                 Text(state.error, style="red"),
             )
         return table
+
+
+def _finished(finish_reason: str | None) -> str:
+    return "cut" if finish_reason == "length" else "done"

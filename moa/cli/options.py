@@ -44,7 +44,10 @@ def add_mixture_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--temperature", type=float, metavar="T", help="sampling temperature of every agent"
     )
-    group.add_argument("--max-tokens", type=int, metavar="N", help="max tokens of every agent")
+    group.add_argument(
+        "--max-tokens", type=int, metavar="N",
+        help="max tokens of the final answer, like run(max_tokens=...) (proposers keep theirs)",
+    )
     group.add_argument(
         "--mode", choices=["layered", "staircase", "auto"],
         help="execution mode (default: the config's, else auto)",
@@ -90,7 +93,8 @@ def mixture_from_args(args: argparse.Namespace) -> MixtureConfig:
     _set_on_agents(data, "temperature", args.temperature)
     if args.max_tokens is not None and args.max_tokens > MAX_TOKENS:
         raise ConfigError(f"--max-tokens must be at most {MAX_TOKENS}.")
-    _set_on_agents(data, "max_tokens", args.max_tokens)
+    if args.max_tokens is not None:
+        data["aggregator"] = {**_agent_table(data.get("aggregator")), "max_tokens": args.max_tokens}
     if args.mode:
         data["mode"] = args.mode
     if args.deadline is not None:
@@ -107,9 +111,13 @@ def mixture_from_args(args: argparse.Namespace) -> MixtureConfig:
 
 def check_keys(config: MixtureConfig, registry: Registry | None = None) -> None:
     """Fail before any call when a provider the mixture uses needs a key that is not set."""
-    registry = config.registry(registry)
-    for agent in config.agents():
-        spec, _ = registry.check(agent.model)
+    check_model_keys(config.registry(registry), [agent.model for agent in config.agents()])
+
+
+def check_model_keys(registry: Registry, refs: list[str]) -> None:
+    """Fail before any call when the provider of one of `refs` needs a key that is not set."""
+    for ref in refs:
+        spec, _ = registry.check(ref)
         if spec.key_required and spec.api_key() is None:
             raise MissingKeyError(spec.prefix, spec.key_variable)
 
@@ -149,6 +157,13 @@ def _set_on_agents(data: dict[str, Any], field: str, value: Any) -> None:
     data["layers"] = layers
     if isinstance(data.get("aggregator"), dict):
         data["aggregator"] = {**data["aggregator"], field: value}
+
+
+def _agent_table(agent: Any) -> dict[str, Any]:
+    """A copy of an agent table (a bare model reference becomes `{"model": ref}`)."""
+    if isinstance(agent, str):
+        return {"model": agent}
+    return dict(agent) if isinstance(agent, dict) else {}
 
 
 def _dicts(items: Any) -> list[dict[str, Any]]:

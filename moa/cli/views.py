@@ -26,7 +26,12 @@ class View(Protocol):
 def summary_line(result: MixtureResult) -> str:
     """Calls, tokens, cost, spend against the budgets, TTFT and total time, on one line."""
     usage = result.usage
-    cost = "cost n/a" if result.cost_usd is None else f"${result.cost_usd:.4f}"
+    unpriced = sorted({o.agent.model for o in result.outputs if o.usage.total_tokens and
+                       o.cost_usd is None})
+    if unpriced:
+        cost = f"cost unknown (no price for {', '.join(unpriced)})"
+    else:
+        cost = "cost unknown" if result.cost_usd is None else f"${result.cost_usd:.4f}"
     ttft = "n/a" if result.ttft_s is None else f"{result.ttft_s:.2f} s"
     spend = "".join(f" · {part}" for part in budget_parts(result.budget))
     return (
@@ -34,6 +39,14 @@ def summary_line(result: MixtureResult) -> str:
         f"({usage.prompt_tokens:,} in / {usage.completion_tokens:,} out) · {cost}{spend} · "
         f"TTFT {ttft} · total {result.latency_s:.2f} s"
     )
+
+
+def truncation_note(result: MixtureResult) -> str | None:
+    """A warning when the final answer stopped at its `max_tokens` (finish reason `length`)."""
+    final = next((o for o in result.outputs if o.agent.final), None)
+    if final is None or final.finish_reason != "length":
+        return None
+    return "the answer was cut at its max_tokens limit (raise --max-tokens for a full answer)"
 
 
 def budget_parts(report: dict[str, Any]) -> list[str]:
@@ -75,6 +88,8 @@ class PlainView:
         self._end_line()
         if self.quiet:
             return
+        if (cut := truncation_note(result)) is not None:
+            _note(cut)
         for out in result.failed:
             _note(f"{out.agent.label} failed: {out.error}")
         for notice in result.notices:

@@ -18,7 +18,7 @@ from typing import Any
 
 import anyio
 
-from moa.errors import ConfigError, MoaError
+from moa.errors import ConfigError, MixtureError, MoaError
 from moa.pricing import cost as price_cost
 from moa.providers.base import ChatRequest
 from moa.providers.registry import Registry
@@ -117,14 +117,17 @@ async def evaluate(
     """Run one configuration over every task; one result row."""
     limiter = anyio.CapacityLimiter(concurrency)
     outcomes: list[tuple[Outcome | None, float, bool]] = []
+    failures: dict[str, int] = {}
 
     async def one(i: int, task: Task) -> None:
         async with limiter:
             started = time.perf_counter()
             try:
                 out: Outcome | None = await runner(task.question, seed + i)
-            except MoaError:
+            except MoaError as err:
                 out = None
+                reason = failure_reason(err)
+                failures[reason] = failures.get(reason, 0) + 1
             latency = time.perf_counter() - started
         outcomes.append((out, latency, out is not None and is_correct(out.text, task.answer)))
 
@@ -145,4 +148,17 @@ async def evaluate(
         "cost_usd": round(sum(costs), 6) if costs else None,
         "latency_s": round(sum(latencies) / len(latencies), 3),
         "p90_latency_s": round(latencies[min(len(latencies) - 1, int(0.9 * len(latencies)))], 3),
+        "failures": failures,
     }
+
+
+def failure_reason(err: MoaError) -> str:
+    """Why a task failed: the error, plus the failed agents' errors it does not already name."""
+    message = str(err)
+    partial = err.partial if isinstance(err, MixtureError) else None
+    causes = [
+        o.error if o.error.startswith(o.agent.model) else f"{o.agent.model}: {o.error}"
+        for o in getattr(partial, "failed", [])
+        if o.error and not o.error.startswith("cancelled:") and o.error not in message
+    ]
+    return " ".join([message, *dict.fromkeys(causes)])

@@ -1,0 +1,110 @@
+"""`moa bench ...` through the real command in quick modes: the rows' shape and the invariants
+that hold whatever the machine's speed (never a timing threshold), and the table printer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from moa.bench import print_rows
+from moa.cli.main import run as moa
+
+
+def bench(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:
+    assert moa(["bench", *argv, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["bench"] == argv[0] and out["rows"] and out["notes"]
+    return out
+
+
+def test_table_printer(capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [{"name": "a", "ms": 1.23456, "n": 3}, {"name": "b", "ms": None, "extra": 0.5}]
+    print_rows("demo", rows, as_json=False, notes=["a note"])
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    header = next(line for line in lines if "name" in line)
+    # Columns: the union of keys in first-seen order; floats to 4 significant digits.
+    assert [c.strip() for c in header.strip("┃").split("┃")] == ["name", "ms", "n", "extra"]
+    assert "moa bench demo" in out and "1.235" in out and "1.23456" not in out
+    row_b = next(line for line in lines if " b " in line)
+    assert "None" not in row_b and "0.5" in row_b
+    assert lines[-1] == "a note" and "\x1b" not in out
+    print_rows("demo", rows, as_json=True, notes=["a note"])
+    assert json.loads(capsys.readouterr().out) == {"bench": "demo", "rows": rows,
+                                                   "notes": ["a note"]}
+
+
+def test_overhead_quick(capsys: pytest.CaptureFixture[str]) -> None:
+    out = bench(capsys, "overhead", "--repeats", "1", "--tokens", "4")
+    rows = out["rows"]
+    assert [r["api"] for r in rows] == ["async", "run_sync"]
+    for r in rows:
+        assert r["calls"] == 13  # 6 proposers, 6 refiners, 1 aggregator
+        assert r["overhead_ms"] == pytest.approx(1000 * (r["measured_s"] - r["critical_path_s"]),
+                                                 abs=0.2)
+        assert r["per_layer_ms"] == pytest.approx(r["overhead_ms"] / 3, abs=0.1)
+    assert any(("met" in n) for n in out["notes"])
+
+
+def test_staircase_quick(capsys: pytest.CaptureFixture[str]) -> None:
+    rows = bench(capsys, "staircase", "--quick", "--tokens", "8")["rows"]
+    mixtures = list(dict.fromkeys(r["mixture"] for r in rows))
+    assert mixtures
+    for name in mixtures:
+        by_mode = {r["mode"]: r for r in rows if r["mixture"] == name}
+        assert set(by_mode) == {"layered", "staircase", "ratio"}
+        layered, stair, ratio = by_mode["layered"], by_mode["staircase"], by_mode["ratio"]
+        assert layered["mode_run"] == "layered"
+        assert ratio["total_s"] == pytest.approx(stair["total_s"] / layered["total_s"], abs=1e-3)
+        assert stair["calls"] >= layered["calls"]  # steps are extra calls, never fewer
+        for r in (layered, stair):
+            assert 0 < r["ttft_s"] <= r["total_s"] and r["answer_tokens"] > 0
+
+
+def test_serve_quick(capsys: pytest.CaptureFixture[str]) -> None:
+    rows = bench(capsys, "serve", "--clients", "1,2", "--rounds", "1")["rows"]
+    assert {(r["clients"], r["path"]) for r in rows} == {
+        (n, p) for n in (1, 2) for p in ("direct", "direct-one-pool", "server")
+    }
+    for r in rows:
+        assert r["bad_streams"] == 0 and r["requests_per_s"] > 0
+        assert r["ttft_p50_ms"] <= r["ttft_p99_ms"]
+        assert ("overhead_p50_ms" in r) == (r["path"] == "server")
+
+
+def test_routing_quick_writes_its_plot_only_where_asked(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    plot = tmp_path / "out" / "curve.png"
+    out = bench(capsys, "routing", "--questions", "12", "--calibration", "12", "--plot", str(plot))
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list(tmp_path.iterdir()) == [plot.parent]  # nothing else in the current folder
+    assert f"Cost-accuracy curve saved to {plot}." in out["notes"]
+    rows = {r["policy"]: r for r in out["rows"]}
+    cheap, strong = rows["always-cheap"], rows["always-strong"]
+    assert cheap["strong_calls"] == 0 and strong["strong_calls"] > 0
+    assert cheap["cost_usd"] < strong["cost_usd"] and strong["cost_share"] == 1.0
+    for r in rows.values():
+        assert 0 <= r["accuracy"] <= 1 and r["calls"] >= r["strong_calls"]
+    assert {"cal thr agree", "cal mu", "evolve"} <= set(rows)
+
+
+def test_routing_help_says_where_the_plot_goes(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        moa(["bench", "routing", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--plot PATH" in text and "nothing is written without it" in text
+    assert moa(["bench", "routing", "--backend", "local", "--plot", "x.png"]) == 1
+    assert "--plot draws the sim backend's curve" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_local_quick(capsys: pytest.CaptureFixture[str]) -> None:
+    rows = bench(capsys, "local", "--tokens", "4", "--repeats", "1")["rows"]
+    assert rows[0]["workload"] == "engine alone" and rows[0]["calls"] == 1
+    for r in rows:
+        assert r["tokens"] > 0 and r["tokens_per_s"] > 0 and r["calls"] >= 1
