@@ -69,6 +69,11 @@ class Feed:
         """Released text (all of it once the agent finished)."""
         return "".join(self.chunks)
 
+    @property
+    def partial(self) -> str:
+        """Everything written so far, released or not."""
+        return self.text + self.pending
+
     def push(self, text: str) -> None:
         self.state = "streaming"
         self.last_activity = time.monotonic()
