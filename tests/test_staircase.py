@@ -252,9 +252,14 @@ async def test_after_the_grace_a_straggler_joins_as_it_arrives(srv: LoopbackServ
     m = Mixture(cfg, registry=srv.registry())
     g1.open(2)
 
+    def on_event(event: Event) -> None:
+        # p1 goes on only once the straggler has joined (its sixth word is in)
+        agent = event.agent if isinstance(event, AgentDelta) else None
+        if agent and (agent.layer, agent.index) == (0, 1) and event.text.strip() == P2.split()[5]:
+            g1.open(6)
+
     async def drive() -> None:
         await anyio.to_thread.run_sync(srv.wait_requests, "agg", 1)
-        g1.open(6)
         g2.open(6)
         await anyio.to_thread.run_sync(srv.wait_requests, "agg", 2)
         g1.open()
@@ -262,7 +267,7 @@ async def test_after_the_grace_a_straggler_joins_as_it_arrives(srv: LoopbackServ
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(drive)
-        _, result = await run(m)
+        _, result = await run(m, on_event)
     first, second = bodies(srv)[:2]
     assert references(first["messages"][0]["content"]) == ["one two"]
     assert references(second["messages"][0]["content"]) == [

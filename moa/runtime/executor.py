@@ -330,19 +330,23 @@ class Execution:
     async def _wait_start(self, node: Node, continuing: bool) -> None:
         feeds = [u.feed for u in node.upstream]
         sc = self.config.staircase
-        while True:
-            self._check_possible(node)
-            if continuing:
-                k = min(max(sc.start_k or 1, node.quorum), len(feeds))
-                wait = start_wait(feeds, k, sc.grace_s, sc.stall_s)
-            elif self.quorum_start:
-                k = min(max(self.quorum_start, node.quorum), len(feeds))
-                wait = start_wait(feeds, k, sc.grace_s, complete=True)
-            else:
-                wait = settle_wait(feeds, node.quorum, sc.stall_s)
-            if wait == 0.0:
-                return
-            await self.board.wait(wait)
+        node.feed.hold(True)
+        try:
+            while True:
+                self._check_possible(node)
+                if continuing:
+                    k = min(max(sc.start_k or 1, node.quorum), len(feeds))
+                    wait = start_wait(feeds, k, sc.grace_s, sc.stall_s)
+                elif self.quorum_start:
+                    k = min(max(self.quorum_start, node.quorum), len(feeds))
+                    wait = start_wait(feeds, k, sc.grace_s, complete=True)
+                else:
+                    wait = settle_wait(feeds, node.quorum, sc.stall_s)
+                if wait == 0.0:
+                    return
+                await self.board.wait(wait)
+        finally:
+            node.feed.hold(False)
 
     def _may_finish(self, node: Node) -> bool:
         """All references resolved, or the quorum is in and the rest have gone silent."""
@@ -354,21 +358,25 @@ class Execution:
         ahead; eager: any news, at most `stall_s`) or the last call may be made."""
         stall_s = self.config.staircase.stall_s
         until = time.monotonic() + stall_s
-        while not self._may_finish(node):
-            self._check_possible(node)
-            if pacer.pacing == "lockstep":
-                wait = pacer.wait(want, count_tokens(node.text))
-                if wait == 0.0:
-                    return
-                settle = settle_wait([u.feed for u in node.upstream], node.quorum, stall_s)
-                wait = wait if settle is None else min(wait, settle)
-            else:
-                if view.has_news():
-                    return
-                wait = until - time.monotonic()
-                if wait <= 0:
-                    return
-            await self.board.wait(wait)
+        node.feed.hold(True)
+        try:
+            while not self._may_finish(node):
+                self._check_possible(node)
+                if pacer.pacing == "lockstep":
+                    wait = pacer.wait(want, count_tokens(node.text))
+                    if wait == 0.0:
+                        return
+                    settle = settle_wait([u.feed for u in node.upstream], node.quorum, stall_s)
+                    wait = wait if settle is None else min(wait, settle)
+                else:
+                    if view.has_news():
+                        return
+                    wait = until - time.monotonic()
+                    if wait <= 0:
+                        return
+                await self.board.wait(wait)
+        finally:
+            node.feed.hold(False)
 
     def _check_possible(self, node: Node) -> None:
         failed = sum(u.feed.state == "failed" for u in node.upstream)

@@ -54,6 +54,18 @@ class Feed:
         self.first_chunk_at: float | None = None
         self.done_at: float | None = None
         self.last_activity = time.monotonic()
+        self.held = False
+        """Its agent is waiting for its own references (busy, not stalled)."""
+
+    def quiet_for(self, now: float) -> float:
+        """Seconds without a delta (0 while its agent waits for its own references)."""
+        return 0.0 if self.held else now - self.last_activity
+
+    def hold(self, held: bool) -> None:
+        """Mark the agent as waiting for its references (True) or working again (False)."""
+        self.held = held
+        self.last_activity = time.monotonic()
+        self.board.changed()
 
     @property
     def resolved(self) -> bool:

@@ -144,7 +144,7 @@ class ReferenceView:
 
 def _live(feed: Feed, stall_s: float, now: float) -> bool:
     """Unfinished and not silent for `stall_s` (a reference that holds aggregators back)."""
-    return not feed.resolved and feed.last_activity > now - stall_s
+    return not feed.resolved and feed.quiet_for(now) < stall_s
 
 
 def start_wait(
@@ -175,7 +175,7 @@ def start_wait(
     if ready or all(f.resolved for f in feeds):
         return 0.0
     waits = [
-        f.last_activity + stall_s - now
+        stall_s - f.quiet_for(now)
         for f in feeds
         if not complete and f.first_chunk_at is None and _live(f, stall_s, now)
     ]
@@ -198,7 +198,7 @@ def settle_wait(
         return 0.0
     if sum(f.state == "done" for f in feeds) < quorum:
         return None
-    return max(0.0, max(f.last_activity for f in open_) + stall_s - now)
+    return max(0.0, stall_s - min(f.quiet_for(now) for f in open_))
 
 
 class Pacer:
@@ -211,7 +211,8 @@ class Pacer:
     `eager`: a step is taken on any news and writes its full `step_tokens`, however far the
     aggregator is ahead of what it has read (lower latency, less read before writing).
     A reference counts as live once it has shown a chunk, until it finishes, fails or has been
-    silent for `stall_s`.
+    silent for `stall_s` (an aggregating reference waiting for its own references is not
+    silent).
     """
 
     def __init__(self, feeds: list[Feed], pacing: Pacing, stall_s: float) -> None:
@@ -254,7 +255,7 @@ class Pacer:
         if lead is None or lead >= want:
             return 0.0
         silent = [
-            f.last_activity + self.stall_s - now
+            self.stall_s - f.quiet_for(now)
             for f in self.feeds
             if f.chunks and _live(f, self.stall_s, now)
         ]
