@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -33,6 +34,7 @@ from moa.runtime.prompts import (
     STREAMING_NOTE,
     TRUNCATED_LABEL,
 )
+from moa.runtime.staircase import Pacer, settle_wait, start_wait
 from moa.testing import Gate, LoopbackServer, ModelBehavior
 from moa.tokens import count_tokens
 
@@ -429,3 +431,50 @@ async def test_three_layer_staircase(srv: LoopbackServer) -> None:
     for body in bodies(srv):
         assert_paced(body)
     assert isinstance(events[-1], RunFinished)
+
+
+def _feed(board: Board, words: int, *, done: bool = False) -> Feed:
+    feed = Feed(board, lambda i: 2)
+    for word in WORDS[:words]:
+        feed.push(f" {word}")
+    if done:
+        feed.finish()
+    return feed
+
+
+def test_pacer_bounds_a_step_by_the_slowest_live_reference() -> None:
+    board = Board()
+    fast, slow = _feed(board, 10), _feed(board, 4)
+    pacer = Pacer([fast, slow], "lockstep", stall_s=2.0)
+    assert pacer.limit(8, written=2) == 2 and pacer.wait(8, written=2) > 0
+    assert pacer.limit(8, written=4) == 0
+    later = time.monotonic() + 5  # the slow one has been silent for longer than stall_s
+    assert pacer.lead(4, now=later) is None, "every reference silent: nothing bounds it"
+    slow.hold(True)
+    assert pacer.lead(4, now=later) == 0, "waiting for its own references is not silence"
+    slow.hold(False)
+    slow.finish()
+    assert pacer.limit(8, written=4) == 6 and pacer.wait(6, written=4) == 0
+    assert Pacer([fast, slow], "eager", stall_s=2.0).limit(8, written=10) == 8
+
+
+def test_start_and_settle_rules() -> None:
+    board = Board()
+    spoke, silent = _feed(board, 2), _feed(board, 0)
+    now = time.monotonic()
+    assert start_wait([spoke, silent], 1, grace_s=3.0, stall_s=10.0, now=now) == pytest.approx(
+        3.0, abs=0.5
+    )
+    assert start_wait([spoke, silent], 2, grace_s=3.0, stall_s=10.0, now=now) == pytest.approx(
+        10.0, abs=0.5
+    ), "no grace before k first chunks; a silent reference stops counting after stall_s"
+    assert start_wait([spoke, silent], 2, 3.0, 10.0, now=now + 11) == 0.0
+    silent.push(" word")
+    silent.push(" more")
+    assert start_wait([spoke, silent], 2, 3.0, 10.0, now=now) == 0.0, "every first chunk is in"
+    assert settle_wait([spoke, silent], 1, 2.0, now=now) is None, "quorum not done"
+    spoke.finish()
+    assert settle_wait([spoke, silent], 1, 2.0, now=now) == pytest.approx(2.0, abs=0.5)
+    assert settle_wait([spoke, silent], 1, 2.0, now=now + 3) == 0.0, "the rest went silent"
+    silent.finish()
+    assert settle_wait([spoke, silent], 2, 2.0, now=now) == 0.0
