@@ -299,15 +299,18 @@ class Execution:
         continuing = self.mode == "staircase"
         view = ReferenceView(feeds, sc.layout if continuing else "readable")
         pacer = Pacer(feeds, sc.pacing, sc.stall_s)
+        for u in node.upstream:
+            u.feed.peers = [n.feed for n in self.nodes if n.provider is u.provider and n is not u]
         await self._wait_start(node, continuing)
         self._started(node)
         budget, used, step = node.agent.max_tokens, 0, 0
         while True:
             free = self._may_finish(node)
+            settled = free or not (continuing or self.quorum_start)
             stragglers = frozenset(
-                i for i, f in enumerate(feeds) if not f.resolved and sc.keep_truncated
+                i for i, f in enumerate(feeds) if settled and sc.keep_truncated and not f.resolved
             )
-            view.update(complete_only=not continuing, given_up=stragglers if free else frozenset())
+            view.update(complete_only=not continuing, given_up=stragglers)
             if free or not continuing:
                 self._check_quorum(node, view)
                 finish = await self._free_call(node, view, budget - used)

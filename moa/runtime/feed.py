@@ -56,15 +56,22 @@ class Feed:
         self.last_activity = time.monotonic()
         self.held = False
         """Its agent is waiting for its own references (busy, not stalled)."""
+        self._resumed_at = self.last_activity
+        self.peers: list[Feed] = []
+        """Feeds of the other agents on the same backend instance."""
 
     def quiet_for(self, now: float) -> float:
-        """Seconds without a delta (0 while its agent waits for its own references)."""
-        return 0.0 if self.held else now - self.last_activity
+        """Seconds in which neither this agent nor another on its backend wrote anything (0
+        while this agent waits for its own references). A backend that serves one request at
+        a time (the embedded llama.cpp engine) is busy, not stalled, while it serves another."""
+        if self.held:
+            return 0.0
+        return now - max(self._resumed_at, *(f.last_activity for f in [self, *self.peers]))
 
     def hold(self, held: bool) -> None:
         """Mark the agent as waiting for its references (True) or working again (False)."""
         self.held = held
-        self.last_activity = time.monotonic()
+        self._resumed_at = time.monotonic()
         self.board.changed()
 
     @property
