@@ -90,21 +90,28 @@ class StaircaseConfig(BaseModel):
     )
     """Aggregator tokens per step, small first; the last repeats."""
     start_k: int | None = Field(
-        None, ge=1, description="k of the fastest-k start (default: the layer's min_proposers)."
+        None,
+        ge=1,
+        description="Start with this many first chunks once grace_s has passed (default: the "
+        "layer's min_proposers); with every live reference's first chunk it starts at once.",
     )
     grace_s: float = Field(
-        0.25, ge=0, description="Longest wait for slower first chunks once k arrived."
+        2.0, ge=0, description="Longest wait for the other first chunks once start_k arrived."
     )
     stall_s: float = Field(
         2.0,
         gt=0,
-        description="Silence after which an unfinished reference stops holding an aggregator.",
+        description="Silence after which an unfinished reference stops holding an aggregator "
+        "(staircase and layered alike).",
     )
+    pacing: Literal["lockstep", "eager"] = "lockstep"
+    """`lockstep`: the aggregator's n-th token comes after every live reference has shown n
+    tokens (or finished); `eager`: each step writes its full `step_tokens` on any news."""
     layout: Literal["readable", "prefix_cache"] = "readable"
     keep_truncated: bool = True
-    """Keep (labelled) the text of a proposer that failed mid-stream."""
-    # An aggregator starts when every live reference delivered its first chunk, or once k
-    # have and `grace_s` passed; the step loop is in moa.runtime.executor, the design in the docs.
+    """Keep (labelled) the text of a proposer that failed mid-stream or was left behind."""
+    # Start, pacing and straggler rules: moa.runtime.staircase; the step loop is in
+    # moa.runtime.executor, the design in docs/staircase.md.
 
     def chunk_size(self, index: int) -> int:
         """Tokens in chunk `index` (0-based) of a streamed reference."""

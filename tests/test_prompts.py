@@ -8,6 +8,7 @@ from moa.errors import ConfigError
 from moa.runtime.feed import Board, Feed
 from moa.runtime.prompts import (
     AGGREGATE_PROMPT,
+    STREAMING_NOTE,
     TRIMMED_LABEL,
     TRUNCATED_LABEL,
     Reference,
@@ -15,8 +16,8 @@ from moa.runtime.prompts import (
     as_messages,
     fit_references,
     mark_duplicates,
-    near_identical,
     readable_block,
+    same_text,
 )
 from moa.runtime.staircase import ReferenceView
 from moa.tokens import count_tokens
@@ -62,11 +63,11 @@ def test_multi_turn_history_is_intact_and_strings_are_not_iterated() -> None:
         as_messages(HISTORY[:3])
 
 
-def test_labels_and_duplicates() -> None:
+def test_labels_and_exact_duplicates() -> None:
     refs = mark_duplicates(
         [
             Reference("The answer is 4."),
-            Reference("the answer is  4."),
+            Reference("The answer  is\n4."),
             Reference("cut", truncated=True),
         ]
     )
@@ -75,8 +76,31 @@ def test_labels_and_duplicates() -> None:
     assert block.endswith(
         "\n1. The answer is 4.\n2. (same as response 1)\n3. cut" + TRUNCATED_LABEL
     )
-    assert near_identical("a long answer about cats " * 10, "a long answer about cats " * 10 + "!")
-    assert not near_identical("Paris is the capital.", "Lyon is the capital.")
+    assert same_text("a b\n c", "a  b c") and not same_text("Paris.", "paris.")
+
+
+def test_near_duplicates_are_shown_in_full() -> None:
+    base = "After checking the wiring, the ladder " + "is stable and rated for the load. " * 12
+    safe, unsafe = base + "It is safe.", base + "It is not safe."
+    refs = mark_duplicates([Reference(safe), Reference(unsafe), Reference(safe.upper())])
+    assert all(r.same_as is None for r in refs)
+    block = readable_block(refs)
+    assert f"\n1. {safe}\n2. {unsafe}\n3. {safe.upper()}" in block
+    assert "same as" not in block
+
+
+def test_a_stream_ahead_of_an_identical_one_is_an_exact_pointer_plus_its_rest() -> None:
+    refs = mark_duplicates(
+        [Reference("one two", complete=False), Reference("one two three", complete=False)]
+    )
+    assert refs[1].same_as == 1 and refs[1].tail == " three"
+    assert readable_block(refs).endswith(
+        "\n1. one two …\n2. (same as response 1) then … three …" + STREAMING_NOTE
+    )
+    behind = mark_duplicates(
+        [Reference("one two three", complete=False), Reference("one two", complete=False)]
+    )
+    assert behind[1].same_as is None, "a shorter stream is not the same text"
 
 
 def test_fit_references_trims_the_longest_first() -> None:

@@ -50,8 +50,8 @@ from moa.runtime.prompts import (
     with_system,
 )
 from moa.runtime.run import Node, Overrides, Run, stage_seed
-from moa.runtime.staircase import ReferenceView, start_wait
-from moa.tokens import count_messages
+from moa.runtime.staircase import Pacer, ReferenceView, settle_wait, start_wait
+from moa.tokens import count_messages, count_tokens
 
 log = logging.getLogger("moa.runtime.executor")
 
@@ -207,28 +207,37 @@ class Execution(Run):
 
     async def _aggregate(self, node: Node) -> None:
         sc = self.config.staircase
-        view = ReferenceView([u.feed for u in node.upstream], sc.layout)
+        feeds = [u.feed for u in node.upstream]
         continuing = self.mode == "staircase" and not node.layered
+        view = ReferenceView(feeds, sc.layout if continuing else "readable")
+        pacer = Pacer(feeds, sc.pacing, sc.stall_s)
+        for u in node.upstream:
+            u.feed.peers = [n.feed for n in self.nodes if n.provider is u.provider and n is not u]
         await self._wait_start(node, continuing)
         self._started(node)
         budget, used, step = node.agent.max_tokens, 0, 0
         while True:
             free = self._may_finish(node)
-            view.update(complete_only=not continuing)
+            settled = free or not (continuing or self.quorum_start)
+            stragglers = frozenset(
+                i for i, f in enumerate(feeds) if settled and sc.keep_truncated and not f.resolved
+            )
+            view.update(complete_only=not continuing, given_up=stragglers)
             if free or not continuing:
                 self._check_quorum(node, view)
                 finish = await self._free_call(node, view, budget - used)
                 break
-            limit = min(sc.step_size(step), budget - used)
-            call = await self._call(
-                node, self._prompt(node, view, limit), limit, continue_final=bool(node.parts)
-            )
-            used += call.tokens
-            if call.finish_reason != "length" or used >= budget:
-                finish = call.finish_reason
-                break
-            step += 1
-            await self._wait_news(node, view)
+            limit = pacer.limit(min(sc.step_size(step), budget - used), count_tokens(node.text))
+            if limit > 0:
+                call = await self._call(
+                    node, self._prompt(node, view, limit), limit, continue_final=bool(node.parts)
+                )
+                used += call.tokens
+                if call.finish_reason != "length" or used >= budget:
+                    finish = call.finish_reason
+                    break
+                step += 1
+            await self._wait_news(node, view, pacer, min(sc.step_size(step), budget - used))
         self._finished(node, finish)
 
     # ---- start, steps and quorum -----------------------------------------------------------
@@ -236,38 +245,53 @@ class Execution(Run):
     async def _wait_start(self, node: Node, continuing: bool) -> None:
         feeds = [u.feed for u in node.upstream]
         sc = self.config.staircase
-        while True:
-            self._check_possible(node)
-            if continuing:
-                k = min(max(sc.start_k or 1, node.quorum), len(feeds))
-                wait = start_wait(feeds, k, sc.grace_s)
-            elif self.quorum_start:
-                k = min(max(self.quorum_start, node.quorum), len(feeds))
-                wait = start_wait(feeds, k, sc.grace_s, complete=True)
-            else:
-                wait = 0.0 if all(f.resolved for f in feeds) else None
-            if wait == 0.0:
-                return
-            await self.board.wait(wait)
+        node.feed.hold(True)
+        try:
+            while True:
+                self._check_possible(node)
+                if continuing:
+                    k = min(max(sc.start_k or 1, node.quorum), len(feeds))
+                    wait = start_wait(feeds, k, sc.grace_s, sc.stall_s)
+                elif self.quorum_start:
+                    k = min(max(self.quorum_start, node.quorum), len(feeds))
+                    wait = start_wait(feeds, k, sc.grace_s, complete=True)
+                else:
+                    wait = settle_wait(feeds, node.quorum, sc.stall_s)
+                if wait == 0.0:
+                    return
+                await self.board.wait(wait)
+        finally:
+            node.feed.hold(False)
 
     def _may_finish(self, node: Node) -> bool:
         """All references resolved, or the quorum is in and the rest have gone silent."""
         feeds = [u.feed for u in node.upstream]
-        if all(f.resolved for f in feeds):
-            return True
-        done = sum(f.state == "done" for f in feeds)
-        quiet = time.monotonic() - self.config.staircase.stall_s
-        return done >= node.quorum and all(f.resolved or f.last_activity <= quiet for f in feeds)
+        return settle_wait(feeds, node.quorum, self.config.staircase.stall_s) == 0.0
 
-    async def _wait_news(self, node: Node, view: ReferenceView) -> None:
-        """Wait (at most `stall_s`) for a new chunk, a finish or a failure upstream."""
-        until = time.monotonic() + self.config.staircase.stall_s
-        while not view.has_news() and not self._may_finish(node):
-            self._check_possible(node)
-            left = until - time.monotonic()
-            if left <= 0:
-                return
-            await self.board.wait(left)
+    async def _wait_news(self, node: Node, view: ReferenceView, pacer: Pacer, want: int) -> None:
+        """Wait until the next step may be taken (lockstep: the references are `want` tokens
+        ahead; eager: any news, at most `stall_s`) or the last call may be made."""
+        stall_s = self.config.staircase.stall_s
+        until = time.monotonic() + stall_s
+        node.feed.hold(True)
+        try:
+            while not self._may_finish(node):
+                self._check_possible(node)
+                if pacer.pacing == "lockstep":
+                    wait = pacer.wait(want, count_tokens(node.text))
+                    if wait == 0.0:
+                        return
+                    settle = settle_wait([u.feed for u in node.upstream], node.quorum, stall_s)
+                    wait = wait if settle is None else min(wait, settle)
+                else:
+                    if view.has_news():
+                        return
+                    wait = until - time.monotonic()
+                    if wait <= 0:
+                        return
+                await self.board.wait(wait)
+        finally:
+            node.feed.hold(False)
 
     def _check_possible(self, node: Node) -> None:
         failed = sum(u.feed.state == "failed" for u in node.upstream)

@@ -54,6 +54,25 @@ class Feed:
         self.first_chunk_at: float | None = None
         self.done_at: float | None = None
         self.last_activity = time.monotonic()
+        self.held = False
+        """Its agent is waiting for its own references (busy, not stalled)."""
+        self._resumed_at = self.last_activity
+        self.peers: list[Feed] = []
+        """Feeds of the other agents on the same backend instance."""
+
+    def quiet_for(self, now: float) -> float:
+        """Seconds in which neither this agent nor another on its backend wrote anything (0
+        while this agent waits for its own references). A backend that serves one request at
+        a time (the embedded llama.cpp engine) is busy, not stalled, while it serves another."""
+        if self.held:
+            return 0.0
+        return now - max(self._resumed_at, *(f.last_activity for f in [self, *self.peers]))
+
+    def hold(self, held: bool) -> None:
+        """Mark the agent as waiting for its references (True) or working again (False)."""
+        self.held = held
+        self._resumed_at = time.monotonic()
+        self.board.changed()
 
     @property
     def resolved(self) -> bool:
@@ -68,6 +87,11 @@ class Feed:
     def text(self) -> str:
         """Released text (all of it once the agent finished)."""
         return "".join(self.chunks)
+
+    @property
+    def partial(self) -> str:
+        """Everything written so far, released or not."""
+        return self.text + self.pending
 
     def push(self, text: str) -> None:
         self.state = "streaming"

@@ -12,8 +12,6 @@ round, so every earlier step's prompt is a prefix of the next one).
 
 from __future__ import annotations
 
-import difflib
-import re
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -43,11 +41,6 @@ STREAMING_NOTE = (
     "answer from what is known so far.)"
 )
 ROUND_HEADER = "\n\n[More of the responses, part {n}]"
-NEAR_IDENTICAL = 0.97
-"""Similarity ratio at and above which two long texts count as the same response."""
-NEAR_IDENTICAL_MIN_CHARS = 200
-"""Shorter texts count as the same only when equal up to case and whitespace."""
-_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 
 
 @dataclass(frozen=True)
@@ -60,11 +53,12 @@ class Reference:
     """The agent failed mid-stream; `text` is what it wrote before."""
     trimmed: bool = False
     same_as: int | None = None
-    """Number (1-based) of an earlier reference this one repeats; its text is not fed again."""
+    """Number (1-based) of an earlier reference whose text this one repeats exactly (up to
+    whitespace); its text is not fed again."""
     continued: bool = False
     """More text of a response begun in an earlier round (prefix_cache layout)."""
     tail: str = ""
-    """With `same_as`: what this response adds after repeating that one so far."""
+    """With `same_as`: what this response adds after repeating all that one shows so far."""
 
 
 def as_messages(messages: str | list[Message]) -> list[Message]:
@@ -118,15 +112,15 @@ def entry(number: int, ref: Reference) -> str:
     if ref.same_as is not None:
         body = f"(same as response {ref.same_as})"
         if ref.tail:
-            body += f" then …{ref.tail}" + ("" if ref.complete else IN_PROGRESS_LABEL)
+            body += f" then …{ref.tail}"
     else:
         body = f"…{ref.text}" if ref.continued else ref.text
         if ref.trimmed:
             body += TRIMMED_LABEL
-        if ref.truncated:
-            body += TRUNCATED_LABEL
-        elif not ref.complete:
-            body += IN_PROGRESS_LABEL
+    if ref.truncated:
+        body += TRUNCATED_LABEL
+    elif not ref.complete:
+        body += IN_PROGRESS_LABEL
     return f"\n{number}. {body}"
 
 
@@ -166,41 +160,32 @@ def aggregate_messages(
 
 
 def _normal(text: str) -> str:
-    return " ".join(text.split()).casefold()
+    return " ".join(text.split())
 
 
-def near_identical(a: str, b: str) -> bool:
-    """Whether two texts are the same response up to whitespace, case and small edits.
+def same_text(a: str, b: str) -> bool:
+    """Whether two texts are byte-identical once runs of whitespace are made one space.
 
-    Small edits count only in long texts, and never when the numbers differ ("4" vs "5").
+    Nothing looser counts: "is safe" and "is not safe" are different responses.
     """
-    a, b = _normal(a), _normal(b)
-    if a == b:
-        return True
-    if min(len(a), len(b)) < max(NEAR_IDENTICAL_MIN_CHARS, NEAR_IDENTICAL * max(len(a), len(b))):
-        return False
-    if _NUMBER.findall(a) != _NUMBER.findall(b):
-        return False
-    matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
-    return matcher.quick_ratio() >= NEAR_IDENTICAL and matcher.ratio() >= NEAR_IDENTICAL
+    return _normal(a) == _normal(b)
 
 
 def _repeat(ref: Reference, earlier: Reference) -> Reference | None:
-    """`ref` as a pointer to `earlier` when it says the same (so far), else None."""
-    if near_identical(ref.text, earlier.text):
+    """`ref` as an exact pointer to `earlier` (plus the text it adds), else None."""
+    if same_text(ref.text, earlier.text):
         return replace(ref, same_as=0)
-    if not ref.complete and _normal(earlier.text).startswith(_normal(ref.text)):
-        return replace(ref, same_as=0)
-    if not earlier.complete and ref.text.startswith(earlier.text) and earlier.text.strip():
+    if not earlier.complete and earlier.text.strip() and ref.text.startswith(earlier.text):
         return replace(ref, same_as=0, tail=ref.text[len(earlier.text) :])
     return None
 
 
 def mark_duplicates(refs: list[Reference]) -> list[Reference]:
-    """Replace each reference that repeats an earlier one (so far) by a pointer to it.
+    """Replace each reference that repeats an earlier one exactly by a pointer to it.
 
-    Streamed references that agree but are at different lengths count as repeats: the
-    shorter one is a pointer, the longer one a pointer plus the text it has in addition.
+    A streamed reference whose text so far is the whole text shown so far of an earlier,
+    unfinished one plus more becomes a pointer plus that additional text. Near duplicates
+    are shown in full: a pointer never stands for different content.
     """
     out: list[Reference] = []
     for ref in refs:

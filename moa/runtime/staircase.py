@@ -1,9 +1,10 @@
-"""Staircase streaming: what an aggregating agent is shown of references still being written.
+"""Staircase streaming: what an aggregating agent is shown, when it starts, how far it writes.
 
 `ReferenceView` keeps, per aggregating agent, the numbering of its references (slot order for
 those present at its start, arrival order after), the chunks already fed and, for the
-`prefix_cache` layout, the rounds in which they were fed. `start_wait` is the start condition.
-The step loop itself lives in `moa.runtime.executor`; docs/staircase.md describes the design.
+`prefix_cache` layout, the rounds in which they were fed. `start_wait` is the start rule,
+`settle_wait` the straggler rule (every mode) and `Pacer` the pacing rule. The step loop itself
+lives in `moa.runtime.executor`; docs/staircase.md describes the design.
 """
 
 from __future__ import annotations
@@ -16,10 +17,13 @@ from moa.runtime.feed import Feed
 from moa.runtime.prompts import (
     Reference,
     mark_duplicates,
-    near_identical,
     readable_block,
     rounds_block,
+    same_text,
 )
+from moa.tokens import count_tokens
+
+Pacing = Literal["lockstep", "eager"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,7 @@ class ReferenceView:
         self._labelled: set[int] = set()
         self._rounds: list[list[_Entry]] = []
         self._seen: tuple[tuple[int, str], ...] = ()
+        self.given_up: frozenset[int] = frozenset()
 
     def signature(self) -> tuple[tuple[int, str], ...]:
         """Changes whenever a chunk arrives or a reference finishes or fails."""
@@ -59,14 +64,25 @@ class ReferenceView:
         """Some reference shown (or still to come) is unfinished."""
         return any(not f.resolved for f in self.feeds)
 
-    def update(self, *, complete_only: bool = False) -> None:
-        """Take in what arrived: number new references, drop failed ones, add a round."""
+    def update(
+        self, *, complete_only: bool = False, given_up: frozenset[int] = frozenset()
+    ) -> None:
+        """Take in what arrived: number new references, drop failed ones, add a round.
+
+        `given_up` (readable layout): unfinished references shown with all they wrote so far,
+        labelled as stopped before finishing (stragglers left behind by the last call).
+        """
         self._seen = self.signature()
-        self.order = [u for u in self.order if self.feeds[u].usable]
+        self.given_up = frozenset(u for u in given_up if self.feeds[u].partial.strip())
+
+        def shown(u: int, feed: Feed) -> bool:
+            return u in self.given_up or (
+                feed.usable and (feed.resolved or not complete_only)
+            )
+
+        self.order = [u for u in self.order if shown(u, self.feeds[u])]
         self.order += [
-            u
-            for u, feed in enumerate(self.feeds)
-            if u not in self.order and feed.usable and (feed.resolved or not complete_only)
+            u for u, feed in enumerate(self.feeds) if u not in self.order and shown(u, feed)
         ]
         if self.layout == "prefix_cache":
             entries = [e for u in self.order if (e := self._new_entry(u)) is not None]
@@ -76,8 +92,10 @@ class ReferenceView:
     def references(self) -> list[Reference]:
         """Every shown reference in full, numbered by position (the readable layout)."""
         refs = [
-            Reference(text=f.text, complete=f.resolved, truncated=f.truncated)
-            for f in (self.feeds[u] for u in self.order)
+            Reference(text=f.partial, truncated=True)
+            if u in self.given_up
+            else Reference(text=f.text, complete=f.resolved, truncated=f.truncated)
+            for u, f in ((u, self.feeds[u]) for u in self.order)
         ]
         return mark_duplicates(refs)
 
@@ -117,21 +135,33 @@ class ReferenceView:
             if other == u:
                 return None
             roots = self._roots.get(other, [])
-            if len(roots) >= end and near_identical(
+            if len(roots) >= end and same_text(
                 text, "".join(self.feeds[other].chunks[start:end])
             ):
                 return roots[start]
         return None
 
 
+def _live(feed: Feed, stall_s: float, now: float) -> bool:
+    """Unfinished and not silent for `stall_s` (a reference that holds aggregators back)."""
+    return not feed.resolved and feed.quiet_for(now) < stall_s
+
+
 def start_wait(
-    feeds: list[Feed], k: int, grace_s: float, *, complete: bool = False, now: float | None = None
+    feeds: list[Feed],
+    k: int,
+    grace_s: float,
+    stall_s: float = float("inf"),
+    *,
+    complete: bool = False,
+    now: float | None = None,
 ) -> float | None:
     """Seconds until an aggregator may start (0: now; None: wait for the next change).
 
     Staircase: it starts when every live reference has delivered its first chunk, or once `k`
-    have and `grace_s` passed since the k-th did, so a reference that never speaks cannot hold
-    it back. With `complete` (quorum start, no continuation) "delivered" means "finished".
+    have and `grace_s` passed since the k-th did; a reference silent for `stall_s` is not
+    live, so one that never speaks cannot hold it back. With `complete` (quorum start, no
+    continuation) "delivered" means "finished".
     """
     now = time.monotonic() if now is None else now
     if complete:
@@ -139,9 +169,94 @@ def start_wait(
         ready = all(f.resolved for f in feeds)
     else:
         marks = [f.first_chunk_at for f in feeds if f.first_chunk_at is not None]
-        ready = all(f.resolved or f.first_chunk_at is not None for f in feeds)
-    if ready:
+        ready = bool(marks) and all(
+            f.first_chunk_at is not None or not _live(f, stall_s, now) for f in feeds
+        )
+    if ready or all(f.resolved for f in feeds):
         return 0.0
-    if len(marks) < k:
+    waits = [
+        stall_s - f.quiet_for(now)
+        for f in feeds
+        if not complete and f.first_chunk_at is None and _live(f, stall_s, now)
+    ]
+    if len(marks) >= k:
+        waits.append(sorted(marks)[k - 1] + grace_s - now)
+    return max(0.0, min(waits)) if waits and min(waits) < float("inf") else None
+
+
+def settle_wait(
+    feeds: list[Feed], quorum: int, stall_s: float, *, now: float | None = None
+) -> float | None:
+    """Seconds until an aggregator may make its last call (0: now; None: wait for a change).
+
+    It may once every reference is finished or failed, or once `quorum` are done and the rest
+    have been silent for `stall_s` (stragglers are then left behind).
+    """
+    now = time.monotonic() if now is None else now
+    open_ = [f for f in feeds if not f.resolved]
+    if not open_:
+        return 0.0
+    if sum(f.state == "done" for f in feeds) < quorum:
         return None
-    return max(0.0, sorted(marks)[k - 1] + grace_s - now)
+    return max(0.0, stall_s - min(f.quiet_for(now) for f in open_))
+
+
+class Pacer:
+    """The pacing rule: how many tokens an aggregator may write in its next step.
+
+    `lockstep` (default): the aggregator's n-th token comes after every live reference has
+    shown at least n tokens (counted with tiktoken) or finished, so a step writes at most as
+    many tokens as the slowest live reference is ahead, and it is taken once that lead covers
+    the step (with the default schedules: once each has delivered its next chunk).
+    `eager`: a step is taken on any news and writes its full `step_tokens`, however far the
+    aggregator is ahead of what it has read (lower latency, less read before writing).
+    A reference counts as live once it has shown a chunk, until it finishes, fails or has been
+    silent for `stall_s` (an aggregating reference waiting for its own references is not
+    silent).
+    """
+
+    def __init__(self, feeds: list[Feed], pacing: Pacing, stall_s: float) -> None:
+        self.feeds = feeds
+        self.pacing = pacing
+        self.stall_s = stall_s
+        self._counted: dict[int, tuple[int, int]] = {}
+
+    def shown(self, u: int) -> int:
+        """Tokens of reference `u` an aggregator can see (its released chunks)."""
+        feed = self.feeds[u]
+        n, tokens = self._counted.get(u, (0, 0))
+        if n != len(feed.chunks):
+            tokens = count_tokens(feed.text)
+            self._counted[u] = (len(feed.chunks), tokens)
+        return tokens
+
+    def lead(self, written: int, *, now: float | None = None) -> int | None:
+        """Tokens the aggregator may write now (None: no live reference bounds it)."""
+        now = time.monotonic() if now is None else now
+        leads = [
+            self.shown(u) - written
+            for u, f in enumerate(self.feeds)
+            if f.chunks and _live(f, self.stall_s, now)
+        ]
+        return min(leads) if leads else None
+
+    def limit(self, want: int, written: int) -> int:
+        """Tokens the next step may write, `want` at most."""
+        if self.pacing == "eager":
+            return want
+        lead = self.lead(written)
+        return want if lead is None else max(0, min(want, lead))
+
+    def wait(self, want: int, written: int, *, now: float | None = None) -> float | None:
+        """Seconds until the next step of `want` tokens may be taken (0: now; None: at the
+        next change upstream). Lockstep only; the eager rule waits for any news."""
+        now = time.monotonic() if now is None else now
+        lead = self.lead(written, now=now)
+        if lead is None or lead >= want:
+            return 0.0
+        silent = [
+            self.stall_s - f.quiet_for(now)
+            for f in self.feeds
+            if f.chunks and _live(f, self.stall_s, now)
+        ]
+        return max(0.0, min(silent))

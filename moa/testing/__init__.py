@@ -9,6 +9,7 @@ with LoopbackServer({"fast": ModelBehavior(reply="The answer is 4.")}) as srv:
 """
 
 from .behavior import ModelBehavior
+from .gate import Gate
 from .server import LoopbackServer, RecordedRequest
 
-__all__ = ["LoopbackServer", "ModelBehavior", "RecordedRequest"]
+__all__ = ["Gate", "LoopbackServer", "ModelBehavior", "RecordedRequest"]

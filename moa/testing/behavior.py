@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .gate import Gate
+
 TOKEN_RE = re.compile(r"\s*\S+")
 """A loopback token: one word with its leading whitespace."""
 
@@ -33,6 +35,9 @@ class ModelBehavior:
     """Delay before the first token (the response headers go out at once)."""
     tokens_per_s: float | None = None
     """Token rate of a streamed reply; None sends tokens without delay."""
+    gate: Gate | None = None
+    """Send each token of a streamed reply only once the gate lets it pass (explicit pacing);
+    a continued reply's tokens count from the start of the whole reply."""
     logprob: float | Callable[[int], float] = -0.05
     """Logprob reported for each token (or a function of the token's index)."""
     prompt_tokens: int | None = None
@@ -75,6 +80,8 @@ class ReplyPlan:
     """The stop string that ended the reply, if one did."""
     prompt_tokens: int
     completion_tokens: int
+    offset: int = 0
+    """Tokens of the reply already written in the assistant turn this request continues."""
 
 
 def message_text(content: Any) -> str:
@@ -118,10 +125,12 @@ def plan_reply(
         if stop and stop in text:
             text, hit = text[: text.index(stop)], stop
     prefix = _continuing(behavior, body, anthropic)
+    offset = 0
     if prefix is not None:
         stripped = prefix.rstrip() if anthropic else prefix
         if text.startswith(stripped):
             text = text[len(stripped):]
+            offset = len(TOKEN_RE.findall(stripped))
     tokens = TOKEN_RE.findall(text)
     limit = body.get("max_completion_tokens") or body.get("max_tokens")
     if isinstance(limit, int) and len(tokens) > limit:
@@ -142,6 +151,7 @@ def plan_reply(
             if behavior.completion_tokens is not None
             else len(tokens) * n
         ),
+        offset=offset,
     )
 
 

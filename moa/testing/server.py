@@ -72,6 +72,7 @@ class LoopbackServer:
         self._stop: asyncio.Event | None = None
         self.port = 0
         self.requests: list[RecordedRequest] = []
+        self._recorded = threading.Condition()
 
     # -- public surface -------------------------------------------------------------
 
@@ -96,6 +97,19 @@ class LoopbackServer:
         while self.active_streams and time.monotonic() < deadline:
             time.sleep(0.005)
         return self.active_streams == 0
+
+    def wait_requests(self, model: str, count: int, timeout: float = 10.0) -> list[RecordedRequest]:
+        """Wait until `count` requests for `model` have been read; return them all.
+
+        From async code: `await anyio.to_thread.run_sync(srv.wait_requests, model, count)`.
+        """
+        def seen() -> list[RecordedRequest]:
+            return [r for r in self.requests if r.model == model]
+
+        with self._recorded:
+            if not self._recorded.wait_for(lambda: len(seen()) >= count, timeout):
+                raise TimeoutError(f"{len(seen())} of {count} requests for {model!r} arrived.")
+        return seen()
 
     def set_behavior(self, model: str, behavior: ModelBehavior) -> None:
         """Set a model's behaviour; its fault counter starts again."""
@@ -226,10 +240,12 @@ class LoopbackServer:
 
     def _record(self, request: Request, body: dict[str, Any] | None) -> None:
         model = body.get("model") if body else None
-        self.requests.append(
-            RecordedRequest(request.method, request.path, request.headers, body,
-                            str(model) if model is not None else None, time.monotonic())
-        )
+        with self._recorded:
+            self.requests.append(
+                RecordedRequest(request.method, request.path, request.headers, body,
+                                str(model) if model is not None else None, time.monotonic())
+            )
+            self._recorded.notify_all()
 
     def _authorized(self, request: Request) -> bool:
         if self._api_key is None:
@@ -370,6 +386,8 @@ async def _send_stream(conn: Connection, frames: OpenAIFrames | AnthropicFrames,
         delay = start + position * step - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
+        if behavior.gate is not None:
+            await behavior.gate.passage(plan.offset + position)
         for index, tokens in enumerate(plan.tokens):
             if position < len(tokens):
                 await conn.write_chunk(frames.token(index, position))

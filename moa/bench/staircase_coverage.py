@@ -1,0 +1,112 @@
+"""Coverage of a staircase answer: how much of its references the final aggregator had read.
+
+The final aggregator's calls are recorded on their way to the backend (`Recorder`), and what
+each prompt showed of every reference is found in the prompt itself, so the figures describe
+what the model was really given. Token counts use `moa.tokens` (tiktoken).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from moa.providers.base import ChatRequest, Delta, Provider
+from moa.providers.registry import Registry
+from moa.tokens import count_tokens
+
+FINAL_PREFIX = "final"
+"""Prefix under which the bench's final aggregator is resolved (and recorded)."""
+
+
+class Recorder(Provider):
+    """Pass calls through to `inner`, keeping every request."""
+
+    def __init__(self, inner: Provider, calls: list[ChatRequest]) -> None:
+        self.inner, self.calls = inner, calls
+        self.name, self.capabilities = inner.name, inner.capabilities
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[Delta]:  # type: ignore[override]
+        self.calls.append(request)
+        deltas = self.inner.stream(request)
+        try:
+            async for delta in deltas:
+                yield delta
+        finally:
+            aclose = getattr(deltas, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+class RecordingRegistry(Registry):
+    """`base` plus the prefix `final`, a copy of `prefix` whose calls are recorded."""
+
+    def __init__(self, base: Registry, prefix: str) -> None:
+        super().__init__(base.specs())
+        self.register(base.spec(prefix).model_copy(update={"prefix": FINAL_PREFIX}))
+        self.calls: list[ChatRequest] = []
+
+    def resolve(self, ref: str) -> tuple[Provider, str]:
+        provider, model = super().resolve(ref)
+        if ref.startswith(FINAL_PREFIX + "/"):
+            return Recorder(provider, self.calls), model
+        return provider, model
+
+
+@dataclass
+class Coverage:
+    share: float
+    """Least share (0-1) of a reference's tokens shown to the call that wrote the last token."""
+    margin: int | None
+    """Least (reference tokens shown - answer tokens written by the end of that call) over
+    every call and every reference not yet complete in it; None when all were complete."""
+
+
+def _longest_prefix(text: str, haystack: str, lead: str = "") -> int:
+    """Length of the longest prefix p of `text` with `lead + p` in `haystack`."""
+    low, high = 0, len(text)
+    while low < high:
+        mid = (low + high + 1) // 2
+        if lead + text[:mid] in haystack:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def shown_prefix(full: str, system: str) -> str:
+    """The part of `full` a prompt shows: contiguous (readable layout) or in "…"-continued
+    pieces (prefix_cache layout)."""
+    end = _longest_prefix(full, system)
+    while end < len(full):
+        more = _longest_prefix(full[end:], system, "…")
+        if not more:
+            break
+        end += more
+    return full[:end].rstrip()
+
+
+def coverage(
+    calls: list[ChatRequest], references: list[tuple[str, bool, int]], answer: str
+) -> Coverage:
+    """`references`: (final text, finished normally, planned tokens) of each reference."""
+    fulls = [
+        (text.rstrip(), done, max(planned, count_tokens(text)))
+        for text, done, planned in references
+    ]
+    margin: int | None = None
+    seen: list[int] = [0] * len(fulls)
+    for i, call in enumerate(calls):
+        after = calls[i + 1].messages[-1] if i + 1 < len(calls) else None
+        own = after["content"] if after and after["role"] == "assistant" else answer
+        written = count_tokens(own)
+        system = str(call.messages[0]["content"])
+        for u, (full, done, _) in enumerate(fulls):
+            shown = shown_prefix(full, system) if full else ""
+            seen[u] = count_tokens(shown)
+            if not (done and shown == full):
+                lead = seen[u] - written
+                margin = lead if margin is None else min(margin, lead)
+    shares = [
+        s / planned if planned else 1.0 for s, (_, _, planned) in zip(seen, fulls, strict=True)
+    ]
+    return Coverage(min(shares), margin)
