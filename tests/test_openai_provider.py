@@ -18,7 +18,7 @@ from moa.providers.base import ChatRequest, Delta
 from moa.providers.http import retry_after_seconds
 from moa.providers.openai_compat import OpenAICompatProvider
 from moa.providers.registry import Limits, ProviderSpec
-from moa.testing import LoopbackServer, ModelBehavior
+from moa.testing import Gate, LoopbackServer, ModelBehavior
 
 pytestmark = pytest.mark.anyio
 
@@ -371,18 +371,24 @@ def test_retry_after_header_forms() -> None:
 # -- limits, cancellation, configuration ---------------------------------------------
 
 
-async def _peak_streams(srv: LoopbackServer, calls: list[tuple[OpenAICompatProvider, str]]) -> int:
+async def _peak_streams(
+    srv: LoopbackServer, calls: list[tuple[OpenAICompatProvider, str]], expect: int, gate: Gate
+) -> int:
+    """Peak of open streams while `calls` run against models paced by `gate`: replies are held
+    until `expect` streams are open, so the peak does not depend on the machine's speed."""
     peak = 0
 
     async def watch() -> None:
         nonlocal peak
         while True:
             peak = max(peak, srv.active_streams)
+            if peak >= expect:
+                gate.open()
             await anyio.sleep(0.002)
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(watch)
-        with anyio.fail_after(10):
+        with anyio.fail_after(60):
             async with anyio.create_task_group() as calls_group:
                 for provider, model in calls:
                     calls_group.start_soon(provider.complete, ChatRequest(model=model, messages=HI))
@@ -390,34 +396,39 @@ async def _peak_streams(srv: LoopbackServer, calls: list[tuple[OpenAICompatProvi
     return peak
 
 
+def _gated(srv: LoopbackServer, *models: str) -> Gate:
+    gate = Gate()
+    for model in models:
+        srv.set_behavior(model, ModelBehavior(reply="ok", gate=gate))
+    return gate
+
+
 async def test_per_provider_concurrency_limit(loopback: LoopbackServer) -> None:
-    slow = ModelBehavior(reply="ok", ttft_s=0.06)
-    loopback.set_behavior("m", slow)
     limited = make(loopback, max_concurrency=2)
-    assert await _peak_streams(loopback, [(limited, "m")] * 6) == 2
+    assert await _peak_streams(loopback, [(limited, "m")] * 6, 2, _gated(loopback, "m")) == 2
     free = make(loopback)
-    assert await _peak_streams(loopback, [(free, "m")] * 4) == 4
+    assert await _peak_streams(loopback, [(free, "m")] * 4, 4, _gated(loopback, "m")) == 4
     await limited.aclose()
     await free.aclose()
 
 
 async def test_per_model_concurrency_limit(loopback: LoopbackServer) -> None:
-    slow = ModelBehavior(reply="ok", ttft_s=0.06)
-    loopback.set_behavior("a", slow)
-    loopback.set_behavior("b", slow)
+    gate = _gated(loopback, "a", "b")
     provider = make(loopback, max_concurrency_per_model=1)
-    assert await _peak_streams(loopback, [(provider, "a")] * 3 + [(provider, "b")] * 3) == 2
+    calls = [(provider, "a")] * 3 + [(provider, "b")] * 3
+    assert await _peak_streams(loopback, calls, 2, gate) == 2
     await provider.aclose()
 
 
 async def test_many_open_calls_spread_over_small_pools(loopback: LoopbackServer) -> None:
-    loopback.set_behavior("m", ModelBehavior(reply="ok", ttft_s=0.3))
+    loopback.set_behavior("m", ModelBehavior(reply="ok"))
     provider = make(loopback, max_concurrency=40, pool_size=16)
     await provider.complete(ChatRequest(model="m", messages=HI))
     await provider.complete(ChatRequest(model="m", messages=HI))
     state = provider.transport._loop_state()
     assert len(state.pools) == 1, "sequential calls share one pool"
-    assert await _peak_streams(loopback, [(provider, "m")] * 40) == 40
+    gate = _gated(loopback, "m")
+    assert await _peak_streams(loopback, [(provider, "m")] * 40, 40, gate) == 40
     assert len(state.pools) == 3 and state.leases == [0] * len(state.pools)
     await provider.aclose()
 
