@@ -112,6 +112,10 @@ def test_moa_chat_runs_the_routed_mixture(
     assert decision["signals"]["agreement"] == 1.0
     assert result["text"] == "Small says the answer is 4."
     assert models(upstream) == ["p", "p", "p", "small"]
+    assert moa_main(["chat", "-c", str(path), "What is 2 + 2?"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "Small says the answer is 4.\n"
+    assert "moa: routed aggregate.final: cheap (agreement 1 >= 0.9)" in err
 
 
 def test_moa_serve_c_serves_the_routed_mixture_to_the_sdk(

@@ -90,7 +90,7 @@ async def route_aggregator(run: Execution, node: Node) -> str:
     )
     verifier = run.config.router.verifier if run.config.router else None
     if verifier is not None:
-        signals.update(await verify(run, node, messages, candidate, refs))
+        signals.update(await verify(run, node, candidate, refs))
     stage = Stage(
         name=f"{node.kind}.{node.id.key}", kind=node.kind, signals=signals,  # type: ignore[arg-type]
         can_skip=candidate is not None and complete,
@@ -124,7 +124,6 @@ def _skip(run: Run, node: Node, source: Node) -> str:
 async def verify(
     run: Execution,
     node: Node,
-    messages: list[Message],
     candidate: Node | None,
     replies: list[Node],
 ) -> dict[str, Any]:

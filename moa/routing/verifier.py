@@ -2,8 +2,8 @@
 two answers (pairwise).
 
 It is the one routing signal that costs a call: off by default, it is turned on with a
-`[routing.verifier]` table. The routed mixture asks the judge before the aggregation and each
-refinement loop; the reply is parsed robustly (`Score: 8`, `8/10`, `[[7]]`, `0.8`, `85%`;
+`[router.verifier]` table. The executor asks the judge before each routed aggregation and
+refinement round; the reply is parsed robustly (`Score: 8`, `8/10`, `[[7]]`, `0.8`, `85%`;
 `Preference: A`, `[[B]]`, `tie`) into `signals["verifier"]`, a number in [0, 1]: the score
 divided by its scale, or 1 / 0 / 0.5 when the judge prefers the candidate / the rival / neither.
 An unreadable reply, a failed call or a call the budget refuses leaves the signal `None`.
@@ -33,7 +33,7 @@ PAIRWISE_PROMPT = (
 
 
 class VerifierConfig(BaseModel):
-    """The judge call of the verifier signal (`[routing.verifier]`)."""
+    """The judge call of the verifier signal (`[router.verifier]`)."""
 
     model_config = ConfigDict(extra="forbid")
 
