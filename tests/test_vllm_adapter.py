@@ -486,7 +486,7 @@ def test_importing_moa_and_the_adapter_never_imports_vllm_or_torch() -> None:
 def test_without_vllm_the_reference_names_the_extra() -> None:
     from moa.providers.registry import Registry
 
-    with pytest.raises(ConfigError, match=r"moa-stack\[vllm\]"):
+    with pytest.raises(ConfigError, match=r"\.\[vllm\]"):
         Registry().resolve("vllm/Qwen/Qwen2.5-0.5B-Instruct")
 
 
