@@ -55,12 +55,13 @@ def test_staircase_quick(capsys: pytest.CaptureFixture[str]) -> None:
     assert mixtures
     for name in mixtures:
         by_mode = {r["mode"]: r for r in rows if r["mixture"] == name}
-        assert set(by_mode) == {"layered", "staircase", "ratio"}
+        assert set(by_mode) == {"layered", "staircase", "staircase/eager", "ratio"}
         layered, stair, ratio = by_mode["layered"], by_mode["staircase"], by_mode["ratio"]
         assert layered["mode_run"] == "layered"
         assert ratio["total_s"] == pytest.approx(stair["total_s"] / layered["total_s"], abs=1e-3)
-        assert stair["calls"] >= layered["calls"]  # steps are extra calls, never fewer
-        for r in (layered, stair):
+        assert stair["agg_calls"] >= layered["agg_calls"]  # steps are extra calls, never fewer
+        assert stair["margin"] is None or stair["margin"] >= 0  # lockstep never writes ahead
+        for r in (layered, stair, by_mode["staircase/eager"]):
             assert 0 < r["ttft_s"] <= r["total_s"] and r["answer_tokens"] > 0
 
 
