@@ -94,7 +94,7 @@ def test_json_rows_on_the_loopback_server(tmp_path: Path, capsys: Any) -> None:
         assert row["ci_low"] <= row["accuracy"] <= row["ci_high"] and row["tokens"] > 0
     expected = {"alone greedy": (1.0, 1), "alone sampled": (1.0, 1), "vote 3 sampled": (0.0, 3),
                 "vote greedy+2 sampled": (1.0, 3), "skip-on-agreement": (1.0, 4),
-                "preset local": (1.0, 4), "paper prompt 3 sampled": (1.0, 4),
+                "preset local": (1.0, 4), "greedy+2 greedy aggregator": (1.0, 4),
                 "short instruction": (1.0, 4), "extracted answers": (1.0, 4),
                 f"-c {config}": (1.0, 2)}
     for name, (accuracy, calls) in expected.items():

@@ -9,13 +9,13 @@ pays for it once in compute but counts it in its own calls, tokens and latency:
 - `alone greedy`, `alone sampled`: one call;
 - `vote 3 sampled`, `vote greedy+2 sampled`: majority of the extracted answers (ties go to the
   first reply, the greedy one where there is one); no aggregator call;
-- `skip-on-agreement`: greedy+2 sampled; the answer when all three agree, else the `local`
-  preset's aggregator over them (what a router that skips aggregation on agreement does);
-- `preset local`: the `local` preset's own graph and prompts (proposers, then its aggregator
-  reading them with the paper's prompt, as the executor builds it);
-- variants: `paper prompt 3 sampled` (the preset before issue 16), `short instruction`
-  (`SMALL_MODEL_INSTRUCTION` in place of the paper's prompt) and `extracted answers` (the
-  aggregator reads only each reply's extracted answer, with the short instruction).
+- `preset local`: the `local` preset's own graph and prompts (its proposers, then its
+  aggregator reading them with the paper's prompt, as the executor builds it);
+- `skip-on-agreement`: the preset, but its proposers' answer when they all agree (what a router
+  that skips aggregation on agreement does);
+- variants on greedy + 2 sampled replies: `greedy+2 greedy aggregator` (paper prompt,
+  temperature 0), `short instruction` (`SMALL_MODEL_INSTRUCTION` in place of the paper's
+  prompt) and `extracted answers` (the aggregator reads only each reply's extracted answer).
 
 Each `-c FILE|PRESET` runs end to end through `moa.Mixture` (wall time as latency).
 Latency of the other rows is the sum of the measured times of the calls a row makes, one after
@@ -162,8 +162,9 @@ class Composer:
         messages = aggregate_messages(self.user(question), block, system=system)
         return await self.calls.get(messages, temperature, max_tokens, 0)
 
-    async def preset_answer(self, question: str) -> Answer:
-        """The preset's graph: its proposer slots, then its aggregator (paper prompt)."""
+    async def preset_answer(self, question: str, skip_on_agreement: bool = False) -> Answer:
+        """The preset's graph: its proposer slots, then its aggregator (paper prompt) — or,
+        with `skip_on_agreement`, the proposers' common answer when they all agree."""
         layer, agg = self.preset.layers[0], self.preset.aggregator
         props: list[Call] = []
         sampled = 0
@@ -176,6 +177,8 @@ class Composer:
                 sampled += bool(agent.temperature)
                 props.append(await self.calls.get(messages, agent.temperature,
                                                   agent.max_tokens, seed))
+        if skip_on_agreement and agreement([p.text for p in props]).unanimous:
+            return _vote(props)
         final = await self.aggregate(question, [p.text for p in props], AGGREGATE_PROMPT,
                                      agg.system, agg.temperature, agg.max_tokens)
         return Answer(final.text, [*props, final])
@@ -204,23 +207,17 @@ async def _vote_greedy(c: Composer, q: str) -> Answer:
     return _vote(await c.proposals(q, greedy=True))
 
 
-async def _skip_on_agreement(c: Composer, q: str) -> Answer:
-    props = await c.proposals(q, greedy=True)
-    if agreement([p.text for p in props]).unanimous:
-        return _vote(props)
-    agg = c.preset.aggregator
-    final = await c.aggregate(q, [p.text for p in props], AGGREGATE_PROMPT, agg.system,
-                              agg.temperature, agg.max_tokens)
-    return Answer(final.text, [*props, final])
-
-
 async def _preset(c: Composer, q: str) -> Answer:
     return await c.preset_answer(q)
 
 
-async def _paper_sampled(c: Composer, q: str) -> Answer:
-    props = await c.proposals(q, greedy=False)
-    final = await c.aggregate(q, [p.text for p in props], AGGREGATE_PROMPT, None, 0.3, 192)
+async def _skip_on_agreement(c: Composer, q: str) -> Answer:
+    return await c.preset_answer(q, skip_on_agreement=True)
+
+
+async def _greedy_aggregator(c: Composer, q: str) -> Answer:
+    props = await c.proposals(q, greedy=True)
+    final = await c.aggregate(q, [p.text for p in props], AGGREGATE_PROMPT, None, 0.0, 192)
     return Answer(final.text, [*props, final])
 
 
@@ -243,8 +240,8 @@ ROWS: dict[str, Row] = {
     "vote 3 sampled": _vote_sampled,
     "vote greedy+2 sampled": _vote_greedy,
     "preset local": _preset,
-    "paper prompt 3 sampled": _paper_sampled,
     "skip-on-agreement": _skip_on_agreement,
+    "greedy+2 greedy aggregator": _greedy_aggregator,
     "short instruction": _short_instruction,
     "extracted answers": _extracted,
 }
