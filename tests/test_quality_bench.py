@@ -103,9 +103,14 @@ def test_json_rows_on_the_loopback_server(tmp_path: Path, capsys: Any) -> None:
         assert again[name] == rows[name]
 
 
-def test_unknown_row_is_one_sentence(capsys: Any) -> None:
+def test_bad_input_is_one_sentence(capsys: Any, tmp_path: Path) -> None:
     assert moa(["bench", "quality", "--rows", "alone greedy,best"]) != 0
     assert "Unknown row 'best'" in capsys.readouterr().err
+    cache = tmp_path / "calls.jsonl"
+    cache.write_text("not json\n")
+    assert moa(["bench", "quality", "--cache", str(cache)]) != 0
+    err = capsys.readouterr().err
+    assert "line 1 is not a recorded call" in err and "Traceback" not in err
 
 
 @pytest.mark.slow

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moa.errors import MoaError
+from moa.errors import ConfigError, MoaError
 from moa.providers.base import ChatRequest, Message
 from moa.routing.evaluate import Outcome, Task, outcome_of
 from moa.routing.signals import agreement, extract_answer, is_correct
@@ -67,7 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=16,
                         help="cap on every composed call's max_tokens (default 16)")
     parser.add_argument("--temperature", type=float, default=0.7,
-                        help="temperature of the sampled replies (default 0.7)")
+                        help="temperature of the votes' and variants' samples (default 0.7; "
+                        "the preset rows keep the preset's own)")
     parser.add_argument("--cache", metavar="FILE", help="JSONL of recorded calls to reuse/extend")
 
 
@@ -91,9 +92,14 @@ class Calls:
 
     def __post_init__(self) -> None:
         if self.cache and self.cache.exists():
-            for line in self.cache.read_text().splitlines():
-                key, call = json.loads(line)
-                self.seen[key] = Call(**call)
+            for number, line in enumerate(self.cache.read_text().splitlines(), 1):
+                try:
+                    key, call = json.loads(line)
+                    self.seen[key] = Call(**call)
+                except (ValueError, TypeError):
+                    raise ConfigError(
+                        f"Cache file {str(self.cache)!r} line {number} is not a recorded call."
+                    ) from None
 
     async def get(
         self, messages: list[Message], temperature: float, max_tokens: int, seed: int
@@ -355,8 +361,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
                 results = await _composed(composer, rows_to_run, tasks)
                 rows.extend(score(split, name, tasks, results[name]) for name in rows_to_run)
                 for source in args.config:
-                    mixture = Mixture(source, registry=registry)
-                    results = await _mixture(mixture, tasks)
+                    async with Mixture(source, registry=registry) as mixture:
+                        results = await _mixture(mixture, tasks)
                     rows.append(score(split, f"-c {source}", tasks, results))
         finally:
             await registry.aclose()
