@@ -50,7 +50,8 @@ def test_wheel_holds_only_the_moa_package(wheel: Path) -> None:
     assert {t for t in top if not t.endswith(".dist-info")} == {"moa"}
     for module in ("moa/providers/registry.py", "moa/providers/openai_compat.py",
                    "moa/providers/http.py", "moa/local_engine/__init__.py",
-                   "moa/testing/server.py", "moa/cli/main.py"):
+                   "moa/testing/server.py", "moa/cli/main.py", "moa/bench/tasks/dev.jsonl",
+                   "moa/bench/tasks/heldout.jsonl"):
         assert module in names, module
     assert wheel.name.startswith("moa_stack-")
 

@@ -94,7 +94,7 @@ def test_json_rows_on_the_loopback_server(tmp_path: Path, capsys: Any) -> None:
         assert row["ci_low"] <= row["accuracy"] <= row["ci_high"] and row["tokens"] > 0
     expected = {"alone greedy": (1.0, 1), "alone sampled": (1.0, 1), "vote 3 sampled": (0.0, 3),
                 "vote greedy+2 sampled": (1.0, 3), "skip-on-agreement": (1.0, 4),
-                "preset local": (1.0, 4), "paper prompt 3 sampled": (1.0, 4),
+                "preset local": (1.0, 4), "greedy+2 greedy aggregator": (1.0, 4),
                 "short instruction": (1.0, 4), "extracted answers": (1.0, 4),
                 f"-c {config}": (1.0, 2)}
     for name, (accuracy, calls) in expected.items():
@@ -103,9 +103,14 @@ def test_json_rows_on_the_loopback_server(tmp_path: Path, capsys: Any) -> None:
         assert again[name] == rows[name]
 
 
-def test_unknown_row_is_one_sentence(capsys: Any) -> None:
+def test_bad_input_is_one_sentence(capsys: Any, tmp_path: Path) -> None:
     assert moa(["bench", "quality", "--rows", "alone greedy,best"]) != 0
     assert "Unknown row 'best'" in capsys.readouterr().err
+    cache = tmp_path / "calls.jsonl"
+    cache.write_text("not json\n")
+    assert moa(["bench", "quality", "--cache", str(cache)]) != 0
+    err = capsys.readouterr().err
+    assert "line 1 is not a recorded call" in err and "Traceback" not in err
 
 
 @pytest.mark.slow

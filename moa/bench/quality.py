@@ -9,13 +9,13 @@ pays for it once in compute but counts it in its own calls, tokens and latency:
 - `alone greedy`, `alone sampled`: one call;
 - `vote 3 sampled`, `vote greedy+2 sampled`: majority of the extracted answers (ties go to the
   first reply, the greedy one where there is one); no aggregator call;
-- `skip-on-agreement`: greedy+2 sampled; the answer when all three agree, else the `local`
-  preset's aggregator over them (what a router that skips aggregation on agreement does);
-- `preset local`: the `local` preset's own graph and prompts (proposers, then its aggregator
-  reading them with the paper's prompt, as the executor builds it);
-- variants: `paper prompt 3 sampled` (the preset before issue 16), `short instruction`
-  (`SMALL_MODEL_INSTRUCTION` in place of the paper's prompt) and `extracted answers` (the
-  aggregator reads only each reply's extracted answer, with the short instruction).
+- `preset local`: the `local` preset's own graph and prompts (its proposers, then its
+  aggregator reading them with the paper's prompt, as the executor builds it);
+- `skip-on-agreement`: the preset, but its proposers' answer when they all agree (what a router
+  that skips aggregation on agreement does);
+- variants on greedy + 2 sampled replies: `greedy+2 greedy aggregator` (paper prompt,
+  temperature 0), `short instruction` (`SMALL_MODEL_INSTRUCTION` in place of the paper's
+  prompt) and `extracted answers` (the aggregator reads only each reply's extracted answer).
 
 Each `-c FILE|PRESET` runs end to end through `moa.Mixture` (wall time as latency).
 Latency of the other rows is the sum of the measured times of the calls a row makes, one after
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moa.errors import MoaError
+from moa.errors import ConfigError, MoaError
 from moa.providers.base import ChatRequest, Message
 from moa.routing.evaluate import Outcome, Task, outcome_of
 from moa.routing.signals import agreement, extract_answer, is_correct
@@ -67,7 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=16,
                         help="cap on every composed call's max_tokens (default 16)")
     parser.add_argument("--temperature", type=float, default=0.7,
-                        help="temperature of the sampled replies (default 0.7)")
+                        help="temperature of the votes' and variants' samples (default 0.7; "
+                        "the preset rows keep the preset's own)")
     parser.add_argument("--cache", metavar="FILE", help="JSONL of recorded calls to reuse/extend")
 
 
@@ -91,9 +92,14 @@ class Calls:
 
     def __post_init__(self) -> None:
         if self.cache and self.cache.exists():
-            for line in self.cache.read_text().splitlines():
-                key, call = json.loads(line)
-                self.seen[key] = Call(**call)
+            for number, line in enumerate(self.cache.read_text().splitlines(), 1):
+                try:
+                    key, call = json.loads(line)
+                    self.seen[key] = Call(**call)
+                except (ValueError, TypeError):
+                    raise ConfigError(
+                        f"Cache file {str(self.cache)!r} line {number} is not a recorded call."
+                    ) from None
 
     async def get(
         self, messages: list[Message], temperature: float, max_tokens: int, seed: int
@@ -162,8 +168,9 @@ class Composer:
         messages = aggregate_messages(self.user(question), block, system=system)
         return await self.calls.get(messages, temperature, max_tokens, 0)
 
-    async def preset_answer(self, question: str) -> Answer:
-        """The preset's graph: its proposer slots, then its aggregator (paper prompt)."""
+    async def preset_answer(self, question: str, skip_on_agreement: bool = False) -> Answer:
+        """The preset's graph: its proposer slots, then its aggregator (paper prompt) — or,
+        with `skip_on_agreement`, the proposers' common answer when they all agree."""
         layer, agg = self.preset.layers[0], self.preset.aggregator
         props: list[Call] = []
         sampled = 0
@@ -176,6 +183,8 @@ class Composer:
                 sampled += bool(agent.temperature)
                 props.append(await self.calls.get(messages, agent.temperature,
                                                   agent.max_tokens, seed))
+        if skip_on_agreement and agreement([p.text for p in props]).unanimous:
+            return _vote(props)
         final = await self.aggregate(question, [p.text for p in props], AGGREGATE_PROMPT,
                                      agg.system, agg.temperature, agg.max_tokens)
         return Answer(final.text, [*props, final])
@@ -204,23 +213,17 @@ async def _vote_greedy(c: Composer, q: str) -> Answer:
     return _vote(await c.proposals(q, greedy=True))
 
 
-async def _skip_on_agreement(c: Composer, q: str) -> Answer:
-    props = await c.proposals(q, greedy=True)
-    if agreement([p.text for p in props]).unanimous:
-        return _vote(props)
-    agg = c.preset.aggregator
-    final = await c.aggregate(q, [p.text for p in props], AGGREGATE_PROMPT, agg.system,
-                              agg.temperature, agg.max_tokens)
-    return Answer(final.text, [*props, final])
-
-
 async def _preset(c: Composer, q: str) -> Answer:
     return await c.preset_answer(q)
 
 
-async def _paper_sampled(c: Composer, q: str) -> Answer:
-    props = await c.proposals(q, greedy=False)
-    final = await c.aggregate(q, [p.text for p in props], AGGREGATE_PROMPT, None, 0.3, 192)
+async def _skip_on_agreement(c: Composer, q: str) -> Answer:
+    return await c.preset_answer(q, skip_on_agreement=True)
+
+
+async def _greedy_aggregator(c: Composer, q: str) -> Answer:
+    props = await c.proposals(q, greedy=True)
+    final = await c.aggregate(q, [p.text for p in props], AGGREGATE_PROMPT, None, 0.0, 192)
     return Answer(final.text, [*props, final])
 
 
@@ -243,8 +246,8 @@ ROWS: dict[str, Row] = {
     "vote 3 sampled": _vote_sampled,
     "vote greedy+2 sampled": _vote_greedy,
     "preset local": _preset,
-    "paper prompt 3 sampled": _paper_sampled,
     "skip-on-agreement": _skip_on_agreement,
+    "greedy+2 greedy aggregator": _greedy_aggregator,
     "short instruction": _short_instruction,
     "extracted answers": _extracted,
 }
@@ -358,8 +361,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
                 results = await _composed(composer, rows_to_run, tasks)
                 rows.extend(score(split, name, tasks, results[name]) for name in rows_to_run)
                 for source in args.config:
-                    mixture = Mixture(source, registry=registry)
-                    results = await _mixture(mixture, tasks)
+                    async with Mixture(source, registry=registry) as mixture:
+                        results = await _mixture(mixture, tasks)
                     rows.append(score(split, f"-c {source}", tasks, results))
         finally:
             await registry.aclose()
