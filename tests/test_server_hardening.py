@@ -167,6 +167,25 @@ def test_failed_mixtures_get_their_status_once_logged_and_the_connection_survive
     assert "Traceback" not in caplog.text
 
 
+def test_an_internal_error_is_a_bare_500_logged_with_its_traceback(
+    upstream: LoopbackServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from moa.mixture import Mixture
+
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug with internal details")
+
+    monkeypatch.setattr(Mixture, "run", broken)  # stands for a bug in moa itself
+    with ServerThread(app(upstream)) as server, \
+            httpx.Client(base_url=server.base_url, timeout=30) as http:
+        response = http.post("/chat/completions", json={"model": "moa", "messages": HI})
+        assert http.get("/models").status_code == 200, "the connection stays usable"
+    assert response.status_code == 500 and type(sdk_error(response)) is openai.InternalServerError
+    assert response.json()["error"]["message"] == "Internal server error."
+    [line] = [r for r in caplog.records if r.name == "moa.openai.server"]
+    assert line.levelno == logging.ERROR and line.exc_info is not None
+
+
 def test_a_burst_beyond_the_limits_gets_429_before_any_stream_then_recovers(
     upstream: LoopbackServer,
 ) -> None:
