@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from moa.config import MixtureConfig
-from moa.openai import server as server_module
+from moa.openai import guards
 from moa.openai.server import ServerThread, create_app
 from moa.providers.registry import Limits
 from moa.testing import LoopbackServer, ModelBehavior
@@ -240,7 +240,7 @@ def test_a_queue_timeout_is_a_503_before_the_stream(upstream: LoopbackServer) ->
 def test_slow_request_headers_time_out(
     upstream: LoopbackServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(server_module, "HEADER_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(guards, "HEADER_TIMEOUT_S", 0.2)
     with ServerThread(app(upstream)) as server, \
             socket.create_connection((server.host, server.port), timeout=20) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # never finished
@@ -250,7 +250,7 @@ def test_slow_request_headers_time_out(
 
 
 def test_a_slow_body_gets_408(upstream: LoopbackServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(server_module, "BODY_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(guards, "BODY_TIMEOUT_S", 0.2)
     with ServerThread(app(upstream)) as server, \
             socket.create_connection((server.host, server.port), timeout=20) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
