@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from moa.config import MixtureConfig
-from moa.openai import server as server_module
+from moa.openai import guards
 from moa.openai.server import ServerThread, create_app
 from moa.providers.registry import Limits
 from moa.testing import LoopbackServer, ModelBehavior
@@ -167,6 +167,25 @@ def test_failed_mixtures_get_their_status_once_logged_and_the_connection_survive
     assert "Traceback" not in caplog.text
 
 
+def test_an_internal_error_is_a_bare_500_logged_with_its_traceback(
+    upstream: LoopbackServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from moa.mixture import Mixture
+
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug with internal details")
+
+    monkeypatch.setattr(Mixture, "run", broken)  # stands for a bug in moa itself
+    with ServerThread(app(upstream)) as server, \
+            httpx.Client(base_url=server.base_url, timeout=30) as http:
+        response = http.post("/chat/completions", json={"model": "moa", "messages": HI})
+        assert http.get("/models").status_code == 200, "the connection stays usable"
+    assert response.status_code == 500 and type(sdk_error(response)) is openai.InternalServerError
+    assert response.json()["error"]["message"] == "Internal server error."
+    [line] = [r for r in caplog.records if r.name == "moa.openai.server"]
+    assert line.levelno == logging.ERROR and line.exc_info is not None
+
+
 def test_a_burst_beyond_the_limits_gets_429_before_any_stream_then_recovers(
     upstream: LoopbackServer,
 ) -> None:
@@ -221,7 +240,7 @@ def test_a_queue_timeout_is_a_503_before_the_stream(upstream: LoopbackServer) ->
 def test_slow_request_headers_time_out(
     upstream: LoopbackServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(server_module, "HEADER_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(guards, "HEADER_TIMEOUT_S", 0.2)
     with ServerThread(app(upstream)) as server, \
             socket.create_connection((server.host, server.port), timeout=20) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # never finished
@@ -231,7 +250,7 @@ def test_slow_request_headers_time_out(
 
 
 def test_a_slow_body_gets_408(upstream: LoopbackServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(server_module, "BODY_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(guards, "BODY_TIMEOUT_S", 0.2)
     with ServerThread(app(upstream)) as server, \
             socket.create_connection((server.host, server.port), timeout=20) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"

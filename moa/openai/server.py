@@ -11,7 +11,6 @@ SSE comment line (`: keep-alive`).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hmac
 import json
@@ -31,8 +30,16 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from moa.config import MixtureConfig
-from moa.errors import BudgetExceeded, ConfigError, DeadlineExceeded, MissingKeyError, MoaError
+from moa.errors import ConfigError, MissingKeyError
 from moa.mixture import Mixture
+from moa.openai.guards import (
+    Gate,
+    Refused,
+    check_content_type,
+    failure,
+    http_protocol,
+    read_body,
+)
 from moa.openai.wire import (
     ChatCall,
     ChunkStream,
@@ -51,49 +58,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("moa.openai.server")
 API_KEY_ENV = "MOA_SERVER_API_KEY"
 KEEPALIVE = ": keep-alive\n\n"
-HEADER_TIMEOUT_S = 10.0
-"""A connection whose request headers have not all arrived by then is closed."""
-BODY_TIMEOUT_S = 30.0
-"""A request whose body has not all arrived by then gets 408."""
-
-
-class Refused(Exception):
-    """A request answered with an OpenAI-shaped error instead of a completion."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
-                 code: str | None = None, param: str | None = None,
-                 retry_after: int | None = None) -> None:
-        super().__init__(message)
-        self.status, self.kind, self.code, self.param = status, kind, code, param
-        self.retry_after = retry_after
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": str(self), "type": self.kind, "param": self.param,
-                          "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        """The JSON answer; 429 and 503 overload carry `Retry-After`, and other 5xx tell the
-        official SDKs not to retry (`x-should-retry: false`): the mixture already retried each
-        upstream call, and a retried mixture repeats every one of them."""
-        headers = {}
-        if self.retry_after is not None:
-            headers["retry-after"] = str(self.retry_after)
-        elif self.status >= 500:
-            headers["x-should-retry"] = "false"
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
-
-
-def failure(model: str, err: Exception) -> Refused:
-    """The error a failed run is answered with: 504 deadline, 503 not ready, 502 upstream."""
-    if isinstance(err, DeadlineExceeded):
-        return Refused(504, str(err), "server_error", "deadline_exceeded")
-    if isinstance(err, BudgetExceeded):
-        return Refused(400, str(err), "invalid_request_error", "budget_exceeded")
-    if isinstance(err, MissingKeyError | ConfigError):
-        return Refused(503, f"The server cannot run {model!r}: {err}", "server_error", "not_ready")
-    if isinstance(err, MoaError):
-        return Refused(502, str(err), "upstream_error", "upstream_failed")
-    return Refused(500, "Internal server error.", "server_error")
 
 
 def _logged(refused: Refused, model: str | None, err: Exception | None = None) -> Refused:
@@ -109,35 +73,6 @@ def _logged(refused: Refused, model: str | None, err: Exception | None = None) -
     return refused
 
 
-class Gate:
-    """At most `limit` requests run; `queue` more may wait up to `timeout` seconds."""
-
-    def __init__(self, limit: int, queue: int, timeout: float) -> None:
-        self.slots = anyio.Semaphore(limit)
-        self.queue, self.timeout = queue, timeout
-        self.waiting = self.active = 0
-
-    async def enter(self) -> None:
-        """Take a slot (call `leave()` after), or raise 429 (queue full) / 503 (waited too long)."""
-        if self.slots.value == 0 and self.waiting >= self.queue:
-            raise Refused(429, "The server is at its concurrency limit; retry shortly.",
-                          "rate_limit_error", "overloaded", retry_after=1)
-        self.waiting += 1
-        try:
-            with anyio.move_on_after(self.timeout) as waited:
-                await self.slots.acquire()
-        finally:
-            self.waiting -= 1
-        if waited.cancelled_caught:
-            raise Refused(503, "The server is overloaded: no slot freed in time.",
-                          "server_error", "overloaded", retry_after=1)
-        self.active += 1
-
-    def leave(self) -> None:
-        self.active -= 1
-        self.slots.release()
-
-
 class _SlotStream(StreamingResponse):
     """A streaming response that gives its gate slot back when it ends, however it ends."""
 
@@ -151,33 +86,6 @@ class _SlotStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.gate.leave()
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, at most `limit` bytes (else 413), within `BODY_TIMEOUT_S` (else 408)."""
-    too_large = Refused(413, f"The request body is larger than {limit} bytes.")
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise too_large
-    body = bytearray()
-    with anyio.move_on_after(BODY_TIMEOUT_S) as timer:
-        async for part in request.stream():
-            body += part
-            if len(body) > limit:
-                raise too_large
-    if timer.cancelled_caught:
-        raise Refused(408, f"The request body did not arrive within {BODY_TIMEOUT_S:g} s.",
-                      code="timeout")
-    return bytes(body)
-
-
-def _check_content_type(request: Request) -> None:
-    """Only `application/json`: a form or `text/plain` body is what a hostile web page can send
-    from a visitor's browser without a CORS preflight."""
-    kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-    if kind != "application/json":
-        raise Refused(415, "The request body must be JSON with content-type: application/json.",
-                      code="unsupported_media_type")
 
 
 def create_app(
@@ -237,8 +145,8 @@ def create_app(
     async def chat(request: Request) -> Response:
         try:
             authorize(request)
-            _check_content_type(request)
-            call = parse_request(load_json(await _read_body(request, max_body_bytes)))
+            check_content_type(request)
+            call = parse_request(load_json(await read_body(request, max_body_bytes)))
             name = named(call.model)
             await gate.enter()
         except RequestError as err:
@@ -367,46 +275,6 @@ async def _until_disconnect(request: Request, work: Any) -> Any:
 
 
 
-def _protocol() -> Any:
-    """uvicorn's HTTP/1.1 protocol, closing a connection whose request headers are too slow
-    (uvicorn has no such timeout; without it idle half-requests hold sockets forever)."""
-    try:
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-    except ImportError:  # httptools missing: uvicorn's h11 protocol, without the timeout
-        return "auto"
-
-    class Protocol(HttpToolsProtocol):
-        _header_timer: asyncio.TimerHandle | None = None
-
-        def _arm(self) -> None:
-            self._disarm()
-            self._header_timer = self.loop.call_later(HEADER_TIMEOUT_S, self.transport.close)
-
-        def _disarm(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._arm()
-
-        def on_headers_complete(self) -> None:
-            self._disarm()
-            super().on_headers_complete()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if not self.transport.is_closing():
-                self._arm()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            super().connection_lost(exc)
-
-    return Protocol
-
-
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket on host:port, or a `ConfigError` saying in one sentence why not."""
     sock: socket.socket | None = None
@@ -427,7 +295,7 @@ def _server(app: Starlette, log_level: str = "warning") -> uvicorn.Server:
     import uvicorn
 
     return uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on",
-                                         http=_protocol()))
+                                         http=http_protocol()))
 
 
 def serve(app: Starlette, sock: socket.socket) -> None:
