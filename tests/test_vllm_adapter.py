@@ -349,7 +349,7 @@ def test_importing_moa_and_the_adapter_never_imports_vllm_or_torch() -> None:
 def test_without_vllm_the_reference_names_the_extra() -> None:
     from moa.providers.registry import Registry
 
-    with pytest.raises(ConfigError, match=r"moa-stack\[vllm\]"):
+    with pytest.raises(ConfigError, match=r"pip install -e '\.\[vllm\]'"):
         Registry().resolve("vllm/Qwen/Qwen2.5-0.5B-Instruct")
 
 
@@ -359,7 +359,7 @@ def test_without_vllm_the_reference_names_the_extra() -> None:
 def _gpu_ready() -> str | None:
     """Why the GPU test cannot run here, or None when it can."""
     if importlib.util.find_spec("vllm") is None:
-        return "vllm is not installed (pip install 'moa-stack[vllm]')"
+        return "vllm is not installed (pip install -e '.[vllm]')"
     import torch
 
     if not torch.cuda.is_available():
