@@ -511,6 +511,8 @@ async def verify(
         return signals
     if reply.ok:
         signals["verifier"] = verdict(reply.output.text, pairwise=rival is not None)
+        if signals["verifier"] is None:
+            signals["verifier_error"] = "the judge's reply holds no score"
     else:
         signals["verifier_error"] = reply.output.error
     return signals
