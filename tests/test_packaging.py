@@ -89,17 +89,16 @@ def test_wheel_installs_and_imports_outside_the_repo(wheel: Path, tmp_path: Path
     assert (venv / "bin" / "moa").exists()  # the console script
 
 
-def test_import_moa_is_light_and_fast(tmp_path: Path) -> None:
+def test_import_moa_is_light(tmp_path: Path) -> None:
+    # What makes `import moa` slow is a heavy dependency imported eagerly; that is checked here.
+    # Its time is not: a timing threshold fails on a loaded machine (measure it with
+    # `python -X importtime -c "import moa"`).
     probe = textwrap.dedent(
         f"""
-        import json, sys, time
-        start = time.perf_counter()
+        import json, sys
         import moa
         import moa.config, moa.providers.registry
-        elapsed = time.perf_counter() - start
-        print(json.dumps({{"s": elapsed, "heavy": [m for m in {HEAVY!r} if m in sys.modules]}}))
+        print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))
         """
     )
-    runs = [json.loads(run(sys.executable, "-c", probe, cwd=tmp_path)) for _ in range(3)]
-    assert runs[0]["heavy"] == [], runs[0]
-    assert min(r["s"] for r in runs) < 0.5, runs
+    assert json.loads(run(sys.executable, "-c", probe, cwd=tmp_path)) == []

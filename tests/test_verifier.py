@@ -203,3 +203,21 @@ def test_off_by_default_and_checked_at_load(server: LoopbackServer) -> None:
     bad = config_of(verifier={"model": "nowhere/judge"})
     with pytest.raises(ConfigError, match=r"router\.verifier\.model.*'nowhere'"):
         load(bad, registry=server.registry())
+
+
+@pytest.mark.parametrize(
+    ("judge", "error"),
+    [
+        (ModelBehavior(reply="I cannot say."), "the judge's reply holds no score"),
+        (ModelBehavior(reply="x", fail_status=400), "HTTP 400"),
+    ],
+    ids=["no score", "failed call"],
+)
+def test_an_unusable_judge_reply_says_why_in_verifier_error(
+    server: LoopbackServer, judge: ModelBehavior, error: str
+) -> None:
+    server.set_behavior("judge", judge)
+    decision = aggregate(run(routed(server, verifier={"model": "loop/judge", "max_tokens": 32})))
+    assert decision.signals["verifier"] is None
+    assert error in decision.signals["verifier_error"]
+    assert decision.choice == "strong"

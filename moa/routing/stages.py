@@ -159,6 +159,8 @@ async def verify(
         return signals
     run._finished(judge, reply.finish_reason)
     signals["verifier"] = verdict(reply.text, pairwise=rival is not None)
+    if signals["verifier"] is None:
+        signals["verifier_error"] = "the judge's reply holds no score"
     return signals
 
 
