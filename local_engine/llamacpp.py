@@ -4,9 +4,10 @@
 - A request holds one llama.cpp instance for its whole generation (one context cannot
   interleave requests). Option `parallel` (default 1: requests are queued) keeps up to that
   many instances of the model; `moa bench local` measures which is faster (docs/local.md).
-- Tokens are pulled one at a time in a worker thread. A cancel (or deadline) sets the
-  instance's abort flag, which llama.cpp polls between the steps of a decode, so even a long
-  prompt evaluation stops at once and the instance is free for the next request.
+- The prompt is evaluated, then tokens are pulled one at a time, in a worker thread. A cancel
+  (or deadline) sets the instance's abort flag, which llama.cpp polls between the steps of a
+  prompt evaluation (its abort callback), so even a long prefill stops at once; during
+  generation it takes effect after the current token. The instance is then free.
 - Greedy output depends on the request alone, not on what the instance ran before: llama.cpp's
   numbers for a token depend on the batch it is evaluated in (alone, as generation does, or
   among others), so the prompt is always evaluated in slices of two or more tokens and only
@@ -28,6 +29,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import cache
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -62,11 +64,11 @@ class LoadedModel:
     formatter: Any
     busy: threading.Lock = field(default_factory=threading.Lock)
     abort: threading.Event = field(default_factory=threading.Event)
-    """Set while a cancelled request waits for its decode: llama.cpp stops it at once."""
+    """Set while a cancelled request waits for its worker: llama.cpp stops a prefill at once."""
     evaluated: list[int] = field(default_factory=list)
     """The tokens whose KV cache came from a prompt evaluation (reusable as a prefix)."""
-    hooks: list[Any] = field(default_factory=list)
-    """C callbacks handed to llama.cpp, kept alive as long as the instance."""
+    on_abort: Any = None
+    """The abort callback (a C function pointer) set on the context during a prefill."""
 
     def tokenize(self, text: str, *, bos: bool = False) -> list[int]:
         return list(self.llm.tokenize(text.encode(), add_bos=bos, special=True))
@@ -77,13 +79,20 @@ class LoadedModel:
     def prefill(self, tokens: list[int]) -> None:
         """Evaluate the prompt `tokens` so its KV cache and last logits are those of a fresh
         evaluation (see the module notes), reusing the prefix of the previous prompt."""
+        import llama_cpp
+
         llm = self.llm
         keep = max(0, min(_common_prefix(self.evaluated, tokens), len(tokens) - 2))
         llm.n_tokens = keep  # Llama.eval drops the cache from here on
         self.evaluated = tokens[:keep]
-        for start, end in prompt_slices(keep, len(tokens), llm.n_batch):
-            llm.eval(tokens[start:end])  # RuntimeError when aborted
-            self.evaluated = tokens[:end]
+        # Only here: the callback takes the GIL at every step, too costly for single tokens.
+        llama_cpp.llama_set_abort_callback(llm.ctx, self.on_abort, None)
+        try:
+            for start, end in prompt_slices(keep, len(tokens), llm.n_batch):
+                llm.eval(tokens[start:end])  # RuntimeError when aborted
+                self.evaluated = tokens[:end]
+        finally:
+            llama_cpp.llama_set_abort_callback(llm.ctx, llama_cpp.ggml_abort_callback(), None)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -189,11 +198,10 @@ def _create(path: Path, logits_all: bool, options: dict[str, Any]) -> LoadedMode
     try:
         llm = llama_cpp.Llama(model_path=str(path), logits_all=logits_all, **settings)
     except (ValueError, RuntimeError) as err:
-        raise ConfigError(f"llama.cpp could not load {str(path)!r}: {err}.") from None
+        reason = str(err).rstrip(".")
+        raise ConfigError(f"llama.cpp could not load {str(path)!r}: {reason}.") from None
     model = LoadedModel(llm, _formatter(llm, path, chat_format))
-    stop_requested = llama_cpp.ggml_abort_callback(lambda _data: model.abort.is_set())
-    llama_cpp.llama_set_abort_callback(llm.ctx, stop_requested, None)
-    model.hooks.append(stop_requested)
+    model.on_abort = llama_cpp.ggml_abort_callback(lambda _data: model.abort.is_set())
     return model
 
 
@@ -238,16 +246,12 @@ def chat_formats() -> dict[str, Callable[..., Any]]:
     return formats
 
 
-_LOG_HOOK: list[Any] = []
-
-
-def _route_llama_logs() -> None:
+@cache
+def _route_llama_logs() -> Any:
     """Send llama.cpp's own log lines to the `moa.local_engine.llama_cpp` logger at DEBUG
-    (shown with --debug) instead of printing them on stderr."""
+    (shown with --debug) instead of printing them on stderr. Returns the C callback, which
+    the cache keeps alive."""
     import llama_cpp
-
-    if _LOG_HOOK:
-        return
 
     @llama_cpp.llama_log_callback
     def to_logger(_level: int, text: bytes, _data: Any) -> None:
@@ -256,7 +260,7 @@ def _route_llama_logs() -> None:
             log.debug("%s", line)
 
     llama_cpp.llama_log_set(to_logger, None)
-    _LOG_HOOK.append(to_logger)
+    return to_logger
 
 
 def render_prompt(
@@ -337,8 +341,8 @@ class LlamaCppEngine(Provider):
         request: ChatRequest,
         index: int,
     ) -> AsyncIterator[Delta]:
-        """Evaluate the prompt, then pull tokens one by one, each in a worker thread; a cancel
-        stops llama.cpp inside the running step."""
+        """Evaluate the prompt (a cancel aborts it inside llama.cpp), then pull tokens one by
+        one (a cancel ends the call after the current token), in a worker thread."""
         await _abortable(model, model.prefill, tokens)
         seed = None if request.seed is None else request.seed + index
         # The whole prompt is cached now: llama-cpp-python samples from it without re-evaluating.

@@ -207,8 +207,18 @@ def test_a_request_that_keeps_coming_back_does_not_starve_the_queue() -> None:
 
 
 def test_n_samples_get_their_own_indexes(engine) -> None:
-    out = anyio.run(engine.complete, request(n=2, max_tokens=6, temperature=0.9, seed=1))
-    assert len(out) == 2 and all(c.text for c in out)
+    async def main():
+        return [d async for d in engine.stream(request(n=2, max_tokens=6, temperature=0.9,
+                                                       seed=1))]
+
+    deltas = anyio.run(main)
+    assert [d.index for d in deltas] == sorted(d.index for d in deltas), "one sample, then next"
+    for index in (0, 1):
+        mine = [d for d in deltas if d.index == index]
+        assert "".join(d.text for d in mine), f"sample {index} has no text"
+        assert [d.finish_reason for d in mine if d.finish_reason] in (["stop"], ["length"])
+        (usage,) = [d.usage for d in mine if d.usage]
+        assert 0 < usage.completion_tokens <= 6
 
 
 def test_missing_and_corrupt_model_files(tmp_path: Path, engine) -> None:
@@ -240,9 +250,42 @@ def test_self_moa_end_to_end_on_the_cpu() -> None:
     assert result.usage.completion_tokens > 0
 
 
-def test_main_command_answers_offline() -> None:
-    """The README's main job: `moa chat` with no key and no flags runs the local preset."""
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "HF_HUB_OFFLINE": "1"}
+NO_NETWORK = """
+import os, socket
+
+def _refuse(what):
+    with open(os.environ["MOA_TEST_NET_LOG"], "a") as log:
+        log.write(f"{what}\\n")
+    raise OSError(f"network blocked by the test: {what}")
+
+_connect, _getaddrinfo = socket.socket.connect, socket.getaddrinfo
+
+def connect(self, address):
+    if self.family != socket.AF_UNIX and address[0] not in ("127.0.0.1", "::1", "localhost"):
+        _refuse(address)
+    return _connect(self, address)
+
+def getaddrinfo(host, *args, **kwargs):
+    if host not in (None, "127.0.0.1", "::1", "localhost"):
+        _refuse(host)
+    return _getaddrinfo(host, *args, **kwargs)
+
+socket.socket.connect, socket.getaddrinfo = connect, getaddrinfo
+"""
+
+
+def test_main_command_answers_offline(tmp_path: Path) -> None:
+    """The README's main job: `moa chat` with no key and no flags runs the local preset, with
+    every connection beyond loopback refused (a sitecustomize in the subprocess)."""
+    (tmp_path / "sitecustomize.py").write_text(NO_NETWORK)
+    attempts = tmp_path / "attempts.txt"
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "PYTHONPATH": str(tmp_path),
+           "MOA_TEST_NET_LOG": str(attempts)}
+    lookup = "import socket; socket.getaddrinfo('pypi.org', 443)"
+    probe = subprocess.run([sys.executable, "-c", lookup],
+                           capture_output=True, text=True, timeout=60, env=env)
+    assert "network blocked by the test" in probe.stderr, "the block is not in place"
+    attempts.unlink()
     proc = subprocess.run(
         [sys.executable, "-m", "moa.cli", "chat", "--quiet", "--max-tokens", "8", "Hi!"],
         capture_output=True, text=True, timeout=240, env=env,
@@ -250,6 +293,7 @@ def test_main_command_answers_offline() -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip()
     assert "Traceback" not in proc.stderr
+    assert not attempts.exists(), attempts.read_text()
 
 
 def test_a_cancel_stops_the_aggregators_long_prompt_evaluation(engine, caplog, capfd) -> None:

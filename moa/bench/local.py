@@ -9,6 +9,13 @@ Rows, all on the bundled SmolLM2-135M with the same token budget per call:
   cores / K threads, serving the proposers at the same time.
 `tokens_per_s` is completion tokens of all calls over the wall time; `ttft_s` is the time to
 the first token of the answer (the aggregator's, or the single call's).
+
+`--case long` times a long question (`--long-tokens`, default 3,000) with one answer token,
+side by side: one raw llama-cpp-python prefill of the rendered prompt (no moa), one engine
+call, and the mixture `moa chat -p local/smollm2 -a local/smollm2 --max-tokens 1` runs (a
+proposer, then an aggregator whose prompt holds the question again: two prefills).
+`--case cancel` cancels an engine call `--cancel-after` seconds into the long prefill and
+reports how long the call took to return after the cancel (`cancel_s`).
 """
 
 from __future__ import annotations
@@ -21,9 +28,22 @@ from typing import Any
 QUESTION = "Give three short tips for writing clear code."
 
 
+CASES = ("mixture", "long", "cancel")
+FILLER = (
+    "Consensus protocols such as Paxos and Raft let a group of machines agree on a sequence "
+    "of values even when some of them fail or messages are delayed. "
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=48, help="max tokens per call (default 48)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per row, best kept")
+    parser.add_argument("--case", choices=[*CASES, "all"], default="all",
+                        help="which rows to run (default all): " + ", ".join(CASES))
+    parser.add_argument("--long-tokens", type=int, default=3000,
+                        help="tokens of the long question (default 3000)")
+    parser.add_argument("--cancel-after", type=float, default=0.5,
+                        help="seconds into the long prefill to cancel (default 0.5)")
 
 
 def _registry(options: dict[str, Any]) -> Any:
@@ -97,10 +117,145 @@ async def _mixture(registry: Any, tokens: int) -> dict[str, Any]:
             "total_s": time.perf_counter() - start, "ttft_s": result.ttft_s}
 
 
-def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
+def _long_question(tokens: int, case: str) -> str:
+    """A question of about `tokens` tokens; `case` starts it, so no two rows share a cache
+    (a repeat of a row finds only the chat template's head cached, as a new question would)."""
+    from moa.local_engine.llamacpp import model_pool
+    from moa.local_engine.model_files import bundled_model_path
+
+    pool = model_pool(bundled_model_path(), False, {})
+    count = pool.instances[0].count
+    repeats = max(1, tokens // max(1, count(FILLER)))
+    return f"{case}\n{FILLER * repeats}\nSummarise the text above in one sentence."
+
+
+def _raw_prefill(question: str) -> dict[str, Any]:
+    """One prefill of the rendered prompt by llama-cpp-python alone, on a fresh context."""
+    from llama_cpp import Llama
+
+    from moa.local_engine.llamacpp import DEFAULT_CTX, model_pool, render_prompt
+    from moa.local_engine.model_files import bundled_model_path
+
+    path = bundled_model_path()
+    formatter = model_pool(path, False, {}).instances[0].formatter
+    prompt, _ = render_prompt(formatter, [{"role": "user", "content": question}], False)
+    llm = Llama(model_path=str(path), n_ctx=DEFAULT_CTX, n_threads=os.cpu_count() or 1,
+                verbose=False)
+    tokens = llm.tokenize(prompt.encode(), add_bos=True, special=True)
+    start = time.perf_counter()
+    llm.eval(tokens)
+    total = time.perf_counter() - start
+    llm.close()
+    return {"calls": 1, "prompt_tokens": len(tokens), "total_s": total}
+
+
+async def _engine_long(registry: Any, question: str) -> dict[str, Any]:
+    from moa.providers.base import ChatRequest
+
+    provider, model = registry.resolve("local/smollm2")
+    request = ChatRequest(model=model, messages=[{"role": "user", "content": question}],
+                          max_tokens=1, temperature=0.0)
+    start = time.perf_counter()
+    out = await provider.complete(request)
+    return {"calls": 1, "prompt_tokens": out[0].usage.prompt_tokens,
+            "total_s": time.perf_counter() - start}
+
+
+async def _mixture_long(registry: Any, question: str) -> dict[str, Any]:
+    from moa.config import AgentConfig, LayerConfig, MixtureConfig
+    from moa.mixture import Mixture
+
+    agent = AgentConfig(model="local/smollm2", max_tokens=1)
+    config = MixtureConfig(name="long", mode="layered", layers=[LayerConfig(agents=[agent])],
+                           aggregator=agent.model_copy())
+    start = time.perf_counter()
+    result = await Mixture(config, registry=registry).run(question)
+    return {"calls": result.calls, "prompt_tokens": result.usage.prompt_tokens,
+            "total_s": time.perf_counter() - start}
+
+
+async def _cancel(registry: Any, question: str, after: float) -> dict[str, Any]:
+    """Cancel an engine call `after` seconds in; seconds from the cancel to its return."""
     import anyio
 
+    from moa.providers.base import ChatRequest
+
+    provider, model = registry.resolve("local/smollm2")
+    request = ChatRequest(model=model, messages=[{"role": "user", "content": question}],
+                          max_tokens=64, temperature=0.0)
+    cancelled_at = 0.0
+    start = time.perf_counter()
+    with anyio.CancelScope() as scope:
+
+        async def cancel_later() -> None:
+            nonlocal cancelled_at
+            await anyio.sleep(after)
+            cancelled_at = time.perf_counter()
+            scope.cancel()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cancel_later)
+            await provider.complete(request)
+            tg.cancel_scope.cancel()  # finished before the cancel: nothing to measure
+    end = time.perf_counter()
+    return {"calls": 1, "total_s": end - start,
+            "cancel_s": end - cancelled_at if scope.cancelled_caught else None}
+
+
+def _long_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import anyio
+
+    registry = _registry({})
+    anyio.run(_alone, registry, 1)  # load the model
+    label = f"long prompt (~{args.long_tokens} tok)"
+    rows: list[dict[str, Any]] = []
+    if args.case in ("long", "all"):
+        cases = [
+            ("raw llama-cpp prefill", _raw_prefill),
+            ("engine call, 1 token", lambda q: anyio.run(_engine_long, registry, q)),
+            ("moa chat -p -a, 1 token", lambda q: anyio.run(_mixture_long, registry, q)),
+        ]
+        runs: dict[str, list[dict[str, Any]]] = {dispatch: [] for dispatch, _ in cases}
+        for i in range(args.repeats):  # interleaved, so a change of load hits every row
+            for n, (dispatch, measure) in enumerate(cases):
+                runs[dispatch].append(measure(_long_question(args.long_tokens, f"Case {n}.{i}")))
+        for dispatch, got_all in runs.items():
+            got = min(got_all, key=lambda g: g["total_s"])
+            rows.append({"workload": label, "dispatch": dispatch, "calls": got["calls"],
+                         "prompt_tokens": got["prompt_tokens"],
+                         "total_s": round(got["total_s"], 3)})
+    if args.case in ("cancel", "all"):
+        got = anyio.run(_cancel, registry, _long_question(args.long_tokens, "Cancel"),
+                        args.cancel_after)
+        rows.append({"workload": label, "dispatch": f"cancel at {args.cancel_after:g} s",
+                     "calls": 1, "total_s": round(got["total_s"], 3),
+                     "cancel_s": None if got["cancel_s"] is None else round(got["cancel_s"], 3)})
+    return rows
+
+
+def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
     cores = os.cpu_count() or 1
+    notes = [f"{cores} cores; SmolLM2-135M Q4_1; best of {args.repeats} runs per row but the "
+             "cancel row."]
+    rows = _mixture_rows(args, cores) if args.case in ("mixture", "all") else []
+    queued = next((r for r in rows if r["dispatch"] == "concurrent, queued"), None)
+    for row in rows:
+        if queued and row["dispatch"].startswith("concurrent, parallel"):
+            ratio = row["tokens_per_s"] / queued["tokens_per_s"]
+            notes.append(f"{row['dispatch']}: tokens/s x{ratio:.2f} vs queued.")
+    long_rows = _long_rows(args) if args.case != "mixture" else []
+    by_dispatch = {r["dispatch"]: r for r in long_rows}
+    raw = by_dispatch.get("raw llama-cpp prefill")
+    for dispatch in ("engine call, 1 token", "moa chat -p -a, 1 token"):
+        if raw and dispatch in by_dispatch:
+            ratio = by_dispatch[dispatch]["total_s"] / raw["total_s"]
+            notes.append(f"{dispatch}: x{ratio:.2f} the raw prefill's time.")
+    return rows + long_rows, notes
+
+
+def _mixture_rows(args: argparse.Namespace, cores: int) -> list[dict[str, Any]]:
+    import anyio
+
     cases = [
         ("engine alone", "single call", _alone, {}),
         ("self-moa", "sequential", _sequential, {}),
@@ -134,10 +289,4 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
             })
 
     anyio.run(main)
-    queued = next(r for r in rows if r["dispatch"] == "concurrent, queued")
-    notes = [f"{cores} cores; SmolLM2-135M Q4_1; best of {args.repeats} runs per row."]
-    for row in rows:
-        if row["dispatch"].startswith("concurrent, parallel"):
-            ratio = row["tokens_per_s"] / queued["tokens_per_s"]
-            notes.append(f"{row['dispatch']}: tokens/s x{ratio:.2f} vs queued.")
-    return rows, notes
+    return rows
