@@ -105,7 +105,15 @@ def test_routing_help_says_where_the_plot_goes(capsys: pytest.CaptureFixture[str
 
 @pytest.mark.slow
 def test_local_quick(capsys: pytest.CaptureFixture[str]) -> None:
-    rows = bench(capsys, "local", "--tokens", "4", "--repeats", "1")["rows"]
+    rows = bench(capsys, "local", "--case", "mixture", "--tokens", "4", "--repeats", "1")["rows"]
     assert rows[0]["workload"] == "engine alone" and rows[0]["calls"] == 1
     for r in rows:
         assert r["tokens"] > 0 and r["tokens_per_s"] > 0 and r["calls"] >= 1
+    args = ("--long-tokens", "120", "--repeats", "1", "--cancel-after", "0.05")
+    long = {r["dispatch"]: r for r in bench(capsys, "local", "--case", "long", *args)["rows"]}
+    raw, mixture = long["raw llama-cpp prefill"], long["moa chat -p -a, 1 token"]
+    assert raw["calls"] == 1 and raw["prompt_tokens"] >= 100
+    # Two prefills: the proposer's prompt and the aggregator's, which holds the question again.
+    assert mixture["calls"] == 2 and mixture["prompt_tokens"] > raw["prompt_tokens"]
+    (cancel,) = bench(capsys, "local", "--case", "cancel", *args)["rows"]
+    assert cancel["dispatch"] == "cancel at 0.05 s" and cancel["total_s"] > 0
