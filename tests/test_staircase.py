@@ -128,7 +128,11 @@ def assert_paced(body: dict[str, Any]) -> None:
     messages = body["messages"]
     own = messages[-1]["content"] if messages[-1]["role"] == "assistant" else ""
     after = count_tokens(own) + body["max_tokens"]
-    for text, complete in shown(messages[0]["content"]):
+    refs = shown(messages[0]["content"])
+    for text, complete in refs:
+        pointer = re.match(r"\(same as response (\d+)\)(?: then …(.*))?$", text)
+        if pointer:  # an exact repeat of an earlier reference (plus what it adds)
+            text = refs[int(pointer[1]) - 1][0] + (pointer[2] or "")
         assert complete or count_tokens(text) >= after, (text, own, body["max_tokens"])
 
 
