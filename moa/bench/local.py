@@ -130,7 +130,7 @@ def _long_question(tokens: int, case: str) -> str:
 
 
 def _raw_prefill(question: str) -> dict[str, Any]:
-    """One prefill of the rendered prompt by llama-cpp-python alone, on a fresh context."""
+    """One prefill of the rendered prompt by llama-cpp-python alone, on its own context."""
     from llama_cpp import Llama
 
     from moa.local_engine.llamacpp import DEFAULT_CTX, model_pool, render_prompt
@@ -142,6 +142,8 @@ def _raw_prefill(question: str) -> dict[str, Any]:
     llm = Llama(model_path=str(path), n_ctx=DEFAULT_CTX, n_threads=os.cpu_count() or 1,
                 verbose=False)
     tokens = llm.tokenize(prompt.encode(), add_bos=True, special=True)
+    llm.eval(tokens[:8])  # warm the context up, as the engine's instance is
+    llm.reset()
     start = time.perf_counter()
     llm.eval(tokens)
     total = time.perf_counter() - start
