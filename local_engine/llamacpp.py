@@ -295,7 +295,7 @@ class LlamaCppEngine(Provider):
     """`local/<model>`: a GGUF model run in this process by llama.cpp."""
 
     name = "local"
-    capabilities = Capabilities(continuation=True, logprobs=True)
+    capabilities = Capabilities(continuation=True, logprobs=True, queued=True)
 
     def __init__(self, spec: ProviderSpec, api_key: SecretStr | None = None) -> None:
         import llama_cpp  # noqa: F401 - fail at resolve time when the extra is missing

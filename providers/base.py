@@ -95,6 +95,9 @@ class Capabilities:
     logprobs: bool = False
     multi_sample: bool = False
     """Serves n > 1 in one request sharing the prompt's cache."""
+    queued: bool = False
+    """Serves requests in turn (an embedded engine): a request waiting for its turn or in a
+    long prompt evaluation streams nothing, yet is busy, not stalled."""
 
 
 class Provider(abc.ABC):

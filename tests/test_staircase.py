@@ -7,6 +7,7 @@ Every reply word is one tiktoken token, so words and tokens count alike.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 import time
@@ -320,6 +321,31 @@ async def test_a_stalled_proposer_is_left_behind_with_its_text_labelled(
     last = bodies(srv)[-1]["messages"][0]["content"]
     assert references(last) == [P1, "never says anything" + TRUNCATED_LABEL]
     assert srv.wait_idle()
+
+
+@pytest.mark.parametrize("mode", ["staircase", "layered"])
+async def test_on_a_queued_backend_a_silent_proposer_is_busy_not_stalled(
+    srv: LoopbackServer, mode: str
+) -> None:
+    """An embedded engine serves requests in turn: a request waiting for its turn (or in a long
+    prompt evaluation) writes nothing for longer than `stall_s`, yet is not left behind."""
+    gate = gated(srv, "p3", P2)  # p3 silent, as if queued behind the others
+    registry = srv.registry()
+    provider, _ = registry.resolve("loop/p3")
+    provider.capabilities = dataclasses.replace(provider.capabilities, queued=True)
+
+    async def release() -> None:
+        await anyio.to_thread.run_sync(srv.wait_requests, "p3", 1)
+        await anyio.sleep(0.5)  # ten stall periods: time for a wrong stall rule to misfire
+        gate.open()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(release)
+        _, result = await run(
+            Mixture(config(["loop/p1", "loop/p3"], stall_s=0.05), registry=registry, mode=mode)
+        )
+    assert result.text == AGG and not result.outputs[1].truncated
+    assert references(bodies(srv)[-1]["messages"][0]["content"]) == [P1, P2]
 
 
 async def test_a_silent_proposer_does_not_block(srv: LoopbackServer) -> None:

@@ -213,6 +213,7 @@ class Execution(Run):
         pacer = Pacer(feeds, sc.pacing, sc.stall_s)
         for u in node.upstream:
             u.feed.peers = [n.feed for n in self.nodes if n.provider is u.provider and n is not u]
+            u.feed.queued = u.provider.capabilities.queued
         await self._wait_start(node, continuing)
         self._started(node)
         budget, used, step = node.agent.max_tokens, 0, 0

@@ -59,12 +59,17 @@ class Feed:
         self._resumed_at = self.last_activity
         self.peers: list[Feed] = []
         """Feeds of the other agents on the same backend instance."""
+        self.queued = False
+        """Its backend serves requests in turn (`Capabilities.queued`)."""
+        self.calls_open = 0
+        """Calls of its agent sent and not yet ended."""
 
     def quiet_for(self, now: float) -> float:
         """Seconds in which neither this agent nor another on its backend wrote anything (0
         while this agent waits for its own references). A backend that serves one request at
-        a time (the embedded llama.cpp engine) is busy, not stalled, while it serves another."""
-        if self.held:
+        a time (the embedded llama.cpp engine) is busy, not stalled, while it serves another,
+        and while any call on it is open (queued or in a long prompt evaluation)."""
+        if self.held or (self.queued and any(f.calls_open for f in [self, *self.peers])):
             return 0.0
         return now - max(self._resumed_at, *(f.last_activity for f in [self, *self.peers]))
 

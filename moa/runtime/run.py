@@ -345,6 +345,7 @@ class Run:
         finish: str | None = None
         usage: Usage | None = None
         node.output.calls += 1
+        node.feed.calls_open += 1
         try:
             async with _closing(node.provider.stream(request)) as deltas:
                 async for delta in deltas:
@@ -362,6 +363,8 @@ class Run:
             estimate = Usage(count_messages(messages), count_tokens("".join(parts)))
             self._settle(node, reservation, estimate if parts else None)
             raise
+        finally:
+            node.feed.calls_open -= 1
         text = "".join(parts)
         if usage is None:
             usage = Usage(count_messages(messages), count_tokens(text))
