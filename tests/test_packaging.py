@@ -102,3 +102,24 @@ def test_import_moa_is_light(tmp_path: Path) -> None:
         """
     )
     assert json.loads(run(sys.executable, "-c", probe, cwd=tmp_path)) == []
+
+
+def test_every_public_name_resolves_and_is_visible_to_type_checkers() -> None:
+    import ast
+
+    import moa
+
+    source = Path(moa.__file__).read_text()
+    checked = {
+        alias.asname or alias.name
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING"
+        for stmt in node.body
+        if isinstance(stmt, ast.ImportFrom)
+        for alias in stmt.names
+    }
+    public = set(moa.__all__) - {"__version__"}
+    assert public == checked, public ^ checked
+    for name in sorted(public):
+        assert getattr(moa, name) is not None
+    assert issubclass(moa.MixtureError, moa.MoaError) and issubclass(moa.FinalDelta, moa.Event)
