@@ -452,26 +452,38 @@ class Pty:
         os.write(self.fd, line.encode() + b"\n")
 
 
-def test_repl_through_a_pseudo_terminal_keeps_history(server: Any, config: str) -> None:
+@contextlib.contextmanager
+def chat_in_pty(args: list[str], columns: int) -> Iterator[tuple[subprocess.Popen[bytes], Pty]]:
+    """`moa` with `args` on a pseudo-terminal of `columns` x 40, with the default Ctrl-C; the
+    child is killed if it is still running when the block ends."""
     import fcntl
     import pty
     import struct
     import termios
 
-    from moa.testing import ModelBehavior
-
     master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
     env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "NO_COLOR")}
-    env.update(TERM="xterm-256color", COLUMNS="120", LINES="40")
+    env.update(TERM="xterm-256color", COLUMNS=str(columns), LINES="40")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moa.cli", *CHAT, "-c", config],
+        [sys.executable, "-m", "moa.cli", *args],
         stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True,
         preexec_fn=default_sigint,
     )
     os.close(slave)
-    term = Pty(master)
     try:
+        yield proc, Pty(master)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+
+
+def test_repl_through_a_pseudo_terminal_keeps_history(server: Any, config: str) -> None:
+    from moa.testing import ModelBehavior
+
+    with chat_in_pty([*CHAT, "-c", config], 120) as (proc, term):
         term.expect("you> ", 1)
         term.type("What is 2+2?")
         term.expect("you> ", 2)
@@ -490,11 +502,6 @@ def test_repl_through_a_pseudo_terminal_keeps_history(server: Any, config: str) 
         wait_until(lambda: server.active_streams == 0)
         term.type("/exit")
         assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        os.close(master)
     screen = term.output.decode(errors="replace")
     assert "3 calls" in screen and "done" in screen and "moa: interrupted." in screen
     first, second, third, _stuck = (texts(b) for b in bodies(server, "a"))
@@ -508,25 +515,9 @@ def test_repl_through_a_pseudo_terminal_keeps_history(server: Any, config: str) 
 def test_one_shot_live_view_marks_a_cut_answer_and_an_unknown_cost(
     server: Any, config: str
 ) -> None:
-    import pty
-
-    master, slave = pty.openpty()
-    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "NO_COLOR")}
-    env.update(TERM="xterm-256color", COLUMNS="160", LINES="40")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moa.cli", *CHAT, "-c", config, "--max-tokens", "2", "Hi"],
-        stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True,
-    )
-    os.close(slave)
-    term = Pty(master)
-    try:
+    with chat_in_pty([*CHAT, "-c", config, "--max-tokens", "2", "Hi"], 160) as (proc, term):
         term.expect("TTFT", 1)
         assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        os.close(master)
     screen = ANSI.sub("", term.output.decode(errors="replace"))
     assert "[truncated: the answer was cut at its max_tokens limit" in screen
     assert "cost unknown (no price for loop/a, loop/agg, loop/b)" in screen
