@@ -144,13 +144,12 @@ class Mixture:
         if request.usd is None and (self.session is None or self.session.limit.usd is None):
             return
         table = pricing.with_overrides(self.config.prices)
-        for agent in self.config.agents():
-            for model in filter(None, (agent.model, agent.strong)):
-                if pricing.price_of(model, table) is None:
-                    raise ConfigError(
-                        f"A dollar budget needs a price for {model!r}; "
-                        "add it under [prices] in the config."
-                    )
+        for _, model in self.config.model_refs():
+            if pricing.price_of(model, table) is None:
+                raise ConfigError(
+                    f"A dollar budget needs a price for {model!r}; "
+                    "add it under [prices] in the config."
+                )
 
     async def run(
         self,

@@ -221,3 +221,9 @@ def test_an_unusable_judge_reply_says_why_in_verifier_error(
     assert decision.signals["verifier"] is None
     assert error in decision.signals["verifier_error"]
     assert decision.choice == "strong"
+
+
+def test_a_dollar_budget_needs_a_price_for_the_judge(server: LoopbackServer) -> None:
+    config = config_of(verifier={"model": "loop/unpriced-judge"}, budget={"usd": 1.0})
+    with pytest.raises(ConfigError, match="price for 'loop/unpriced-judge'"):
+        Mixture(config, registry=server.registry())
