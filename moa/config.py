@@ -111,7 +111,7 @@ class StaircaseConfig(BaseModel):
     keep_truncated: bool = True
     """Keep (labelled) the text of a proposer that failed mid-stream or was left behind."""
     # Start, pacing and straggler rules: moa.runtime.staircase; the step loop is in
-    # moa.runtime.executor, the design in docs/staircase.md.
+    # moa.strategies.graph, the design in docs/staircase.md.
 
     def chunk_size(self, index: int) -> int:
         """Tokens in chunk `index` (0-based) of a streamed reference."""
@@ -123,7 +123,7 @@ class StaircaseConfig(BaseModel):
 
 
 class EvolveConfig(BaseModel):
-    """Squeeze Evolve settings (`strategy = "evolve"`, see `moa.routing.evolve`)."""
+    """Squeeze Evolve settings (`strategy = "evolve"`, see `moa.strategies.evolve`)."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from moa.providers.base import Usage
+from moa.providers.base import ToolCallDelta, Usage
 
 if TYPE_CHECKING:
     from moa.result import MixtureResult
@@ -103,6 +103,13 @@ class FinalDelta(Event):
     """A piece of the final answer (the final aggregator's output), in order."""
 
     text: str
+
+
+@dataclass(frozen=True)
+class FinalToolCallDelta(Event):
+    """A piece of a tool call of the final answer (the acting stage), in order."""
+
+    call: ToolCallDelta
 
 
 @dataclass(frozen=True)

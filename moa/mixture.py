@@ -9,7 +9,7 @@
 and raises the `MixtureError`, whose `.partial` holds the result assembled so far. Closing
 the generator early cancels the run (use `contextlib.aclosing` when breaking out of it).
 
-Strategies: the graph (`moa.runtime.executor`) or Squeeze Evolve (`moa.routing.evolve`), both
+Strategies: the graph (`moa.strategies.graph`) or Squeeze Evolve (`moa.strategies.evolve`), both
 on the one run core (`moa.runtime.run`); agents with a `strong` tier are routed by the
 config's `[router]` (`moa.routing.router`), and every decision is a `RouteDecision` event.
 
@@ -37,14 +37,14 @@ from moa import pricing
 from moa.config import MixtureConfig, Mode, load
 from moa.errors import ConfigError
 from moa.events import Event, RunFinished
-from moa.providers.base import Message
+from moa.providers.base import Message, Tool
 from moa.providers.registry import Registry
 from moa.result import MixtureResult
 from moa.routing.router import Router, ThresholdRouter, router_from_config
 from moa.runtime.budget import Budget, BudgetGuard, Ledger, SessionBudget
-from moa.runtime.executor import Execution
 from moa.runtime.prompts import as_messages
 from moa.runtime.run import Overrides, Run
+from moa.strategies.graph import Execution
 
 T = TypeVar("T")
 EVOLVE_STRONG_SHARE = 0.25
@@ -97,17 +97,26 @@ class Mixture:
         stop: list[str] | None = None,
         seed: int | None = None,
         budget: Budget | dict[str, Any] | None = None,
+        tools: list[Tool] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
+        response_format: dict[str, Any] | None = None,
+        n: int = 1,
+        logprobs: bool = False,
+        top_logprobs: int | None = None,
     ) -> AsyncIterator[Event]:
         """Run the mixture and yield its events; the overrides apply to the final aggregator.
 
-        `budget` replaces the mixture's per-request budget for this request.
+        `budget` replaces the mixture's per-request budget for this request. `tools`,
+        `tool_choice`, `parallel_tool_calls` and `response_format` go to the acting stage (the
+        final aggregator) only; `n`, `logprobs` and `top_logprobs` are its sampling options.
         """
         send, receive = anyio.create_memory_object_stream[Event](math.inf)
         limit = self.config.budget if budget is None else as_budget(budget)
         self._check_prices(limit)
         strategy: type[Run] = Execution
         if self.config.strategy == "evolve":
-            from moa.routing.evolve import Evolution
+            from moa.strategies.evolve import Evolution
 
             strategy = Evolution
         execution = strategy(
@@ -117,7 +126,19 @@ class Mixture:
             send.send_nowait,
             BudgetGuard(self._price, limit, self.session),
             self.router,
-            Overrides(temperature, max_tokens, stop, seed),
+            Overrides(
+                temperature,
+                max_tokens,
+                stop,
+                seed,
+                tools,
+                tool_choice,
+                parallel_tool_calls,
+                response_format,
+                n,
+                logprobs,
+                top_logprobs,
+            ),
         )
 
         async def drive() -> None:
@@ -160,6 +181,13 @@ class Mixture:
         stop: list[str] | None = None,
         seed: int | None = None,
         budget: Budget | dict[str, Any] | None = None,
+        tools: list[Tool] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
+        response_format: dict[str, Any] | None = None,
+        n: int = 1,
+        logprobs: bool = False,
+        top_logprobs: int | None = None,
     ) -> MixtureResult:
         """Run the mixture to the end and return its result (raises `MixtureError` on failure)."""
         result: MixtureResult | None = None
@@ -170,6 +198,13 @@ class Mixture:
             stop=stop,
             seed=seed,
             budget=budget,
+            tools=tools,
+            tool_choice=tool_choice,
+            parallel_tool_calls=parallel_tool_calls,
+            response_format=response_format,
+            n=n,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
         )
         async with aclosing(events):
             async for event in events:

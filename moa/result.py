@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from moa.events import AgentId, RouteDecision
-from moa.providers.base import Usage
+from moa.providers.base import ToolCall, Usage
 
 
 @dataclass
@@ -42,6 +42,10 @@ class MixtureResult:
     with a shared ledger, a `session` entry, each with spent / limits / calls / refused."""
     decisions: list[RouteDecision] = field(default_factory=list)
     """The router's decisions, in order (empty when no stage is routed)."""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    """The acting stage's tool calls (empty when it answered in text only)."""
+    finish_reason: str | None = None
+    """The final answer's finish reason ("stop", "length", "tool_calls", ...)."""
 
     def tiers(self) -> dict[str, int]:
         """Routing choices counted, e.g. {"cheap": 4, "strong": 1, "skip": 0}."""
@@ -87,7 +91,11 @@ class MixtureResult:
             "usage": {
                 "prompt_tokens": usage.prompt_tokens,
                 "completion_tokens": usage.completion_tokens,
+                "cached_tokens": usage.cached_tokens,
+                "cache_write_tokens": usage.cache_write_tokens,
             },
+            "tool_calls": [asdict(c) for c in self.tool_calls],
+            "finish_reason": self.finish_reason,
             "cost_usd": self.cost_usd,
             "notices": list(self.notices),
             "budget": self.budget,

@@ -12,7 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 Message = dict[str, Any]
-"""An OpenAI-style chat message: {"role": "system"|"user"|"assistant", "content": str}."""
+"""An OpenAI-style chat message: {"role": "system"|"user"|"assistant"|"tool", "content": str},
+an assistant turn may carry OpenAI `tool_calls`, a tool turn its `tool_call_id`."""
+
+Tool = dict[str, Any]
+"""An OpenAI function tool: {"type": "function", "function": {"name", "description",
+"parameters"}}."""
 
 
 @dataclass
@@ -31,6 +36,13 @@ class ChatRequest:
     top_logprobs: int | None = None
     continue_final: bool = False
     """The last message is an assistant prefix that the model must continue (not restart)."""
+    tools: list[Tool] | None = None
+    """Function tools the model may call (only the acting stage of a mixture gets them)."""
+    tool_choice: str | dict[str, Any] | None = None
+    """"auto", "none", "required" or {"type": "function", "function": {"name": ...}}."""
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    """OpenAI `response_format`: {"type": "json_object"} or {"type": "json_schema", ...}."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Provider-specific body fields passed through unchanged."""
     on_retry: Callable[[], None] | None = field(default=None, repr=False, compare=False)
@@ -40,16 +52,28 @@ class ChatRequest:
 @dataclass
 class Usage:
     prompt_tokens: int = 0
+    """Every prompt token, cached ones included."""
     completion_tokens: int = 0
+    cached_tokens: int = 0
+    """Prompt tokens read from the backend's prompt cache (a part of `prompt_tokens`)."""
+    cache_write_tokens: int = 0
+    """Prompt tokens written to the backend's prompt cache, where it reports them (Anthropic);
+    a part of `prompt_tokens`."""
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
+    @property
+    def uncached_prompt_tokens(self) -> int:
+        return self.prompt_tokens - self.cached_tokens
+
     def __add__(self, other: Usage) -> Usage:
         return Usage(
             self.prompt_tokens + other.prompt_tokens,
             self.completion_tokens + other.completion_tokens,
+            self.cached_tokens + other.cached_tokens,
+            self.cache_write_tokens + other.cache_write_tokens,
         )
 
 
@@ -62,11 +86,50 @@ class TokenLogprob:
 
 
 @dataclass
+class ToolCallDelta:
+    """A piece of a streamed tool call, as OpenAI streams them: the first piece of call
+    `index` carries its `id` and `name`, later pieces more of `arguments` (JSON text)."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+@dataclass
+class ToolCall:
+    """A complete tool call; `arguments` is the JSON text the model wrote."""
+
+    id: str
+    name: str
+    arguments: str = ""
+
+    def as_message_part(self) -> dict[str, Any]:
+        """The OpenAI `tool_calls` entry of an assistant message."""
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
+
+
+def assemble_tool_calls(pieces: list[ToolCallDelta]) -> list[ToolCall]:
+    """Join streamed tool-call pieces into complete calls, in index order."""
+    calls: dict[int, ToolCall] = {}
+    for piece in pieces:
+        call = calls.setdefault(piece.index, ToolCall(id="", name=""))
+        call.id = piece.id or call.id
+        call.name = piece.name or call.name
+        call.arguments += piece.arguments
+    return [calls[i] for i in sorted(calls)]
+
+
+@dataclass
 class Delta:
     """One increment of a streamed reply.
 
-    `index` is the choice index (n > 1). A delta may carry only text, only a finish
-    reason, or only usage (the final usage chunk of a stream).
+    `index` is the choice index (n > 1). A delta may carry only text, only tool-call
+    pieces, only a finish reason, or only usage (the final usage chunk of a stream).
     """
 
     text: str = ""
@@ -74,6 +137,7 @@ class Delta:
     finish_reason: str | None = None
     usage: Usage | None = None
     logprobs: list[TokenLogprob] | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 @dataclass
@@ -84,6 +148,7 @@ class Completion:
     finish_reason: str | None = None
     usage: Usage = field(default_factory=Usage)
     logprobs: list[TokenLogprob] | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -98,6 +163,10 @@ class Capabilities:
     queued: bool = False
     """Serves requests in turn (an embedded engine): a request waiting for its turn or in a
     long prompt evaluation streams nothing, yet is busy, not stalled."""
+    tools: bool = False
+    """Honours `tools` / `tool_choice` and streams tool calls."""
+    response_format: bool = False
+    """Honours `response_format` (JSON object / JSON schema) natively."""
 
 
 class Provider(abc.ABC):
@@ -115,6 +184,7 @@ class Provider(abc.ABC):
         texts: dict[int, list[str]] = {i: [] for i in range(request.n)}
         finish: dict[int, str | None] = {}
         logprobs: dict[int, list[TokenLogprob]] = {}
+        calls: dict[int, list[ToolCallDelta]] = {}
         usage = Usage()
         async for delta in self.stream(request):
             if delta.text:
@@ -123,6 +193,9 @@ class Provider(abc.ABC):
                 finish[delta.index] = delta.finish_reason
             if delta.logprobs:
                 logprobs.setdefault(delta.index, []).extend(delta.logprobs)
+            if delta.tool_calls:
+                texts.setdefault(delta.index, [])
+                calls.setdefault(delta.index, []).extend(delta.tool_calls)
             if delta.usage:
                 usage = usage + delta.usage
         return [
@@ -131,6 +204,7 @@ class Provider(abc.ABC):
                 finish_reason=finish.get(i),
                 usage=usage if i == 0 else Usage(),
                 logprobs=logprobs.get(i),
+                tool_calls=assemble_tool_calls(calls.get(i, [])),
             )
             for i in sorted(texts)
         ]

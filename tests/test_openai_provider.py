@@ -470,3 +470,23 @@ async def test_unauthorized_names_the_key_variable() -> None:
         assert done.text == HI[0]["content"]
         await provider.aclose()
         await good.aclose()
+
+
+def test_tool_call_pieces_assemble_in_index_order_and_usage_sums_cache_fields() -> None:
+    from moa.providers.base import ToolCallDelta, Usage, assemble_tool_calls
+
+    pieces = [
+        ToolCallDelta(1, id="call_b", name="lookup", arguments='{"q":'),
+        ToolCallDelta(0, id="call_a", name="add", arguments='{"a": 1'),
+        ToolCallDelta(1, arguments=' "x"}'),
+        ToolCallDelta(0, arguments=', "b": 2}'),
+    ]
+    calls = assemble_tool_calls(pieces)
+    assert [(c.id, c.name, c.arguments) for c in calls] == [
+        ("call_a", "add", '{"a": 1, "b": 2}'),
+        ("call_b", "lookup", '{"q": "x"}'),
+    ]
+    assert calls[0].as_message_part()["function"] == {"name": "add", "arguments": '{"a": 1, "b": 2}'}
+    total = Usage(10, 2, cached_tokens=6) + Usage(5, 1, cached_tokens=1, cache_write_tokens=4)
+    assert (total.prompt_tokens, total.cached_tokens, total.cache_write_tokens) == (15, 7, 4)
+    assert total.uncached_prompt_tokens == 8

@@ -1,7 +1,7 @@
 """The shared core of every strategy: one run's lifecycle, its metered calls and its routing.
 
-A strategy (`moa.runtime.executor.Execution`, the layered / staircase graph, or
-`moa.routing.evolve.Evolution`) subclasses `Run` and implements `body()`. `Run` gives it:
+A strategy (`moa.strategies.graph.Execution`, the layered / staircase graph, or
+`moa.strategies.evolve.Evolution`) subclasses `Run` and implements `body()`. `Run` gives it:
 
 - the lifecycle (`drive`): `RunStarted`, a deadline, one task group whose cancellation stops
   every call, run-level failures (`fatal`, with the result so far as `.partial`), the agents
@@ -41,7 +41,15 @@ from moa.events import (
     RunStarted,
     UsageReport,
 )
-from moa.providers.base import ChatRequest, Delta, Message, Provider, TokenLogprob, Usage
+from moa.providers.base import (
+    ChatRequest,
+    Delta,
+    Message,
+    Provider,
+    TokenLogprob,
+    Tool,
+    Usage,
+)
 from moa.providers.registry import Registry
 from moa.result import AgentOutput, MixtureResult
 from moa.routing.router import Decision, Router, Stage
@@ -52,13 +60,24 @@ from moa.tokens import count_messages, count_tokens, encoding
 
 @dataclass
 class Overrides:
-    """Per-request settings of the final aggregator (the answer the user sees); `seed` also
-    seeds every other agent (each its own seed derived from it)."""
+    """Per-request settings of the final aggregator (the answer the user sees, the acting
+    stage); `seed` also seeds every other agent (each its own seed derived from it)."""
 
     temperature: float | None = None
     max_tokens: int | None = None
     stop: list[str] | None = None
     seed: int | None = None
+    tools: list[Tool] | None = None
+    """Function tools; only the acting stage gets them, advisors see one line naming them."""
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    """Structured output of the final answer (json_object / json_schema)."""
+    n: int = 1
+    """Syntheses of one set of references (the final aggregator samples n times)."""
+    logprobs: bool = False
+    """The final aggregator's token logprobs, where its backend gives them."""
+    top_logprobs: int | None = None
 
 
 def stage_seed(seed: int | None, offset: int) -> int | None:

@@ -4,7 +4,7 @@
 those present at its start, arrival order after), the chunks already fed and, for the
 `prefix_cache` layout, the rounds in which they were fed. `start_wait` is the start rule,
 `settle_wait` the straggler rule (every mode) and `Pacer` the pacing rule. The step loop itself
-lives in `moa.runtime.executor`; docs/staircase.md describes the design.
+lives in `moa.strategies.graph`; docs/staircase.md describes the design.
 """
 
 from __future__ import annotations

@@ -25,9 +25,9 @@ from moa.events import AgentId
 from moa.providers.base import Message
 from moa.routing.router import Decision, Stage
 from moa.routing.signals import agreement, confidence, ngram_cosine
-from moa.routing.stages import best_supporter, route_proposer, tiers
 from moa.runtime.prompts import Reference, aggregate_messages, readable_block
 from moa.runtime.run import Node, Run, stage_seed
+from moa.strategies.stages import best_supporter, route_proposer, tiers
 
 RECOMBINE_PROMPT = (
     "You are given several candidate solutions to the latest user query. Some of them may be "

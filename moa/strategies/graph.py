@@ -10,7 +10,7 @@ feeds), then works in steps:
   proceeds in bounded steps, each prompt holding the references received so far and its own
   output so far as a continued assistant turn; once the references are done it finishes freely.
 
-A node whose agent names a `strong` tier is a routed stage (`moa.routing.stages`): a proposer's
+A node whose agent names a `strong` tier is a routed stage (`moa.strategies.stages`): a proposer's
 tier is decided when it starts, an aggregator's once its start condition holds, from the
 signals of the references it has then; the router may also skip an aggregation (the majority
 answer stands). `[router] refine_loops` adds routed rounds of the final aggregator.
@@ -38,7 +38,6 @@ from moa.errors import (
 from moa.events import AgentId, Event, Notice
 from moa.providers.base import Message
 from moa.providers.registry import Registry
-from moa.routing import stages
 from moa.routing.router import Router
 from moa.runtime.budget import BudgetGuard
 from moa.runtime.prompts import (
@@ -51,9 +50,10 @@ from moa.runtime.prompts import (
 )
 from moa.runtime.run import Node, Overrides, Run, stage_seed
 from moa.runtime.staircase import Pacer, ReferenceView, settle_wait, start_wait
+from moa.strategies import stages
 from moa.tokens import count_messages, count_tokens
 
-log = logging.getLogger("moa.runtime.executor")
+log = logging.getLogger("moa.strategies.graph")
 
 
 class Execution(Run):

@@ -25,7 +25,6 @@ from moa.routing.verifier import judge_messages, verdict
 from moa.runtime.prompts import AGGREGATE_PROMPT, Reference, aggregate_messages, readable_block
 
 if TYPE_CHECKING:
-    from moa.runtime.executor import Execution
     from moa.runtime.run import Node, Run
 
 
@@ -64,7 +63,7 @@ def _agreement_with(text: str, others: list[Node]) -> float:
     return sum(a == mine for a in votes.answers[1:]) / max(len(others), 1)
 
 
-async def route_aggregator(run: Execution, node: Node) -> str:
+async def route_aggregator(run: Run, node: Node) -> str:
     """Decide a routed aggregating stage now; apply the tier, or fill in the skip's answer."""
     refs = [u for u in node.upstream if u.parts]
     done = [u for u in node.upstream if u.feed.state == "done"]
@@ -122,7 +121,7 @@ def _skip(run: Run, node: Node, source: Node) -> str:
 
 
 async def verify(
-    run: Execution,
+    run: Run,
     node: Node,
     candidate: Node | None,
     replies: list[Node],
