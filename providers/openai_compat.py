@@ -3,9 +3,14 @@ DeepInfra, OpenRouter, DeepSeek, Mistral and local servers (vLLM, llama.cpp, Oll
 LM Studio).
 
 `spec.options` understood here: `continuation` ("vllm" sends `continue_final_message`,
-"prefill" sends a final assistant message as is), `logprobs` and `multi_sample`
-(booleans, default true: what the server supports), `stream_usage` (default true: ask
-for a usage chunk with `stream_options.include_usage`) and `headers` (extra headers).
+"prefill" sends a final assistant message as is), `logprobs`, `multi_sample`, `tools` and
+`response_format` (booleans, default true: what the server supports; a request using a
+switched-off feature is refused), `stream_usage` (default true: ask for a usage chunk with
+`stream_options.include_usage`) and `headers` (extra headers).
+
+Tools pass through as OpenAI defines them: `tools`, `tool_choice`, `parallel_tool_calls`
+and `response_format` go into the body as given, assistant `tool_calls` and `tool`
+messages are sent verbatim, and streamed `delta.tool_calls` come back as `ToolCallDelta`s.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from pydantic import SecretStr
 
 from moa.errors import ConfigError, ProviderError
 
-from .base import Capabilities, ChatRequest, Delta, TokenLogprob, Usage
+from .base import Capabilities, ChatRequest, Delta, TokenLogprob, ToolCallDelta, Usage
 from .http import HttpProvider, retryable_status
 from .registry import ProviderSpec
 
@@ -69,6 +74,39 @@ class OpenAIChunkDecoder:
         self.done = False
         self.finished = False
         self._usage: Usage | None = None
+        self._calls: set[tuple[int, int]] = set()
+        """(choice, call index) of the tool calls begun so far."""
+
+    def _tool_calls(self, choice: int, entries: Any) -> list[ToolCallDelta] | None:
+        """`delta.tool_calls` as pieces; a call must begin with its id and function name."""
+        if not entries:
+            return None
+        pieces = []
+        for position, entry in enumerate(entries if isinstance(entries, list) else [entries]):
+            if not isinstance(entry, dict):
+                raise self._malformed_call(entry)
+            index = entry.get("index", position)
+            function = entry.get("function")
+            function = function if isinstance(function, dict) else {}
+            call_id, name = entry.get("id"), function.get("name")
+            if not isinstance(index, int) or (
+                (choice, index) not in self._calls and not (call_id and name)
+            ):
+                raise self._malformed_call(entry)
+            self._calls.add((choice, index))
+            arguments = function.get("arguments") or ""
+            if not isinstance(arguments, str):  # some servers send the arguments as an object
+                arguments = json.dumps(arguments)
+            pieces.append(ToolCallDelta(index, str(call_id) if call_id else None,
+                                        str(name) if name else None, arguments))
+        return pieces
+
+    def _malformed_call(self, entry: Any) -> ProviderError:
+        return ProviderError(
+            f"{self.provider}/{self.model}: the server sent a malformed tool-call stream "
+            f"(a call began without an id and a function name): {json.dumps(entry)[:80]}",
+            provider=self.provider, model=self.model,
+        )
 
     @property
     def complete(self) -> bool:
@@ -102,13 +140,15 @@ class OpenAIChunkDecoder:
         deltas = []
         for choice in chunk.get("choices") or []:
             delta = choice.get("delta") or {}
+            index = int(choice.get("index") or 0)
             text = delta.get("content") or ""
             logprobs = parse_logprobs(choice.get("logprobs"))
+            calls = self._tool_calls(index, delta.get("tool_calls"))
             finish = choice.get("finish_reason")
             if finish:
                 self.finished = True
-            if text or finish or logprobs:
-                deltas.append(Delta(text, int(choice.get("index") or 0), finish, None, logprobs))
+            if text or finish or logprobs or calls:
+                deltas.append(Delta(text, index, finish, None, logprobs, calls))
         usage = chunk.get("usage") or (chunk.get("x_groq") or {}).get("usage")
         if isinstance(usage, dict):
             self._usage = Usage(
@@ -136,6 +176,8 @@ class OpenAICompatProvider(HttpProvider):
             continuation=mode is not None,
             logprobs=bool(spec.options.get("logprobs", True)),
             multi_sample=bool(spec.options.get("multi_sample", True)),
+            tools=bool(spec.options.get("tools", True)),
+            response_format=bool(spec.options.get("response_format", True)),
         )
         self._stream_usage = bool(spec.options.get("stream_usage", True))
 
@@ -154,6 +196,13 @@ class OpenAICompatProvider(HttpProvider):
                     "message.",
                     provider=self.name, model=request.model,
                 )
+        for feature in ("tools", "response_format"):
+            if getattr(request, feature) and not getattr(self.capabilities, feature):
+                raise ProviderError(
+                    f"{self.name}/{request.model}: this server does not support {feature} "
+                    f"(options.{feature} is false).",
+                    provider=self.name, model=request.model,
+                )
         body: dict[str, Any] = {
             "model": request.model,
             "messages": request.messages,
@@ -167,6 +216,10 @@ class OpenAICompatProvider(HttpProvider):
             "top_p": request.top_p,
             "stop": request.stop,
             "seed": request.seed,
+            "tools": request.tools or None,
+            "tool_choice": request.tool_choice,
+            "parallel_tool_calls": request.parallel_tool_calls,
+            "response_format": request.response_format,
         }
         body.update({k: v for k, v in optional.items() if v is not None})
         if request.n != 1:

@@ -1,15 +1,23 @@
 """The fault matrix through the official SDK and `moa serve`: each upstream fault (500, 429,
 dropped socket, stalled stream, CRLF framing, a key echoed in the error) × streamed or not ×
 in a proposer or in the aggregator. A proposer fault costs nothing but that proposer; an
-aggregator fault is a 502 (or, once a stream began, an in-stream error); no key ever shows."""
+aggregator fault is a 502 (or, once a stream began, an in-stream error); no key ever shows.
+
+Tool faults (a malformed tool-call stream, an upstream that ignores the response format) are
+rows at the provider level, for both wire formats: the first is one clear `ProviderError`, the
+second comes back as the text sent (validating the format is the caller's job)."""
 
 from __future__ import annotations
 
+import anyio
 import openai
+import pytest
 from pydantic import SecretStr
 
 from moa.config import MixtureConfig
+from moa.errors import ProviderError
 from moa.openai.server import ServerThread, create_app
+from moa.providers.base import ChatRequest
 from moa.providers.registry import Limits, ProviderSpec, Registry
 from moa.testing import LoopbackServer, ModelBehavior
 
@@ -84,3 +92,36 @@ def test_fault_matrix_through_the_sdk() -> None:
             assert not isinstance(outcome, openai.APIStatusError), case
             assert "final aggregator failed" in str(outcome), case
     assert any(r.headers.get("authorization") == f"Bearer {KEY}" for r in upstream.requests)
+
+
+TOOLS = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+FORMAT = {"type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "object"}}}
+TOOL_FAULTS = {
+    "malformed-tool-call": (
+        ModelBehavior(reply="", tool_calls=[{"name": "lookup", "arguments": {"q": "x"}}],
+                      malformed_tool_call=True),
+        {"tools": TOOLS},
+    ),
+    "ignores-format": (ModelBehavior(reply=AGG, structured=None), {"response_format": FORMAT}),
+}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("wire", ["openai", "anthropic"])
+@pytest.mark.parametrize("fault", list(TOOL_FAULTS))
+async def test_tool_fault_rows(wire: str, fault: str) -> None:
+    behavior, fields = TOOL_FAULTS[fault]
+    async with LoopbackServer({"m": behavior}) as upstream:
+        registry = upstream.registry(prefix="loop", anthropic_prefix="claude")
+        provider, model = registry.resolve("loop/m" if wire == "openai" else "claude/m")
+        request = ChatRequest(model=model, messages=HI, **fields)  # type: ignore[arg-type]
+        with anyio.fail_after(10):
+            if fault == "malformed-tool-call":
+                with pytest.raises(ProviderError, match="malformed tool-call stream") as info:
+                    await provider.complete(request)
+                assert str(info.value).startswith(f"{provider.name}/m: ")
+                assert info.value.__cause__ is None and info.value.__context__ is None
+            else:
+                [done] = await provider.complete(request)
+                assert (done.text, done.finish_reason, done.tool_calls) == (AGG, "stop", [])
+        await registry.aclose()

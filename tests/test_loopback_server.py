@@ -205,3 +205,86 @@ def _request(model: str):
     from moa.providers.base import ChatRequest
 
     return ChatRequest(model=model, messages=HI)
+
+
+TOOLS = [{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
+         for n in ("get_weather", "add")]
+CALLS = [{"name": "get_weather", "arguments": {"city": "Paris"}},
+         {"name": "add", "arguments": {"a": 1, "b": 2}, "id": "call_fixed"}]
+
+
+def test_tool_calls_honour_tool_choice_parallel_and_tool_results(
+    loopback: LoopbackServer,
+) -> None:
+    loopback.set_behavior("agent", ModelBehavior(reply="Done.", tool_calls=CALLS))
+    c = client(loopback)
+
+    def ask(messages: list = HI, **fields: object):  # type: ignore[type-arg]
+        reply = c.chat.completions.create(model="agent", messages=messages, **fields)  # type: ignore[call-overload]
+        return reply.choices[0]
+
+    both = ask(tools=TOOLS)
+    assert (both.finish_reason, both.message.content) == ("tool_calls", "Done.")
+    calls = both.message.tool_calls
+    assert [(t.function.name, t.function.arguments) for t in calls] == [
+        ("get_weather", '{"city": "Paris"}'), ("add", '{"a": 1, "b": 2}')]
+    assert calls[0].id.startswith("call_") and calls[1].id == "call_fixed"
+    named = ask(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "add"}})
+    assert [t.function.name for t in named.message.tool_calls] == ["add"]
+    assert named.message.content is None  # a forced call comes without text
+    first = ask(tools=TOOLS, parallel_tool_calls=False)
+    assert [t.function.name for t in first.message.tool_calls] == ["get_weather"]
+    for none in (ask(tools=TOOLS, tool_choice="none"), ask()):
+        assert (none.finish_reason, none.message.content, none.message.tool_calls) == (
+            "stop", "Done.", None)
+    answered = ask([*HI, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "add", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "3"}], tools=TOOLS)
+    assert (answered.finish_reason, answered.message.content) == ("stop", "Done.")
+
+
+def test_streamed_tool_calls_and_structured_output_through_the_sdk(
+    loopback: LoopbackServer,
+) -> None:
+    loopback.set_behavior("agent", ModelBehavior(reply="", tool_calls=CALLS[:1],
+                                                 structured={"ok": True}))
+    chunks = list(client(loopback).chat.completions.create(
+        model="agent", messages=HI, tools=TOOLS, stream=True,  # type: ignore[arg-type]
+    ))
+    pieces = [t for ch in chunks if ch.choices for t in ch.choices[0].delta.tool_calls or []]
+    assert pieces[0].id and pieces[0].function.name == "get_weather"
+    assert len(pieces) > 2 and all(p.id is None for p in pieces[1:])  # arguments in pieces
+    assert "".join(p.function.arguments or "" for p in pieces) == '{"city": "Paris"}'
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    reply = client(loopback).chat.completions.create(
+        model="agent", messages=HI, response_format={"type": "json_object"})  # type: ignore[arg-type]
+    assert reply.choices[0].message.content == '{"ok": true}'
+
+
+def test_anthropic_tool_use_and_forced_format_tool(loopback: LoopbackServer) -> None:
+    loopback.set_behavior("c", ModelBehavior(reply="Checking.", tool_calls=CALLS,
+                                             structured={"ok": True}))
+    url = f"{loopback.anthropic_base_url}/v1/messages"
+    tools = [{"name": "get_weather", "input_schema": {"type": "object"}},
+             {"name": "add", "input_schema": {"type": "object"}}]
+    body = {"model": "c", "max_tokens": 50, "messages": HI, "tools": tools,
+            "tool_choice": {"type": "auto", "disable_parallel_tool_use": True}}
+    reply = httpx.post(url, json=body).json()
+    assert reply["stop_reason"] == "tool_use"
+    assert reply["content"][0] == {"type": "text", "text": "Checking."}
+    [use] = reply["content"][1:]
+    assert (use["type"], use["name"], use["input"]) == ("tool_use", "get_weather",
+                                                        {"city": "Paris"})
+    assert use["id"].startswith("toolu_")
+    body["tool_choice"] = {"type": "tool", "name": "report"}  # not a call it makes: the format
+    body["tools"] = [*tools, {"name": "report", "input_schema": {"type": "object"}}]
+    forced = httpx.post(url, json=body).json()
+    assert [(b["type"], b["name"], b["input"]) for b in forced["content"]] == [
+        ("tool_use", "report", {"ok": True})]
+    body["tool_choice"] = {"type": "auto"}
+    body["messages"] = [*HI, {"role": "assistant", "content": [use]},
+                        {"role": "user", "content": [
+                            {"type": "tool_result", "tool_use_id": use["id"], "content": "18"}]}]
+    answered = httpx.post(url, json=body).json()
+    assert (answered["stop_reason"], answered["content"]) == (
+        "end_turn", [{"type": "text", "text": "Checking."}])

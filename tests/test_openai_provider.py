@@ -486,7 +486,8 @@ def test_tool_call_pieces_assemble_in_index_order_and_usage_sums_cache_fields() 
         ("call_a", "add", '{"a": 1, "b": 2}'),
         ("call_b", "lookup", '{"q": "x"}'),
     ]
-    assert calls[0].as_message_part()["function"] == {"name": "add", "arguments": '{"a": 1, "b": 2}'}
+    assert calls[0].as_message_part()["function"] == {
+        "name": "add", "arguments": '{"a": 1, "b": 2}'}
     total = Usage(10, 2, cached_tokens=6) + Usage(5, 1, cached_tokens=1, cache_write_tokens=4)
     assert (total.prompt_tokens, total.cached_tokens, total.cache_write_tokens) == (15, 7, 4)
     assert total.uncached_prompt_tokens == 8

@@ -290,9 +290,11 @@ class LoopbackServer:
                 headers=_retry_headers(behavior.retry_after),
             )
             return True
-        plan = plan_reply(behavior, body, anthropic=frames_type is AnthropicFrames)
+        plan = plan_reply(behavior, body, anthropic=frames_type is AnthropicFrames,
+                          serial=self._serial)
         frames = frames_type(body, behavior, plan, self._serial)
         frames.error_message += echoed
+        frames.malformed_call = faulty and behavior.malformed_tool_call
         if body.get("stream"):
             return await self._stream(conn, frames, faulty)
         return await self._document(conn, frames, faulty)
@@ -313,7 +315,7 @@ class LoopbackServer:
         if fault == "error":
             await conn.send_json(500, frames.error_document(500, frames.error_message))
             return True
-        count = max(len(t) for t in frames.plan.tokens)
+        count = max(frames.plan.steps(i) for i in range(len(frames.plan.tokens)))
         rate = behavior.tokens_per_s
         await asyncio.sleep(behavior.ttft_s + (count / rate if rate else 0.0))
         await conn.send_json(200, frames.document())
@@ -371,7 +373,8 @@ async def _send_stream(conn: Connection, frames: OpenAIFrames | AnthropicFrames,
         await conn.end_stream()
         return
     await conn.write_chunk(frames.start())
-    length = max(len(tokens) for tokens in plan.tokens)
+    steps = [plan.steps(index) for index in range(len(plan.tokens))]
+    length = max(steps)
     faults = _fault_positions(behavior) if faulty else {}
     fault_at = {kind: min(at, length) for kind, at in faults.items()}
     step = 1.0 / behavior.tokens_per_s if behavior.tokens_per_s else 0.0
@@ -388,9 +391,9 @@ async def _send_stream(conn: Connection, frames: OpenAIFrames | AnthropicFrames,
             await asyncio.sleep(delay)
         if behavior.gate is not None:
             await behavior.gate.passage(plan.offset + position)
-        for index, tokens in enumerate(plan.tokens):
-            if position < len(tokens):
-                await conn.write_chunk(frames.token(index, position))
+        for index, count in enumerate(steps):
+            if position < count:
+                await conn.write_chunk(frames.step(index, position))
     await conn.write_chunk(frames.finish())
     await conn.end_stream()
 

@@ -10,7 +10,7 @@ import json
 import time
 from typing import Any
 
-from .behavior import ModelBehavior, ReplyPlan, token_logprob
+from .behavior import ModelBehavior, PlannedCall, ReplyPlan, token_logprob
 
 INJECTED_ERROR = "loopback injected error"
 
@@ -42,6 +42,8 @@ class OpenAIFrames:
         self.created = int(time.time())
         self.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         self.top = int(body.get("top_logprobs") or 0) if body.get("logprobs") else -1
+        self.malformed_call = False
+        """The first tool call's first piece goes out without its id and name."""
 
     @property
     def quirks(self) -> bool:
@@ -93,11 +95,29 @@ class OpenAIFrames:
             ]
         )
 
-    def token(self, index: int, position: int) -> bytes:
-        token = self.plan.tokens[index][position]
+    def _call_entry(self, k: int, call: PlannedCall) -> dict[str, Any]:
+        """The first piece of tool call `k`: id, name and empty arguments."""
+        if self.malformed_call and k == 0:
+            return {"index": k, "type": "function", "function": {"arguments": ""}}
+        return {"index": k, "id": call.id, "type": "function",
+                "function": {"name": call.name, "arguments": ""}}
+
+    def step(self, index: int, position: int) -> bytes:
+        """Step `position` of choice `index`: a text token or a piece of a tool call."""
+        tokens = self.plan.tokens[index]
+        if position < len(tokens):
+            token = tokens[position]
+            return self._chunk(
+                [{"index": index, "delta": {"content": token},
+                  "logprobs": self._logprobs([token], position), "finish_reason": None}]
+            )
+        k, piece = self.plan.call_step(position - len(tokens))
+        call = self.plan.tool_calls[k]
+        entry = (self._call_entry(k, call) if piece < 0
+                 else {"index": k, "function": {"arguments": call.pieces[piece]}})
         return self._chunk(
-            [{"index": index, "delta": {"content": token},
-              "logprobs": self._logprobs([token], position), "finish_reason": None}]
+            [{"index": index, "delta": {"tool_calls": [entry]}, "logprobs": None,
+              "finish_reason": None}]
         )
 
     def finish(self) -> bytes:
@@ -128,7 +148,7 @@ class OpenAIFrames:
             "choices": [
                 {
                     "index": i,
-                    "message": {"role": "assistant", "content": "".join(tokens)},
+                    "message": self._message(tokens),
                     "logprobs": self._logprobs(tokens, 0),
                     "finish_reason": self.plan.finish_reason,
                 }
@@ -136,6 +156,18 @@ class OpenAIFrames:
             ],
             "usage": self._usage(),
         }
+
+    def _message(self, tokens: list[str]) -> dict[str, Any]:
+        calls = self.plan.tool_calls
+        if not calls:
+            return {"role": "assistant", "content": "".join(tokens)}
+        parts = []
+        for k, call in enumerate(calls):
+            entry = self._call_entry(k, call)
+            entry.pop("index")
+            entry["function"]["arguments"] = call.arguments
+            parts.append(entry)
+        return {"role": "assistant", "content": "".join(tokens) or None, "tool_calls": parts}
 
     @staticmethod
     def error_document(status: int, message: str) -> dict[str, Any]:
@@ -162,10 +194,23 @@ class AnthropicFrames:
         self.error_message = INJECTED_ERROR
         self.id = f"msg_loop_{serial}"
         self.model = str(body.get("model", ""))
+        self.malformed_call = False
+        """The first tool_use block starts without its id and name."""
+        self.text_block = bool(plan.tokens[0]) or not plan.tool_calls
+        """Whether the reply has a text block (index 0); tool_use blocks follow it."""
 
     @property
     def quirks(self) -> bool:
         return self.behavior.sse_quirks
+
+    def _tool_block(self, k: int, call: PlannedCall, text: str) -> dict[str, Any]:
+        try:
+            arguments = json.loads(text) if text else {}
+        except ValueError:
+            arguments = {}  # cut by max_tokens
+        if self.malformed_call and k == 0:
+            return {"type": "tool_use", "input": arguments}
+        return {"type": "tool_use", "id": call.id, "name": call.name, "input": arguments}
 
     def _event(self, payload: dict[str, Any]) -> bytes:
         return sse(payload, event=payload["type"], quirks=self.quirks)
@@ -173,6 +218,8 @@ class AnthropicFrames:
     def _stop_reason(self) -> str:
         if self.plan.finish_reason == "length":
             return "max_tokens"
+        if self.plan.finish_reason == "tool_calls":
+            return "tool_use"
         return "stop_sequence" if self.plan.stop_sequence else "end_turn"
 
     def _message(self, content: list[dict[str, Any]], stop: str | None, out: int) -> dict:
@@ -184,21 +231,33 @@ class AnthropicFrames:
         }
 
     def start(self) -> bytes:
-        return (
-            self._event({"type": "message_start", "message": self._message([], None, 1)})
-            + self._event({"type": "content_block_start", "index": 0,
-                           "content_block": {"type": "text", "text": ""}})
-            + self._event({"type": "ping"})
-        )
+        out = self._event({"type": "message_start", "message": self._message([], None, 1)})
+        if self.text_block:
+            out += self._event({"type": "content_block_start", "index": 0,
+                                "content_block": {"type": "text", "text": ""}})
+        return out + self._event({"type": "ping"})
 
-    def token(self, index: int, position: int) -> bytes:
-        text = self.plan.tokens[index][position]
-        return self._event({"type": "content_block_delta", "index": 0,
-                            "delta": {"type": "text_delta", "text": text}})
+    def step(self, index: int, position: int) -> bytes:
+        """Step `position` of the reply: a text token or a piece of a tool_use block."""
+        tokens = self.plan.tokens[index]
+        if position < len(tokens):
+            return self._event({"type": "content_block_delta", "index": 0,
+                                "delta": {"type": "text_delta", "text": tokens[position]}})
+        k, piece = self.plan.call_step(position - len(tokens))
+        block = k + self.text_block
+        call = self.plan.tool_calls[k]
+        if piece >= 0:
+            return self._event({"type": "content_block_delta", "index": block,
+                                "delta": {"type": "input_json_delta",
+                                          "partial_json": call.pieces[piece]}})
+        out = self._event({"type": "content_block_stop", "index": block - 1}) if block else b""
+        return out + self._event({"type": "content_block_start", "index": block,
+                                  "content_block": self._tool_block(k, call, "")})
 
     def finish(self) -> bytes:
+        blocks = len(self.plan.tool_calls) + self.text_block
         return (
-            self._event({"type": "content_block_stop", "index": 0})
+            self._event({"type": "content_block_stop", "index": blocks - 1})
             + self._event({"type": "message_delta",
                            "delta": {"stop_reason": self._stop_reason(),
                                      "stop_sequence": self.plan.stop_sequence},
@@ -216,9 +275,10 @@ class AnthropicFrames:
 
     def document(self) -> dict[str, Any]:
         text = "".join(self.plan.tokens[0])
-        return self._message(
-            [{"type": "text", "text": text}], self._stop_reason(), self.plan.completion_tokens
-        )
+        content = [{"type": "text", "text": text}] if self.text_block else []
+        content += [self._tool_block(k, call, call.arguments)
+                    for k, call in enumerate(self.plan.tool_calls)]
+        return self._message(content, self._stop_reason(), self.plan.completion_tokens)
 
     @staticmethod
     def error_document(status: int, message: str) -> dict[str, Any]:
