@@ -17,17 +17,26 @@
 - Continuation (staircase streaming): the chat template is rendered over the messages before
   the final assistant message, with the generation prompt, and the assistant's text so far is
   appended; a raw completion then continues it.
+- Tools and response formats (`tools.py` has the text convention): the reply is constrained by
+  a llama.cpp grammar (`reply_grammar`): a forced call must be `<tool_call>{"name": one of the
+  tools, "arguments": its parameters}</tool_call>`; with "auto" the reply is such calls or an
+  answer that does not start with "<"; the answer is the response format's JSON when one is
+  asked for. With continuation the grammar resumes after the assistant's text so far.
 """
 
 from __future__ import annotations
 
+import copy
+import ctypes
 import inspect
 import logging
+import math
 import os
+import re
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from functools import cache
 from itertools import pairwise
@@ -50,6 +59,17 @@ from moa.providers.base import (
 from moa.providers.registry import ProviderSpec
 
 from .model_files import resolve_model_path
+from .tools import (
+    TOOL_CLOSE,
+    TOOL_OPEN,
+    ToolCallSplitter,
+    ToolPlan,
+    call_schema,
+    format_schema,
+    render_tool_turns,
+    text_of,
+    tool_plan,
+)
 
 DEFAULT_CTX = 4096
 _DONE = object()
@@ -291,11 +311,104 @@ def to_logprobs(raw: dict[str, Any] | None) -> list[TokenLogprob] | None:
     ]
 
 
+FREE_TEXT = r"[^<\x00] [^\x00]*"
+"""A plain answer: any text that does not start with "<" (so it cannot be a tool call)."""
+JSON_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
+"""A JSON string character; llama-cpp-python's converter also allows raw control characters,
+which JSON parsers refuse."""
+
+
+def reply_grammar(plan: ToolPlan, response_format: dict[str, Any] | None) -> str | None:
+    """The GBNF grammar a reply must match (root rule `root`), or None for free text.
+
+    `calls` is `<tool_call>` + a JSON call to a callable tool + `</tool_call>` (several,
+    newline-separated, with parallel_tool_calls); `answer` is the response format's JSON, or
+    FREE_TEXT. A forced call: `calls`; "auto": `calls | answer`; no callable tool: `answer`.
+    """
+    from llama_cpp.llama_grammar import SchemaConverter
+
+    schema = format_schema(response_format)
+    if not plan.callable and schema is None:
+        return None
+    converter = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+
+    def rule(schema: dict[str, Any], name: str) -> str:
+        return str(converter.visit(converter.resolve_refs(copy.deepcopy(schema), name), name))
+
+    try:
+        root = answer = f"({FREE_TEXT})" if schema is None else rule(schema, "answer")
+        if plan.callable:
+            one = f'"{TOOL_OPEN}" {rule(call_schema(plan.callable), "call")} "{TOOL_CLOSE}"'
+            calls = f'{one} ("\\n" {one})*' if plan.parallel else one
+            root = calls if plan.forced else f"{calls} | {answer}"
+    except (AssertionError, KeyError, TypeError, ValueError, RecursionError) as err:
+        raise ConfigError(
+            "llama.cpp cannot turn the JSON schema of the response_format or of a tool's "
+            f"parameters into a grammar: {str(err).rstrip('.') or type(err).__name__}."
+        ) from None
+    rules = re.sub(r"^char ::= .*$", lambda _: JSON_CHAR, converter.format_grammar(), flags=re.M)
+    return f"{rules}\nroot ::= {root}\n"
+
+
+def grammar_prefix(llm: Any, grammar: str, prefix: str) -> list[int]:
+    """Check `grammar` with llama.cpp's own parser (its sampler cannot take an invalid one)
+    and return the tokens of the reply's `prefix` (continuation), checked to fit the grammar."""
+    import llama_cpp
+
+    sampler = llama_cpp.llama_sampler_init_grammar(llm._model.vocab, grammar.encode(), b"root")
+    if not sampler:
+        raise ConfigError("llama.cpp could not parse the grammar of the tools or response_format.")
+    tokens = list(llm.tokenize(prefix.encode(), add_bos=False, special=False)) if prefix else []
+    cell = llama_cpp.llama_token_data()
+    candidates = llama_cpp.llama_token_data_array(ctypes.pointer(cell), 1, -1, False)
+    try:
+        for token in tokens:
+            cell.id, cell.logit, cell.p = token, 0.0, 0.0
+            llama_cpp.llama_sampler_apply(sampler, ctypes.byref(candidates))
+            if cell.logit == -math.inf:  # accepting it would abort the process
+                raise ConfigError(
+                    "The assistant text to continue does not fit the tools or response_format "
+                    f"of the request: {prefix[:60]!r}."
+                )
+            llama_cpp.llama_sampler_accept(sampler, token)
+    finally:
+        llama_cpp.llama_sampler_free(sampler)
+    return tokens
+
+
+@contextmanager
+def primed_sampler(llm: Any, tokens: list[int]) -> Iterator[None]:
+    """Let the next sampler chain llama-cpp-python builds (inside its generation) accept
+    `tokens` first, so a grammar resumes after a continued reply's prefix instead of at its
+    start. llama-cpp-python has no parameter for this: its `_init_sampler` is wrapped."""
+    if not tokens:
+        yield
+        return
+    import llama_cpp
+
+    build = llm._init_sampler
+
+    def init_sampler(*args: Any, **kwargs: Any) -> Any:
+        del llm._init_sampler  # once
+        sampler = build(*args, **kwargs)
+        for token in tokens:
+            llama_cpp.llama_sampler_accept(sampler.sampler, token)
+        return sampler
+
+    llm._init_sampler = init_sampler
+    try:
+        yield
+    finally:
+        llm.__dict__.pop("_init_sampler", None)
+
+
 class LlamaCppEngine(Provider):
     """`local/<model>`: a GGUF model run in this process by llama.cpp."""
 
     name = "local"
-    capabilities = Capabilities(continuation=True, logprobs=True, queued=True)
+    capabilities = Capabilities(
+        continuation=True, logprobs=True, queued=True, tools=True, response_format=True
+    )
 
     def __init__(self, spec: ProviderSpec, api_key: SecretStr | None = None) -> None:
         import llama_cpp  # noqa: F401 - fail at resolve time when the extra is missing
@@ -307,13 +420,19 @@ class LlamaCppEngine(Provider):
         return f"LlamaCppEngine(prefix={self.spec.prefix!r})"
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[Delta]:
+        plan = tool_plan(request)
+        grammar = reply_grammar(plan, request.response_format)
         pool = model_pool(resolve_model_path(request.model), request.logprobs, self.options)
         async with pool.claim() as model:
-            async for delta in self._stream_on(model, request):
+            async for delta in self._stream_on(model, request, plan, grammar):
                 yield delta
 
-    async def _stream_on(self, model: LoadedModel, request: ChatRequest) -> AsyncIterator[Delta]:
-        prompt, stop = render_prompt(model.formatter, request.messages, request.continue_final)
+    async def _stream_on(
+        self, model: LoadedModel, request: ChatRequest, plan: ToolPlan, grammar: str | None
+    ) -> AsyncIterator[Delta]:
+        messages = render_tool_turns(request.messages, plan)
+        prompt, stop = render_prompt(model.formatter, messages, request.continue_final)
+        prefix = text_of(messages[-1].get("content")) if request.continue_final else ""
         tokens = model.tokenize(prompt, bos=True)
         prompt_tokens = len(tokens)
         limit = model.llm.n_ctx() - prompt_tokens
@@ -325,52 +444,75 @@ class LlamaCppEngine(Provider):
                 model=request.model,
             )
         max_tokens = min(request.max_tokens or limit, limit)
+        primed = grammar_prefix(model.llm, grammar, prefix) if grammar else []
+        sampling = _Sampling(stop, max_tokens, grammar, primed)
         for index in range(request.n):
             parts: list[str] = []
-            async for delta in self._generate(model, tokens, stop, max_tokens, request, index):
+            splitter = ToolCallSplitter(plan, prefix=prefix)
+            async for delta in self._generate(model, tokens, sampling, request, index):
                 parts.append(delta.text)
-                yield delta
+                for out in splitter.feed(delta):
+                    yield out
+            for out in splitter.flush():
+                yield out
             yield Delta(index=index, usage=Usage(prompt_tokens, model.count("".join(parts))))
 
     async def _generate(
         self,
         model: LoadedModel,
         tokens: list[int],
-        stop: list[str],
-        max_tokens: int,
+        sampling: _Sampling,
         request: ChatRequest,
         index: int,
     ) -> AsyncIterator[Delta]:
         """Evaluate the prompt (a cancel aborts it inside llama.cpp), then pull tokens one by
         one (a cancel ends the call after the current token), in a worker thread."""
+        import llama_cpp
+
         await _abortable(model, model.prefill, tokens)
         seed = None if request.seed is None else request.seed + index
+        grammar = None
+        if sampling.grammar:
+            grammar = llama_cpp.LlamaGrammar.from_string(sampling.grammar, verbose=False)
         # The whole prompt is cached now: llama-cpp-python samples from it without re-evaluating.
         chunks: Iterator[dict[str, Any]] = model.llm.create_completion(
             tokens,
-            max_tokens=max_tokens,
+            max_tokens=sampling.max_tokens,
             temperature=request.temperature if request.temperature is not None else 0.7,
             top_p=request.top_p if request.top_p is not None else 0.95,
-            stop=[*stop, *(request.stop or [])],
+            stop=[*sampling.stop, *(request.stop or [])],
             seed=seed,
             logprobs=(request.top_logprobs or 1) if request.logprobs else None,
+            grammar=grammar,
             stream=True,
         )
         try:
-            while True:
-                chunk = await _abortable(model, next, chunks, _DONE)
-                if chunk is _DONE:
-                    return
-                choice = chunk["choices"][0]
-                yield Delta(
-                    text=choice.get("text") or "",
-                    index=index,
-                    finish_reason=choice.get("finish_reason"),
-                    logprobs=to_logprobs(choice.get("logprobs")),
-                )
+            with primed_sampler(model.llm, sampling.primed):
+                while True:
+                    chunk = await _abortable(model, next, chunks, _DONE)
+                    if chunk is _DONE:
+                        return
+                    choice = chunk["choices"][0]
+                    yield Delta(
+                        text=choice.get("text") or "",
+                        index=index,
+                        finish_reason=choice.get("finish_reason"),
+                        logprobs=to_logprobs(choice.get("logprobs")),
+                    )
         finally:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(chunks.close)
+
+
+@dataclass(frozen=True)
+class _Sampling:
+    """How one request samples: template stop strings, token limit, grammar (GBNF) and the
+    continued prefix's tokens the grammar resumes after."""
+
+    stop: list[str]
+    max_tokens: int
+    grammar: str | None = None
+    primed: list[int] = field(default_factory=list)
 
 
 async def _abortable(model: LoadedModel, fn: Callable[..., Any], *args: Any) -> Any:

@@ -6,6 +6,15 @@
 - The chat template is the model tokenizer's (`apply_chat_template`); with `continue_final`
   the last assistant message is continued (`continue_final_message=True`), which staircase
   streaming needs.
+- Tools: a chat template that knows tools (its source mentions `tools`: Qwen2.5, Llama 3.1,
+  Hermes, ...) gets them natively (`tools=`, assistant `tool_calls` with arguments as objects,
+  `tool` turns); any other template gets the text convention of `tools.py`. A forced call
+  (tool_choice "required" or named) is constrained by structured outputs to a bare JSON call
+  `{"name", "arguments"}`; with "auto" a reply that starts with `<tool_call>` (the Qwen/Hermes
+  convention) is parsed into calls; with "none" the tools are not given to the template.
+- `response_format` becomes a structured-outputs constraint (`StructuredOutputsParams`, or
+  `GuidedDecodingParams` in releases before 0.10.2), which then rules out an "auto" call.
+  vLLM starts a constraint at the first generated token, so a continued reply cannot have one.
 - `n > 1` is one request: vLLM samples the choices from one prompt (prefix caching shares its
   KV cache); each choice streams under its own index with its own finish reason and usage.
 - Outputs are cumulative; the deltas are their new suffixes per choice index.
@@ -16,8 +25,9 @@
   `request_failure`): no GPU, a model missing from an offline cache, a rejected option, and
   the cause behind vLLM's message-less `EngineGenerateError`.
 
-The adapter logic is in plain functions (`render_prompt`, `sampling_kwargs`, `ChoiceTracker`,
-`to_logprobs`) so it is tested on the CPU; vllm and torch are imported only by `load_vllm`.
+The adapter logic is in plain functions (`render_prompt`, `sampling_kwargs`, `constraint`,
+`ChoiceTracker`, `to_logprobs`) so it is tested on the CPU; vllm and torch are imported only
+by `load_vllm`.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import inspect
+import json
 import os
 import threading
 import uuid
@@ -47,6 +58,16 @@ from moa.providers.base import (
     Usage,
 )
 from moa.providers.registry import ProviderSpec
+
+from .tools import (
+    ToolCallSplitter,
+    ToolPlan,
+    call_schema,
+    format_schema,
+    render_tool_turns,
+    text_of,
+    tool_plan,
+)
 
 ENGINE_DEFAULTS: dict[str, Any] = {"enable_prefix_caching": True, "disable_log_stats": True}
 NO_GPU = (
@@ -70,6 +91,8 @@ class VLLMBackend:
     max_model_len: int
     sampling_params: Callable[..., Any]
     """`vllm.SamplingParams`."""
+    structured: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    """`SamplingParams` keywords for a `constraint` (see `structured_outputs`)."""
 
 
 Loader = Callable[[str, dict[str, Any]], Coroutine[Any, Any, VLLMBackend]]
@@ -92,7 +115,22 @@ async def load_vllm(model: str, options: dict[str, Any]) -> VLLMBackend:
     tokenizer = engine.get_tokenizer()
     if inspect.isawaitable(tokenizer):  # a coroutine in older vLLM releases
         tokenizer = await tokenizer
-    return VLLMBackend(engine, tokenizer, engine.model_config.max_model_len, SamplingParams)
+    return VLLMBackend(
+        engine, tokenizer, engine.model_config.max_model_len, SamplingParams, structured_outputs()
+    )
+
+
+def structured_outputs() -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """The installed vLLM's way to pass a constraint ({"json": schema} or {"json_object":
+    True}) to `SamplingParams`: `structured_outputs=StructuredOutputsParams(...)` since 0.10.2,
+    `guided_decoding=GuidedDecodingParams(...)` before."""
+    from vllm import sampling_params
+
+    if hasattr(sampling_params, "StructuredOutputsParams"):
+        params = sampling_params.StructuredOutputsParams
+        return lambda constraint: {"structured_outputs": params(**constraint)}
+    guided = sampling_params.GuidedDecodingParams
+    return lambda constraint: {"guided_decoding": guided(**constraint)}
 
 
 class EngineHost:
@@ -194,20 +232,73 @@ def request_failure(err: BaseException, model: str) -> MoaError:
     )
 
 
-def render_prompt(tokenizer: Any, messages: list[Message], continue_final: bool) -> list[int]:
+def render_prompt(
+    tokenizer: Any, messages: list[Message], continue_final: bool, plan: ToolPlan | None = None
+) -> list[int]:
     """Prompt token ids from the model's chat template.
 
     With `continue_final` the last (assistant) message is left open for the model to continue;
     otherwise the generation prompt opens a new assistant turn. The template already holds
-    the special tokens (BOS), so none are added again.
+    the special tokens (BOS), so none are added again. Tools and tool turns go to a template
+    that knows tools natively, to any other one as text (module notes).
     """
+    plan = plan or ToolPlan()
+    extra: dict[str, Any] = {}
+    if knows_tools(tokenizer):
+        messages = native_tool_turns(messages)
+        if plan.callable:
+            extra["tools"] = plan.offered
+    else:
+        messages = render_tool_turns(messages, plan)
     text = tokenizer.apply_chat_template(
         [dict(m) for m in messages],
         tokenize=False,
         add_generation_prompt=not continue_final,
         continue_final_message=continue_final,
+        **extra,
     )
     return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def knows_tools(tokenizer: Any) -> bool:
+    """Whether the tokenizer's chat template renders tools itself."""
+    return "tools" in str(getattr(tokenizer, "chat_template", None) or "")
+
+
+def native_tool_turns(messages: list[Message]) -> list[Message]:
+    """Messages for a template that knows tools: call arguments as objects, not JSON text
+    (as vLLM's own server passes them; templates write them with `tojson`)."""
+    out = []
+    for message in messages:
+        if message.get("tool_calls"):
+            calls = []
+            for call in message["tool_calls"]:
+                function = dict(call.get("function") or {})
+                if isinstance(function.get("arguments"), str):
+                    with contextlib.suppress(ValueError):  # else the text as it is
+                        function["arguments"] = json.loads(function["arguments"] or "{}")
+                calls.append({**call, "function": function})
+            message = {**message, "tool_calls": calls}
+        out.append(message)
+    return out
+
+
+def constraint(request: ChatRequest, plan: ToolPlan) -> dict[str, Any] | None:
+    """The structured-outputs constraint of a request: a forced call's JSON schema, else the
+    response format's ({"json": schema} or {"json_object": True}), else None."""
+    if plan.forced:
+        found: dict[str, Any] | None = {"json": call_schema(plan.callable)}
+    else:
+        schema = format_schema(request.response_format)
+        found = None if schema is None else {"json": schema}
+        if (request.response_format or {}).get("type") == "json_object":
+            found = {"json_object": True}
+    if found is not None and request.continue_final:
+        raise ConfigError(
+            "vLLM cannot continue a reply under a forced tool call or a response_format (its "
+            "constraint starts at the first generated token): send it without continuation."
+        )
+    return found
 
 
 def sampling_kwargs(request: ChatRequest, prompt_tokens: int, max_model_len: int) -> dict[str, Any]:
@@ -302,7 +393,9 @@ class VLLMEngine(Provider):
     """`vllm/<model>`: a Hugging Face model (id or local path) run in this process by vLLM."""
 
     name = "vllm"
-    capabilities = Capabilities(continuation=True, logprobs=True, multi_sample=True)
+    capabilities = Capabilities(
+        continuation=True, logprobs=True, multi_sample=True, tools=True, response_format=True
+    )
 
     def __init__(
         self, spec: ProviderSpec, api_key: SecretStr | None = None, *, loader: Loader | None = None
@@ -325,13 +418,21 @@ class VLLMEngine(Provider):
             raise
         except Exception as err:
             raise load_failure(err, request.model) from None
-        prompt = render_prompt(backend.tokenizer, request.messages, request.continue_final)
+        plan = tool_plan(request)
+        wanted = constraint(request, plan)
+        if wanted is not None and backend.structured is None:
+            raise ConfigError(f"This vLLM backend of {request.model!r} has no structured outputs.")
+        prompt = render_prompt(backend.tokenizer, request.messages, request.continue_final, plan)
         kwargs = sampling_kwargs(request, len(prompt), backend.max_model_len)
         try:
+            if wanted is not None and backend.structured is not None:
+                kwargs.update(backend.structured(wanted))
             params = backend.sampling_params(**kwargs)
         except Exception as err:
             raise request_failure(err, request.model) from None
         tracker = ChoiceTracker(request.logprobs, request.top_logprobs or 1)
+        prefix = text_of(request.messages[-1].get("content")) if request.continue_final else ""
+        splitters: dict[int, ToolCallSplitter] = {}
         request_id = f"moa-{uuid.uuid4().hex}"
         caller = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -362,8 +463,15 @@ class VLLMEngine(Provider):
                     finished = True
                     raise request_failure(item, request.model)
                 for delta in tracker.update(item):
-                    yield delta
+                    splitter = splitters.setdefault(
+                        delta.index, ToolCallSplitter(plan, bare=plan.forced, prefix=prefix)
+                    )
+                    for out in splitter.feed(delta):
+                        yield out
             finished = True
+            for splitter in splitters.values():
+                for out in splitter.flush():
+                    yield out
         finally:
             if not finished:
                 pumping.cancel()

@@ -149,6 +149,8 @@ class MixtureConfig(BaseModel):
     long_references: Literal["trim", "window"] = "trim"
     """When references overflow the context: trim each one, or aggregate them in windows
     carrying the running synthesis forward (Self-MoA-Seq)."""
+    tool_result_chars: int = Field(2000, gt=0)
+    """Longest tool result an advisor is shown (the acting stage gets every result whole)."""
     staircase: StaircaseConfig = Field(default_factory=StaircaseConfig)
     providers: dict[str, ProviderSpec] = Field(default_factory=dict)
     """Extra or overriding provider prefixes."""

@@ -74,6 +74,10 @@ class StreamTimeout(StreamInterrupted, ProviderTimeout):
     """A stream went silent (read timeout) or hit its deadline after it had delivered text."""
 
 
+class UnsupportedRequest(ConfigError):
+    """A request asks for what this mixture cannot do (e.g. tools on a model without them)."""
+
+
 class BudgetExceeded(MoaError):
     """A call would certainly exceed a hard budget, so it was not started."""
 
@@ -96,6 +100,10 @@ class AggregatorOverBudget(BudgetExceeded, AggregatorFailed):
 
 class DeadlineExceeded(MixtureError):
     """The whole mixture did not finish within its `deadline_s`."""
+
+
+class StructuredOutputError(MixtureError):
+    """The final answer is not valid JSON, or does not match the requested schema."""
 
 
 class NotEnoughProposers(MixtureError):

@@ -35,12 +35,13 @@ from pydantic import ValidationError
 
 from moa import pricing
 from moa.config import MixtureConfig, Mode, load
-from moa.errors import ConfigError
+from moa.errors import ConfigError, UnsupportedRequest
 from moa.events import Event, RunFinished
 from moa.providers.base import Message, Tool
 from moa.providers.registry import Registry
 from moa.result import MixtureResult
 from moa.routing.router import Router, ThresholdRouter, router_from_config
+from moa.runtime.acting import acting_from
 from moa.runtime.budget import Budget, BudgetGuard, Ledger, SessionBudget
 from moa.runtime.prompts import as_messages
 from moa.runtime.run import Overrides, Run
@@ -111,14 +112,22 @@ class Mixture:
         `tool_choice`, `parallel_tool_calls` and `response_format` go to the acting stage (the
         final aggregator) only; `n`, `logprobs` and `top_logprobs` are its sampling options.
         """
-        send, receive = anyio.create_memory_object_stream[Event](math.inf)
-        limit = self.config.budget if budget is None else as_budget(budget)
-        self._check_prices(limit)
+        acting = acting_from(tools, tool_choice, parallel_tool_calls, response_format)
+        if n != 1 or logprobs or top_logprobs is not None:
+            raise UnsupportedRequest("n > 1 and logprobs are not supported by a mixture yet.")
         strategy: type[Run] = Execution
         if self.config.strategy == "evolve":
             from moa.strategies.evolve import Evolution
 
+            if acting.active:
+                raise UnsupportedRequest(
+                    "The evolve strategy cannot act with tools or a response format; "
+                    "use the graph strategy."
+                )
             strategy = Evolution
+        limit = self.config.budget if budget is None else as_budget(budget)
+        self._check_prices(limit)
+        send, receive = anyio.create_memory_object_stream[Event](math.inf)
         execution = strategy(
             self.config,
             self.registry,
@@ -131,13 +140,10 @@ class Mixture:
                 max_tokens,
                 stop,
                 seed,
-                tools,
-                tool_choice,
-                parallel_tool_calls,
-                response_format,
-                n,
-                logprobs,
-                top_logprobs,
+                acting.tools,
+                acting.tool_choice,
+                acting.parallel_tool_calls,
+                acting.response_format,
             ),
         )
 

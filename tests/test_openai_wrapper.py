@@ -94,7 +94,7 @@ def test_other_models_and_attributes_pass_through(srv: LoopbackServer) -> None:
 
 @pytest.mark.parametrize(
     ("extra", "needle"),
-    [({"n": 2}, "'n' must be 1"), ({"tools": [{"type": "function"}]}, "'tools'"),
+    [({"n": 2}, "'n' must be 1"), ({"tools": [{"type": "function"}]}, "tools must be a list"),
      ({"logprobs": True}, "'logprobs'"), ({"extra_headers": {"x": "1"}}, "extra_headers")],
 )
 def test_unsupported_fields_are_rejected_not_dropped(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -21,14 +22,17 @@ import anyio
 import pytest
 
 from moa.errors import ConfigError, ProviderError
+from moa.local_engine.tools import call_schema, tool_plan
 from moa.local_engine.vllm_engine import (
     ChoiceTracker,
     VLLMBackend,
     VLLMEngine,
+    constraint,
     load_vllm,
     render_prompt,
     sampling_kwargs,
     shutdown_engines,
+    structured_outputs,
     to_logprobs,
 )
 from moa.providers.base import ChatRequest
@@ -65,7 +69,8 @@ class LocalEntryNotFoundError(FileNotFoundError):
 
 def sampling_params(**kw: Any) -> dict[str, Any]:
     """vllm.SamplingParams' checks: unknown keywords and out-of-range values are refused."""
-    known = {"n", "max_tokens", "temperature", "top_p", "seed", "stop", "logprobs", "top_k"}
+    known = {"n", "max_tokens", "temperature", "top_p", "seed", "stop", "logprobs", "top_k",
+             "structured_outputs"}
     if unknown := set(kw) - known:
         raise TypeError(f"Unexpected keyword argument {sorted(unknown)[0]!r}")
     if kw.get("temperature", 0) < 0:
@@ -175,13 +180,15 @@ class FakeEngine:
         self.aborted.append(request_id)
 
 
-def fake_loader(engine: FakeEngine, loads: list[str] | None = None, max_model_len: int = 4096):
+def fake_loader(engine: FakeEngine, loads: list[str] | None = None, max_model_len: int = 4096,
+                tokenizer: Any = None):
     async def load(model: str, options: dict[str, Any]) -> VLLMBackend:
         if loads is not None:
             loads.append(model)
         if options.get("broken"):
             raise RuntimeError("no CUDA device")
-        return VLLMBackend(engine, ChatMLTokenizer(), max_model_len, sampling_params)
+        return VLLMBackend(engine, tokenizer or ChatMLTokenizer(), max_model_len, sampling_params,
+                           lambda constraint: {"structured_outputs": constraint})
 
     return load
 
@@ -402,6 +409,123 @@ def test_bad_sampling_options_are_a_config_error(kw, failure, says) -> None:
     assert says in message and ".." not in message and message.endswith(".")
 
 
+# --- tools and structured outputs -------------------------------------------------------------
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}
+TOOLS = [WEATHER]
+CALL = {"id": "call_1", "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+LOOP = [*QUESTION, {"role": "assistant", "content": None, "tool_calls": [CALL]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "Sunny"}]
+
+
+class ToolTemplateTokenizer(ChatMLTokenizer):
+    """A tokenizer whose chat template renders tools itself (as Qwen2.5's does)."""
+
+    chat_template = "{% if tools %}...{% endif %}"
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], **kw: Any) -> str:
+        self.calls.append({**kw, "messages": messages})
+        return "".join(f"<|im_start|>{m['role']}\n{m.get('content') or ''}<|im_end|>\n"
+                       for m in messages) + "<|im_start|>assistant\n"
+
+
+def test_constraint_per_tool_choice_and_response_format() -> None:
+    def of(**kw: Any) -> dict[str, Any] | None:
+        req = request(**kw)
+        return constraint(req, tool_plan(req))
+
+    assert of() is None and of(tools=TOOLS) is None, "'auto' calls are parsed, not forced"
+    assert of(tools=TOOLS, tool_choice="required") == {"json": call_schema(TOOLS)}
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    assert of(tools=TOOLS, tool_choice=named) == {"json": call_schema(TOOLS)}
+    assert of(response_format={"type": "json_object"}) == {"json_object": True}
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}
+    assert of(response_format=fmt) == {"json": schema}
+    assert of(response_format={"type": "text"}) is None
+    with pytest.raises(ConfigError, match="cannot continue a reply under"):
+        of(response_format=fmt, continue_final=True,
+           messages=[*QUESTION, {"role": "assistant", "content": "{"}])
+
+
+@pytest.mark.parametrize("name", ["StructuredOutputsParams", "GuidedDecodingParams"])
+def test_structured_outputs_follow_the_installed_vllm(monkeypatch, name) -> None:
+    """vLLM 0.10.2+ takes `structured_outputs=StructuredOutputsParams(...)`; older releases
+    `guided_decoding=GuidedDecodingParams(...)` (the same fields: json, json_object, ...)."""
+
+    @dataclass
+    class Params:
+        json: Any = None
+        json_object: bool | None = None
+
+    module = types.ModuleType("vllm.sampling_params")
+    setattr(module, name, Params)
+    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))
+    monkeypatch.setitem(sys.modules, "vllm.sampling_params", module)
+    keywords = structured_outputs()({"json_object": True})
+    key = "structured_outputs" if name == "StructuredOutputsParams" else "guided_decoding"
+    assert keywords == {key: Params(json_object=True)}
+
+
+def test_render_prompt_gives_tools_to_a_template_that_knows_them() -> None:
+    native = ToolTemplateTokenizer()
+    render_prompt(native, LOOP, False, tool_plan(request(tools=TOOLS)))
+    sent = native.calls[-1]
+    assert sent["tools"] == TOOLS
+    assert sent["messages"][1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
+    assert sent["messages"][2] == {"role": "tool", "tool_call_id": "call_1", "content": "Sunny"}
+    render_prompt(native, LOOP, False, tool_plan(request(tools=TOOLS, tool_choice="none")))
+    assert "tools" not in native.calls[-1], "'none': the template is not given the tools"
+    plain = ChatMLTokenizer()
+    text = "".join(map(chr, render_prompt(plain, LOOP, False, tool_plan(request(tools=TOOLS)))))
+    assert text.startswith("<|im_start|>system\nYou can use these tools")
+    assert '<|im_start|>assistant\n<tool_call>{"name": "get_weather"' in text
+    assert "<|im_start|>user\nThe tool get_weather (call call_1) returned: Sunny" in text
+    assert "tools" not in plain.calls[-1]
+
+
+def test_a_forced_call_is_a_constrained_bare_json_call() -> None:
+    fake = FakeEngine(['{"name": "get_weather", "arguments": {"city": "Paris"}}'])
+    engine = make_engine(fake, tokenizer=ToolTemplateTokenizer())
+    (out,) = anyio.run(engine.complete, request(tools=TOOLS, tool_choice="required"))
+    assert fake.params[0]["structured_outputs"] == {"json": call_schema(TOOLS)}
+    assert out.text == "" and out.finish_reason == "tool_calls"
+    (call,) = out.tool_calls
+    assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}
+    assert call.id.startswith("call_") and out.usage.completion_tokens == 5
+
+
+def test_auto_parses_tool_call_replies_and_streams_text_ones() -> None:
+    fake = FakeEngine(['<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n'
+                       "</tool_call>", "I cannot tell the weather."])
+
+    async def main():
+        engine = make_engine(fake)
+        return [d async for d in engine.stream(request(tools=TOOLS, n=2))]
+
+    got = anyio.run(main)
+    assert "structured_outputs" not in fake.params[0]
+    first = [d for d in got if d.index == 0]
+    assert not any(d.text for d in first)
+    (call,) = [d for d in first if d.tool_calls]
+    assert call.finish_reason == "tool_calls" and call.tool_calls[0].name == "get_weather"
+    second = [d.text for d in got if d.index == 1 and d.text]
+    assert second == ["I", " cannot", " tell", " the", " weather."]
+    assert [d.index for d in got if d.usage] == [0, 1]
+
+
+def test_response_format_becomes_a_structured_output() -> None:
+    fake = FakeEngine(['{"a": 1}'])
+    out = anyio.run(make_engine(fake).complete, request(response_format={"type": "json_object"}))
+    assert fake.params[0]["structured_outputs"] == {"json_object": True}
+    assert out[0].text == '{"a": 1}' and not out[0].tool_calls
+
+
 def fake_vllm(monkeypatch, *, device_type: str = "cuda", load_error: BaseException | None = None):
     """A `vllm` package with the names load_vllm imports; the engine start fails as told."""
 
@@ -519,7 +643,8 @@ def _gpu_model() -> tuple[str | None, str]:
 
 @pytest.mark.gpu
 def test_real_vllm_engine_on_a_gpu() -> None:
-    """A small model end to end: streaming, n>1, logprobs, continuation, abort.
+    """A small model end to end: streaming, n>1, logprobs, continuation, a forced tool call,
+    a tool result turn, a JSON response format, abort.
 
     The model is `MOA_VLLM_TEST_MODEL` (a local model folder or a Hugging Face id), by default
     HuggingFaceTB/SmolLM2-135M-Instruct when it is in the Hugging Face cache (the safetensors
@@ -535,7 +660,8 @@ def test_real_vllm_engine_on_a_gpu() -> None:
 
     def ask(**kw: Any) -> ChatRequest:
         kw.setdefault("messages", QUESTION)
-        return ChatRequest(model=model, max_tokens=24, **kw)
+        kw.setdefault("max_tokens", 24)
+        return ChatRequest(model=model, **kw)
 
     async def main():
         deltas = [d async for d in engine.stream(ask(temperature=0.0))]
@@ -550,6 +676,17 @@ def test_real_vllm_engine_on_a_gpu() -> None:
         assert cont[0].text
         with pytest.raises(ConfigError, match="vLLM refused the sampling options"):
             await engine.complete(ask(temperature=-1.0))
+        forced = await engine.complete(ask(messages=LOOP[:1], tools=TOOLS, tool_choice="required",
+                                           temperature=0.0, max_tokens=128))
+        assert forced[0].finish_reason == "tool_calls", forced[0].text
+        assert forced[0].tool_calls[0].name == "get_weather"
+        assert isinstance(json.loads(forced[0].tool_calls[0].arguments), dict)
+        answer = await engine.complete(ask(messages=LOOP, tools=TOOLS, temperature=0.0))
+        assert answer[0].text or answer[0].tool_calls  # the tool turn renders; the model decides
+        typed = await engine.complete(ask(response_format={"type": "json_object"},
+                                          temperature=0.0, max_tokens=128))
+        if typed[0].finish_reason == "stop":
+            assert isinstance(json.loads(typed[0].text), dict)
         stream = engine.stream(ask(max_tokens=1000, temperature=0.9))
         async for _ in stream:
             break

@@ -160,18 +160,57 @@ class _Completions(_Proxy):
             return self._acreate(mixture, call)
         if call.stream:
             return MixtureStream(mixture, call)
-        from openai.types.chat import ChatCompletion
-
-        return ChatCompletion.model_validate(completion(mixture.run_sync(
-            call.messages, **call.overrides), call.model))
+        return _completion(mixture.run_sync(call.messages, **call.overrides), call.model)
 
     async def _acreate(self, mixture: Mixture, call: ChatCall) -> Any:
         if call.stream:
             return AsyncMixtureStream(mixture, call)
-        from openai.types.chat import ChatCompletion
+        return _completion(await mixture.run(call.messages, **call.overrides), call.model)
 
-        result = await mixture.run(call.messages, **call.overrides)
-        return ChatCompletion.model_validate(completion(result, call.model))
+    def parse(self, **kwargs: Any) -> Any:
+        """`chat.completions.parse`: `response_format` may be a pydantic model; the answer
+        comes back as a `ParsedChatCompletion` (its `message.parsed` a model instance)."""
+        mixture = self._router.mixture(kwargs.get("model"))
+        if mixture is None:
+            return self._target.parse(**kwargs)
+        from openai.lib._parsing import (
+            parse_chat_completion,
+            type_to_response_format_param,
+            validate_input_tools,
+        )
+
+        body = _given(kwargs)
+        response_format = body.get("response_format")
+        tools = validate_input_tools(body["tools"]) if "tools" in body else None
+        if response_format is not None:
+            body["response_format"] = type_to_response_format_param(response_format)
+        call = self._router.call({**body, "stream": False})
+
+        def parsed(result: Any) -> Any:
+            return parse_chat_completion(
+                response_format=response_format if response_format is not None else _omit(),
+                input_tools=tools if tools is not None else _omit(),
+                chat_completion=_completion(result, call.model),
+            )
+
+        if self._async:
+            return self._aparse(mixture, call, parsed)
+        return parsed(mixture.run_sync(call.messages, **call.overrides))
+
+    async def _aparse(self, mixture: Mixture, call: ChatCall, parsed: Any) -> Any:
+        return parsed(await mixture.run(call.messages, **call.overrides))
+
+
+def _omit() -> Any:
+    import openai
+
+    return openai.omit if hasattr(openai, "omit") else openai.NOT_GIVEN
+
+
+def _completion(result: Any, model: str) -> Any:
+    from openai.types.chat import ChatCompletion
+
+    return ChatCompletion.model_validate(completion(result, model))
 
 
 class _Chat(_Proxy):

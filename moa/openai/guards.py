@@ -12,7 +12,15 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from moa.errors import BudgetExceeded, ConfigError, DeadlineExceeded, MissingKeyError, MoaError
+from moa.errors import (
+    BudgetExceeded,
+    ConfigError,
+    DeadlineExceeded,
+    MissingKeyError,
+    MoaError,
+    StructuredOutputError,
+    UnsupportedRequest,
+)
 
 HEADER_TIMEOUT_S = 10.0
 """A connection whose request headers have not all arrived by then is closed."""
@@ -52,6 +60,10 @@ def failure(model: str, err: Exception) -> Refused:
         return Refused(504, str(err), "server_error", "deadline_exceeded")
     if isinstance(err, BudgetExceeded):
         return Refused(400, str(err), "invalid_request_error", "budget_exceeded")
+    if isinstance(err, UnsupportedRequest):
+        return Refused(400, str(err), "invalid_request_error", "unsupported")
+    if isinstance(err, StructuredOutputError):
+        return Refused(502, str(err), "upstream_error", "invalid_structured_output")
     if isinstance(err, MissingKeyError | ConfigError):
         return Refused(503, f"The server cannot run {model!r}: {err}", "server_error", "not_ready")
     if isinstance(err, MoaError):
@@ -69,18 +81,23 @@ class Gate:
 
     async def enter(self) -> None:
         """Take a slot (call `leave()` after), or raise 429 (queue full) / 503 (waited too long)."""
-        if self.slots.value == 0 and self.waiting >= self.queue:
-            raise Refused(429, "The server is at its concurrency limit; retry shortly.",
-                          "rate_limit_error", "overloaded", retry_after=1)
-        self.waiting += 1
         try:
-            with anyio.move_on_after(self.timeout) as waited:
-                await self.slots.acquire()
-        finally:
-            self.waiting -= 1
-        if waited.cancelled_caught:
-            raise Refused(503, "The server is overloaded: no slot freed in time.",
-                          "server_error", "overloaded", retry_after=1)
+            self.slots.acquire_nowait()
+        except anyio.WouldBlock:
+            # Only requests that really wait count against the queue (not those that took a
+            # free slot and have not resumed yet: a burst would see a full queue too early).
+            if self.waiting >= self.queue:
+                raise Refused(429, "The server is at its concurrency limit; retry shortly.",
+                              "rate_limit_error", "overloaded", retry_after=1) from None
+            self.waiting += 1
+            try:
+                with anyio.move_on_after(self.timeout) as waited:
+                    await self.slots.acquire()
+            finally:
+                self.waiting -= 1
+            if waited.cancelled_caught:
+                raise Refused(503, "The server is overloaded: no slot freed in time.",
+                              "server_error", "overloaded", retry_after=1) from None
         self.active += 1
 
     def leave(self) -> None:

@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moa.config import MAX_TOKENS
-from moa.errors import MoaError
-from moa.events import Event, FinalDelta, RunFinished
+from moa.errors import ConfigError, MoaError
+from moa.events import Event, FinalDelta, FinalToolCallDelta, RunFinished
+from moa.providers.base import ToolCallDelta
 from moa.result import MixtureResult
+from moa.runtime.acting import acting_from
 
 
 class RequestError(MoaError):
@@ -29,12 +31,12 @@ class RequestError(MoaError):
 
 NEUTRAL = {"top_p": 1, "frequency_penalty": 0, "presence_penalty": 0, "logprobs": False}
 """Fields accepted only at the value that changes nothing (a mixture cannot apply them)."""
-INFORMATIONAL = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")
+INFORMATIONAL = ("user", "metadata", "store", "service_tier")
 """Fields with no effect on a mixture's answer; accepted (and kept in the trace)."""
 MAX_DEPTH = 32
 """Deepest JSON nesting a request body may have (a chat request needs 4)."""
-REJECTED = ("tools", "tool_choice", "functions", "function_call", "logit_bias", "top_logprobs",
-            "audio", "modalities", "prediction", "web_search_options", "reasoning_effort")
+REJECTED = ("functions", "function_call", "logit_bias", "top_logprobs", "audio", "modalities",
+            "prediction", "web_search_options", "reasoning_effort")
 
 
 @dataclass
@@ -96,30 +98,65 @@ def load_json(raw: bytes) -> Any:
     return value
 
 
+def _text(content: Any, where: str) -> str:
+    """A message content: a string or a list of text parts, joined."""
+    if isinstance(content, list):
+        if not all(isinstance(p, dict) and p.get("type") == "text"
+                   and isinstance(p.get("text"), str) for p in content):
+            raise RequestError(f"{where}: only text parts are supported.", where)
+        content = "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise RequestError(f"{where} must be a string.", where)
+    return content
+
+
+def _tool_calls(raw: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant turn's `tool_calls`, checked and kept verbatim (ids preserved)."""
+    if not isinstance(raw, list) or not raw:
+        raise RequestError(f"{where} must be a non-empty list of tool calls.", where)
+    for call in raw:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not (isinstance(call.get("id") if isinstance(call, dict) else None, str)
+                and isinstance(fn, dict) and isinstance(fn.get("name"), str)
+                and isinstance(fn.get("arguments"), str)):
+            raise RequestError(f"{where}: each call needs an 'id' and a 'function' with "
+                               "'name' and 'arguments' (a JSON string).", where)
+    return [{"id": c["id"], "type": "function", "function": {
+        "name": c["function"]["name"], "arguments": c["function"]["arguments"]}} for c in raw]
+
+
 def _messages(raw: Any) -> list[dict[str, Any]]:
     if not isinstance(raw, list) or not raw:
         raise RequestError("'messages' must be a non-empty list of messages.", "messages")
     out = []
     for i, message in enumerate(raw):
+        where = f"messages[{i}]"
         if not isinstance(message, dict) or message.get("role") not in (
-            "system", "developer", "user", "assistant"
+            "system", "developer", "user", "assistant", "tool"
         ):
             raise RequestError(
-                f"messages[{i}] must be an object with role system, user or assistant.",
-                f"messages[{i}]",
+                f"{where} must be an object with role system, user, assistant or tool.", where
             )
-        content = message.get("content")
-        if isinstance(content, list):
-            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-                raise RequestError(
-                    f"messages[{i}].content: only text parts are supported.",
-                    f"messages[{i}].content",
-                )
-            content = "".join(str(p.get("text", "")) for p in content)
-        if not isinstance(content, str):
-            raise RequestError(f"messages[{i}].content must be a string.", f"messages[{i}].content")
         role = "system" if message["role"] == "developer" else message["role"]
-        out.append({"role": role, "content": content})
+        turn: dict[str, Any] = {"role": role}
+        if role == "assistant" and message.get("tool_calls") is not None:
+            turn["tool_calls"] = _tool_calls(message["tool_calls"], f"{where}.tool_calls")
+            content = message.get("content")
+            turn["content"] = "" if content is None else _text(content, f"{where}.content")
+        else:
+            turn["content"] = _text(message.get("content"), f"{where}.content")
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise RequestError(f"{where}.tool_call_id must name the call it answers.",
+                                   f"{where}.tool_call_id")
+            turn["tool_call_id"] = call_id
+        name = message.get("name")
+        if name is not None:
+            if not isinstance(name, str):
+                raise RequestError(f"{where}.name must be a string.", f"{where}.name")
+            turn["name"] = name
+        out.append(turn)
     return out
 
 
@@ -136,11 +173,9 @@ def parse_request(body: Any) -> ChatCall:
     for name, neutral in NEUTRAL.items():
         if body.get(name) not in (None, neutral):
             raise RequestError(f"'{name}' is not supported by a mixture (only {neutral}).", name)
-    fmt = body.get("response_format")
-    if fmt not in (None, {"type": "text"}):
-        raise RequestError("'response_format' other than text is not supported.", "response_format")
     known = {"model", "messages", "stream", "stream_options", "temperature", "max_tokens",
-             "max_completion_tokens", "stop", "seed", "n", "response_format",
+             "max_completion_tokens", "stop", "seed", "n", "response_format", "tools",
+             "tool_choice", "parallel_tool_calls",
              *NEUTRAL, *INFORMATIONAL, *REJECTED}
     unknown = sorted(set(body) - known)
     if unknown:
@@ -165,6 +200,7 @@ def parse_request(body: Any) -> ChatCall:
         "max_tokens": max_tokens,
         "stop": stop or None,
         "seed": _integer(body, "seed", -(2**63), 2**63 - 1),
+        **_acting(body),
     }
     return ChatCall(
         model=model,
@@ -173,6 +209,20 @@ def parse_request(body: Any) -> ChatCall:
         include_usage=bool(options.get("include_usage")),
         overrides={k: v for k, v in overrides.items() if v is not None},
     )
+
+
+def _acting(body: dict[str, Any]) -> dict[str, Any]:
+    """tools, tool_choice, parallel_tool_calls and response_format, checked."""
+    names = ("tools", "tool_choice", "parallel_tool_calls", "response_format")
+    given = {name: body.get(name) for name in names}
+    try:
+        acting = acting_from(**given)
+    except ConfigError as err:
+        first = str(err).split()[0].removesuffix("'s")  # each message begins with the field
+        raise RequestError(str(err), first if first in names else None) from None
+    values = (acting.tools, acting.tool_choice, acting.parallel_tool_calls,
+              acting.response_format)
+    return {name: value for name, value in zip(names, values, strict=True) if value is not None}
 
 
 def new_id() -> str:
@@ -196,8 +246,18 @@ def trace(result: MixtureResult) -> dict[str, Any]:
 
 
 def finish_reason(result: MixtureResult) -> str:
-    final = next((o for o in result.outputs if o.agent.final), None)
-    return "length" if final is not None and final.finish_reason == "length" else "stop"
+    if result.tool_calls:
+        return "tool_calls"
+    return "length" if result.finish_reason == "length" else "stop"
+
+
+def message(result: MixtureResult) -> dict[str, Any]:
+    """The answer as an assistant message: its text and its tool calls (ids kept)."""
+    out: dict[str, Any] = {"role": "assistant", "content": result.text}
+    if result.tool_calls:
+        out["content"] = result.text or None
+        out["tool_calls"] = [call.as_message_part() for call in result.tool_calls]
+    return out
 
 
 def completion(result: MixtureResult, model: str) -> dict[str, Any]:
@@ -209,13 +269,23 @@ def completion(result: MixtureResult, model: str) -> dict[str, Any]:
         "model": model,
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": result.text},
+            "message": message(result),
             "finish_reason": finish_reason(result),
             "logprobs": None,
         }],
         "usage": usage_dict(result),
         "moa": trace(result),
     }
+
+
+def tool_call_delta(piece: ToolCallDelta) -> dict[str, Any]:
+    """A streamed tool-call piece as OpenAI sends it (id, type and name on the first piece)."""
+    out: dict[str, Any] = {"index": piece.index, "function": {"arguments": piece.arguments}}
+    if piece.id is not None:
+        out["id"], out["type"] = piece.id, "function"
+    if piece.name is not None:
+        out["function"]["name"] = piece.name
+    return out
 
 
 class ChunkStream:
@@ -239,11 +309,13 @@ class ChunkStream:
     def feed(self, event: Event) -> list[dict[str, Any]]:
         """The chunks this event produces (the answer's deltas and, at the end, the finish)."""
         out: list[dict[str, Any]] = []
-        if not self.started and isinstance(event, FinalDelta | RunFinished):
+        if not self.started and isinstance(event, FinalDelta | FinalToolCallDelta | RunFinished):
             self.started = True
             out.append(self._delta({"role": "assistant", "content": ""}))
         if isinstance(event, FinalDelta) and event.text:
             out.append(self._delta({"content": event.text}))
+        elif isinstance(event, FinalToolCallDelta):
+            out.append(self._delta({"tool_calls": [tool_call_delta(event.call)]}))
         elif isinstance(event, RunFinished):
             result = event.result
             last = self._delta({}, finish_reason(result))

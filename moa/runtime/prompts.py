@@ -75,8 +75,8 @@ def as_messages(messages: str | list[Message]) -> list[Message]:
                 f"not {type(message).__name__}."
             )
         out.append(dict(message))
-    if out[-1]["role"] != "user":
-        raise ConfigError("The last message must be the user's turn.")
+    if out[-1]["role"] not in ("user", "tool"):
+        raise ConfigError("The last message must be the user's turn (or a tool result).")
     return out
 
 

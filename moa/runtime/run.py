@@ -25,7 +25,12 @@ from typing import Any
 import anyio
 
 from moa.config import AgentConfig, MixtureConfig
-from moa.errors import DeadlineExceeded, MixtureError
+from moa.errors import (
+    DeadlineExceeded,
+    MixtureError,
+    StructuredOutputError,
+    UnsupportedRequest,
+)
 from moa.events import (
     AgentDelta,
     AgentFailed,
@@ -34,6 +39,7 @@ from moa.events import (
     AgentStarted,
     Event,
     FinalDelta,
+    FinalToolCallDelta,
     Notice,
     RouteDecision,
     RunFailed,
@@ -48,13 +54,17 @@ from moa.providers.base import (
     Provider,
     TokenLogprob,
     Tool,
+    ToolCallDelta,
     Usage,
+    assemble_tool_calls,
 )
 from moa.providers.registry import Registry
 from moa.result import AgentOutput, MixtureResult
 from moa.routing.router import Decision, Router, Stage
+from moa.runtime.acting import Acting, advisor_messages, check_structured
 from moa.runtime.budget import BudgetGuard, Reservation
 from moa.runtime.feed import Board, Feed
+from moa.runtime.prompts import append_to_system
 from moa.tokens import count_messages, count_tokens, encoding
 
 
@@ -106,6 +116,8 @@ class Node:
     layered: bool = False
     """Wait for complete references even under staircase (its tier cannot continue a turn)."""
     parts: list[str] = field(default_factory=list)
+    tool_pieces: list[ToolCallDelta] = field(default_factory=list)
+    """The tool calls it made, as streamed (only the acting stage makes any)."""
     logprobs: list[TokenLogprob] = field(default_factory=list)
     started_at: float | None = None
 
@@ -161,7 +173,11 @@ class Run:
         self.emit_raw = emit
         self.guard = guard
         self.router = router
-        self.overrides = overrides or Overrides()
+        self.overrides = ov = overrides or Overrides()
+        self.acting = Acting(ov.tools, ov.tool_choice, ov.parallel_tool_calls, ov.response_format)
+        """What the final aggregator acts with (tools, format); the other stages advise."""
+        self.advice = advisor_messages(messages, self.acting, config.tool_result_chars)
+        """The conversation as advisors see it (tool turns as short text, the acting note)."""
         encoding()  # load the tokenizer now, not on the first delta inside the event loop
         self.board = Board()
         self.nodes: list[Node] = []
@@ -201,12 +217,23 @@ class Run:
         self._close_unfinished()
         self.guard.release()
         result = self.result()
+        if self.fatal is None and not result.tool_calls:
+            self._check_structured(result)
         if self.fatal is not None:
             self.fatal.partial = result
             self.emit(RunFailed(self._now(), str(self.fatal), result))
         else:
             self.emit(RunFinished(self._now(), result))
         return result
+
+    def _check_structured(self, result: MixtureResult) -> None:
+        """Fail the run when the final answer does not match the requested JSON format."""
+        try:
+            check_structured(result.text, self.acting)
+        except StructuredOutputError as err:
+            if result.finish_reason == "length":
+                err.args = (f"{err} The answer was cut at its max_tokens limit.",)
+            self.fatal = err
 
     def _abort(self, error: MixtureError) -> None:
         if self.fatal is None:
@@ -240,6 +267,27 @@ class Run:
         node = Node(aid, agent, provider, model, Feed(self.board, chunk_size), **kw)
         self.nodes.append(node)
         return node
+
+    def conversation(self, node: Node) -> list[Message]:
+        """The conversation `node` is sent: verbatim for the acting stage (with the format as
+        an instruction when its backend has no native structured output), else the advice."""
+        if not node.id.final:
+            return self.advice
+        if self.acting.schema is not None and not node.provider.capabilities.response_format:
+            return append_to_system(self.messages, self.acting.format_instruction())
+        return self.messages
+
+    def check_acting(self, agent: AgentConfig) -> None:
+        """Before any call: the acting stage's models (each tier) must honour the tools."""
+        if not self.acting.tools or self.acting.tool_choice == "none":
+            return
+        for model in filter(None, (agent.model, agent.strong)):
+            provider, _ = self.registry.resolve(model)
+            if not provider.capabilities.tools:
+                raise UnsupportedRequest(
+                    f"The request has tools, but the final aggregator's model {model} cannot "
+                    "call tools (its backend does not support them)."
+                )
 
     def set_tier(self, node: Node, tier: str) -> None:
         """Give a routed stage its decided tier's model; its id then names that model."""
@@ -285,6 +333,14 @@ class Run:
             self.ttft = self._now()
         self.emit(FinalDelta(self._now(), text))
 
+    def _tool_calls(self, node: Node, pieces: list[ToolCallDelta]) -> None:
+        node.tool_pieces.extend(pieces)
+        if node.id.final:
+            if self.ttft is None:
+                self.ttft = self._now()
+            for piece in pieces:
+                self.emit(FinalToolCallDelta(self._now(), piece))
+
     def _close_unfinished(self) -> None:
         """Mark agents stopped by the end of the run: complete answer, failure or deadline."""
         completed = self.fatal is None
@@ -320,6 +376,8 @@ class Run:
             notices=list(self.notices),
             budget=self.guard.report(),
             decisions=list(self.decisions),
+            tool_calls=assemble_tool_calls(final.tool_pieces) if final else [],
+            finish_reason=final.output.finish_reason if final else None,
         )
 
     # ---- the metered call ------------------------------------------------------------------
@@ -348,7 +406,13 @@ class Run:
         def retried() -> None:  # `calls` counts attempts; usage and cost stay per success
             node.output.calls += 1
 
+        act = self.acting if node.id.final and visible else Acting()
+        caps = node.provider.capabilities
         request = ChatRequest(
+            tools=act.tools if caps.tools else None,  # none is left only with tool_choice none
+            tool_choice=act.tool_choice if act.tools else None,
+            parallel_tool_calls=act.parallel_tool_calls if act.tools else None,
+            response_format=act.response_format if caps.response_format else None,
             model=node.model,
             messages=messages,
             temperature=node.agent.temperature,
@@ -374,6 +438,8 @@ class Run:
                             self._delta(node, delta.text)
                     if delta.logprobs and visible:
                         node.logprobs.extend(delta.logprobs)
+                    if delta.tool_calls and visible:
+                        self._tool_calls(node, delta.tool_calls)
                     finish = delta.finish_reason or finish
                     if delta.usage:
                         usage = delta.usage if usage is None else usage + delta.usage

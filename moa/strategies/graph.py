@@ -83,6 +83,15 @@ class Execution(Run):
         self.quorum_start = (
             config.staircase.start_k if self.fallback and self.mode == "layered" else None
         )
+        final = self.layers[-1][0]
+        self.check_acting(final.agent)
+        self.acting_notice = ""
+        if self.acting.active and self.mode == "staircase":
+            final.layered = True
+            self.acting_notice = (
+                "The final aggregator acts (tools or a response format), so it waits for "
+                "complete references (layered); the stages before it still stream."
+            )
 
     # ---- graph ---------------------------------------------------------------------------
 
@@ -155,9 +164,11 @@ class Execution(Run):
     # ---- the run -------------------------------------------------------------------------
 
     def started_notices(self) -> list[Notice]:
-        if not self.fallback:
-            return []
-        return [Notice(self._now(), self.fallback, kind=self.fallback_kind)]
+        return [
+            Notice(self._now(), text, kind=self.fallback_kind)
+            for text in (self.fallback, self.acting_notice)
+            if text
+        ]
 
     async def body(self, tg: anyio.abc.TaskGroup) -> None:
         for node in self.nodes:
@@ -184,7 +195,7 @@ class Execution(Run):
                 self._scope.cancel()
 
     async def _propose(self, node: Node) -> None:
-        messages = with_system(self.messages, node.agent.system)
+        messages = with_system(self.conversation(node), node.agent.system)
         if node.routed:
             stages.route_proposer(self, node, messages)
         self._started(node)
@@ -313,7 +324,9 @@ class Execution(Run):
     # ---- prompts ----------------------------------------------------------------------------
 
     def _messages(self, node: Node, block: str) -> list[Message]:
-        return aggregate_messages(self.messages, block, system=node.agent.system, own=node.text)
+        return aggregate_messages(
+            self.conversation(node), block, system=node.agent.system, own=node.text
+        )
 
     def _fits(self, messages: list[Message], max_tokens: int) -> bool:
         limit = self.config.aggregator_context_tokens

@@ -68,9 +68,10 @@ async def route_aggregator(run: Run, node: Node) -> str:
     refs = [u for u in node.upstream if u.parts]
     done = [u for u in node.upstream if u.feed.state == "done"]
     complete = all(u.feed.resolved for u in node.upstream)
+    acting = node.id.final and run.acting.active  # never skipped: its tools or format apply
     if node.kind == "refine":
         last, proposals = node.upstream[0], [u for u in node.upstream[1:] if u.parts]
-        if last.kind == "refine" and last.output.finish_reason == "skip":
+        if last.kind == "refine" and last.output.finish_reason == "skip" and not acting:
             stood = Decision("skip", "the previous round stood, so the refinement ended")
             run.record(stood, f"refine.{node.id.key}", node.id)
             return _skip(run, node, last)
@@ -83,7 +84,7 @@ async def route_aggregator(run: Run, node: Node) -> str:
     signals["references_done"] = len(done)
     signals["references_partial"] = sum(u.feed.state != "done" for u in refs)
     messages = aggregate_messages(
-        run.messages,
+        run.conversation(node),
         readable_block([Reference(u.text) for u in refs], AGGREGATE_PROMPT),
         system=node.agent.system,
     )
@@ -92,7 +93,7 @@ async def route_aggregator(run: Run, node: Node) -> str:
         signals.update(await verify(run, node, candidate, refs))
     stage = Stage(
         name=f"{node.kind}.{node.id.key}", kind=node.kind, signals=signals,  # type: ignore[arg-type]
-        can_skip=candidate is not None and complete,
+        can_skip=candidate is not None and complete and not acting,
     )
     completions = [u.output.usage.completion_tokens for u in done] or [node.agent.max_tokens]
     decision = run.route(
@@ -150,7 +151,7 @@ async def verify(
     run._started(judge)
     try:
         reply = await run._call(
-            judge, judge_messages(run.messages, candidate.text, rival), cfg.max_tokens
+            judge, judge_messages(run.advice, candidate.text, rival), cfg.max_tokens
         )
     except Exception as err:  # a refused or failed judge is a missing signal, not a failure
         run._failed(judge, str(err) or type(err).__name__)
