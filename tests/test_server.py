@@ -128,7 +128,7 @@ def test_models_and_health(upstream: LoopbackServer) -> None:
          "messages[0]"),
         (json.dumps({"model": "moa", "messages": HI, "n": 2}).encode(), 400, "'n' must be 1"),
         (json.dumps({"model": "moa", "messages": HI, "tools": [{"x": 1}]}).encode(), 400,
-         "'tools'"),
+         "tools must be a list of function tools"),
         (json.dumps({"model": "moa", "messages": HI, "frobnicate": 1}).encode(), 400,
          "frobnicate"),
         (json.dumps({"model": "nope", "messages": HI}).encode(), 404, "does not exist"),
