@@ -115,3 +115,83 @@ def test_the_key_never_shows(srv: LoopbackServer) -> None:
     spec = client.registry.spec("client")
     assert KEY not in repr(client) and KEY not in repr(spec) and KEY not in str(spec)
     assert KEY not in spec.model_dump_json()
+
+
+def _sdk_methods(resource: object, path: str) -> list[str]:
+    """Dotted paths of the public methods of `resource` (an SDK object) that take `model`,
+    with those of its raw / streaming response views."""
+    import inspect
+
+    found = []
+    for name in dir(resource):
+        if name.startswith("_"):
+            continue
+        value = getattr(resource, name)
+        if name in ("with_raw_response", "with_streaming_response"):
+            found += _sdk_methods(value, f"{path}.{name}")
+        elif callable(value) and not isinstance(value, type):
+            try:
+                params = inspect.signature(value).parameters
+            except (TypeError, ValueError):
+                continue
+            if "model" in params or name in ("post", "request"):
+                found.append(f"{path}.{name}")
+    return found
+
+
+def _resolve(root: object, path: str) -> object:
+    for part in path.split(".")[1:]:
+        root = getattr(root, part)
+    return root
+
+
+def test_no_sdk_method_bypasses_a_mixture(srv: LoopbackServer) -> None:
+    """Enumerates the SDK: every method that takes `model` either runs the mixture or refuses
+    with the SDK's BadRequestError; nothing ever reaches the upstream as model "team"."""
+    plain, client = openai.OpenAI(api_key="x", base_url=srv.base_url), wrapped(srv)
+    paths = _sdk_methods(plain, "client")
+    for name in ("chat", "completions", "responses", "beta"):
+        resource = getattr(plain, name, None)
+        paths += _sdk_methods(resource, f"client.{name}") if resource is not None else []
+        chat = getattr(getattr(resource, "chat", None), "completions", None)
+        paths += _sdk_methods(chat, f"client.{name}.chat.completions") if chat else []
+    paths += _sdk_methods(plain.chat.completions, "client.chat.completions")
+    ran, refused = [], []
+    for path in sorted(set(paths)):
+        method = _resolve(client, path)
+        kwargs = {"input": "Sky colour?"} if ".responses." in path else {"messages": HI}
+        try:
+            if path.endswith((".post", ".request")):
+                method("/chat/completions", body={"model": "team", **kwargs}, cast_to=object)  # type: ignore[operator]
+            else:
+                method(model="team", **kwargs)  # type: ignore[operator]
+        except openai.BadRequestError as err:
+            assert "cannot run the mixture" in str(err) or "Unsupported" in str(err), path
+            refused.append(path)
+        else:
+            ran.append(path)
+    assert {"client.chat.completions.create", "client.chat.completions.parse"} <= set(ran)
+    if hasattr(plain, "beta") and hasattr(plain.beta, "chat"):
+        assert "client.beta.chat.completions.parse" in ran
+    assert "client.chat.completions.with_raw_response.create" in refused
+    assert "client.post" in refused and len(refused) >= 6
+    assert not [r for r in srv.requests if r.model == "team"]
+    # with_options() returns a client that is wrapped alike.
+    other = client.with_options(timeout=5)
+    assert other.chat.completions.create(model="team", messages=HI).choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="cannot run the mixture"):
+        other.chat.completions.with_raw_response.create(model="team", messages=HI)
+
+
+def test_refusals_are_the_sdks_exception_classes(srv: LoopbackServer) -> None:
+    from moa.errors import AggregatorFailed
+
+    client = wrapped(srv)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="team", messages=HI, n=2)
+    assert caught.value.status_code == 400 and caught.value.body["param"] == "n"
+    srv.set_behavior("agg", ModelBehavior(fail_status=400))
+    with pytest.raises(openai.InternalServerError) as failed:
+        client.chat.completions.create(model="team", messages=HI)
+    assert failed.value.status_code == 502 and isinstance(failed.value, AggregatorFailed)
+    assert failed.value.partial is not None and failed.value.partial.outputs[0].text == "Blue."

@@ -12,14 +12,26 @@ prefix `client/` (e.g. `client/gpt-4o-mini` in a mixture config); other prefixes
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import contextlib
+import functools
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+import httpx
 from pydantic import SecretStr
 
 from moa.config import PRESETS, MixtureConfig, load
+from moa.errors import MoaError
 from moa.mixture import Mixture
-from moa.openai.wire import ChatCall, ChunkStream, RequestError, completion, parse_request
+from moa.openai.wire import (
+    ChatCall,
+    ChunkStream,
+    Refused,
+    RequestError,
+    completion,
+    failure,
+    parse_request,
+)
 from moa.providers.registry import ProviderSpec, Registry
 
 CLIENT_PREFIX = "client"
@@ -86,6 +98,41 @@ class _Router:
         await self.registry.aclose()
 
 
+def _is_client(value: Any) -> bool:
+    import openai
+
+    return isinstance(value, openai.OpenAI | openai.AsyncOpenAI)
+
+
+def _sdk_error(err: Exception, model: str = "") -> Exception:
+    """`err` as the SDK's own exception class for the status `moa serve` would answer (e.g.
+    `openai.BadRequestError` for a 400), still an instance of `err`'s class (`.partial` kept)."""
+    if isinstance(err, RequestError):
+        refused = Refused(400, str(err), param=err.param)
+    else:
+        refused = failure(model, err)
+    body = refused.body()
+    request = httpx.Request("POST", "http://moa.invalid/v1/chat/completions")
+    response = httpx.Response(refused.status, json=body, request=request)
+    error = _sdk_class(refused.status, type(err))(str(err), response=response, body=body["error"])
+    error.partial = getattr(err, "partial", None)  # type: ignore[attr-defined]
+    error.param = refused.param  # type: ignore[attr-defined]
+    return error
+
+
+@functools.cache
+def _sdk_class(status: int, kind: type[Exception]) -> type[Exception]:
+    """The SDK's class for `status`, also a `kind` (so `except MixtureError` still works)."""
+    import openai
+
+    base = {400: openai.BadRequestError, 401: openai.AuthenticationError,
+            403: openai.PermissionDeniedError, 404: openai.NotFoundError,
+            429: openai.RateLimitError}.get(status)
+    if base is None:
+        base = openai.InternalServerError if status >= 500 else openai.APIStatusError
+    return type(base.__name__, (base, kind), {"__module__": __name__})
+
+
 def _chunk(data: dict[str, Any]) -> Any:
     from openai.types.chat import ChatCompletionChunk
 
@@ -100,9 +147,10 @@ class MixtureStream:
         self._chunks = ChunkStream(call.model, call.include_usage)
 
     def __iter__(self) -> Iterator[Any]:
-        for event in self._events:
-            for data in self._chunks.feed(event):
-                yield _chunk(data)
+        with _as_sdk_errors(self._chunks.model):
+            for event in self._events:
+                for data in self._chunks.feed(event):
+                    yield _chunk(data)
 
     def close(self) -> None:
         self._events.close()  # type: ignore[attr-defined]
@@ -122,9 +170,10 @@ class AsyncMixtureStream:
         self._chunks = ChunkStream(call.model, call.include_usage)
 
     async def __aiter__(self) -> AsyncIterator[Any]:
-        async for event in self._events:
-            for data in self._chunks.feed(event):
-                yield _chunk(data)
+        with _as_sdk_errors(self._chunks.model):
+            async for event in self._events:
+                for data in self._chunks.feed(event):
+                    yield _chunk(data)
 
     async def close(self) -> None:
         await self._events.aclose()  # type: ignore[attr-defined]
@@ -136,55 +185,78 @@ class AsyncMixtureStream:
         await self.close()
 
 
-class _Proxy:
-    """Forwards every attribute it does not define to `_target`."""
+def _named_model(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The model a resource call addresses: `model=`, or `body={"model": ...}` (raw `post`)."""
+    body = kwargs.get("body")
+    return kwargs.get("model") or (body.get("model") if isinstance(body, dict) else None)
 
-    def __init__(self, target: Any) -> None:
-        self._target = target
+
+class _Proxy:
+    """Forwards every attribute it does not define to `_target`; a call (at any depth: any
+    resource, `with_raw_response`, `with_streaming_response`, `beta`, raw `post`) that names a
+    mixture and is not served by a method defined here is refused, never sent upstream."""
+
+    def __init__(self, target: Any, router: _Router) -> None:
+        self._target, self._router = target, router
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._target, name)
+        value = getattr(self._target, name)
+        if not callable(value):
+            if type(value).__module__.startswith("openai."):  # a sub-resource: guard it too
+                return _Proxy(value, self._router)
+            return value
+        if isinstance(value, type):
+            return value
+
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            model = _named_model(args, kwargs)
+            if self._router.mixture(model) is not None:
+                raise _sdk_error(RequestError(
+                    f"{name}() cannot run the mixture {model!r}: use chat.completions.create, "
+                    "chat.completions.parse or responses.create.", "model"))
+            result = value(*args, **kwargs)
+            if _is_client(result):  # with_options() / copy(): a new client, wrapped alike
+                return WrappedClient(result, router=self._router)
+            return result
+
+        return guarded
 
 
 class _Completions(_Proxy):
     def __init__(self, target: Any, router: _Router, is_async: bool) -> None:
-        super().__init__(target)
-        self._router, self._async = router, is_async
+        super().__init__(target, router)
+        self._async = is_async
 
     def create(self, **kwargs: Any) -> Any:
-        mixture = self._router.mixture(kwargs.get("model"))
-        if mixture is None:
-            return self._target.create(**kwargs)
-        call = self._router.call(kwargs)
-        if self._async:
-            return self._acreate(mixture, call)
+        with _as_sdk_errors():
+            mixture = self._router.mixture(kwargs.get("model"))
+            if mixture is None:
+                return self._target.create(**kwargs)
+            call = self._router.call(kwargs)
         if call.stream:
-            return MixtureStream(mixture, call)
-        return _completion(mixture.run_sync(call.messages, **call.overrides), call.model)
-
-    async def _acreate(self, mixture: Mixture, call: ChatCall) -> Any:
-        if call.stream:
-            return AsyncMixtureStream(mixture, call)
-        return _completion(await mixture.run(call.messages, **call.overrides), call.model)
+            stream = (AsyncMixtureStream if self._async else MixtureStream)(mixture, call)
+            return _ready(stream) if self._async else stream
+        return self._run(mixture, call, lambda result: _completion(result, call.model))
 
     def parse(self, **kwargs: Any) -> Any:
         """`chat.completions.parse`: `response_format` may be a pydantic model; the answer
         comes back as a `ParsedChatCompletion` (its `message.parsed` a model instance)."""
-        mixture = self._router.mixture(kwargs.get("model"))
-        if mixture is None:
-            return self._target.parse(**kwargs)
         from openai.lib._parsing import (
             parse_chat_completion,
             type_to_response_format_param,
             validate_input_tools,
         )
 
-        body = _given(kwargs)
-        response_format = body.get("response_format")
-        tools = validate_input_tools(body["tools"]) if "tools" in body else None
-        if response_format is not None:
-            body["response_format"] = type_to_response_format_param(response_format)
-        call = self._router.call({**body, "stream": False})
+        with _as_sdk_errors():
+            mixture = self._router.mixture(kwargs.get("model"))
+            if mixture is None:
+                return self._target.parse(**kwargs)
+            body = _given(kwargs)
+            response_format = body.get("response_format")
+            tools = validate_input_tools(body["tools"]) if "tools" in body else None
+            if response_format is not None:
+                body["response_format"] = type_to_response_format_param(response_format)
+            call = self._router.call({**body, "stream": False})
 
         def parsed(result: Any) -> Any:
             return parse_chat_completion(
@@ -193,12 +265,33 @@ class _Completions(_Proxy):
                 chat_completion=_completion(result, call.model),
             )
 
-        if self._async:
-            return self._aparse(mixture, call, parsed)
-        return parsed(mixture.run_sync(call.messages, **call.overrides))
+        return self._run(mixture, call, parsed)
 
-    async def _aparse(self, mixture: Mixture, call: ChatCall, parsed: Any) -> Any:
-        return parsed(await mixture.run(call.messages, **call.overrides))
+    def _run(self, mixture: Mixture, call: ChatCall, finish: Callable[[Any], Any]) -> Any:
+        """Run `call` to the end and return `finish(result)` (awaitable on an async client)."""
+        if self._async:
+            return self._arun(mixture, call, finish)
+        with _as_sdk_errors(call.model):
+            result = mixture.run_sync(call.messages, **call.overrides)
+        return finish(result)
+
+    async def _arun(self, mixture: Mixture, call: ChatCall, finish: Callable[[Any], Any]) -> Any:
+        with _as_sdk_errors(call.model):
+            result = await mixture.run(call.messages, **call.overrides)
+        return finish(result)
+
+
+async def _ready(value: Any) -> Any:
+    return value
+
+
+@contextlib.contextmanager
+def _as_sdk_errors(model: str = "") -> Iterator[None]:
+    """Raise moa's refusals and failures as the SDK's exception classes."""
+    try:
+        yield
+    except MoaError as err:
+        raise _sdk_error(err, model) from err
 
 
 def _omit() -> Any:
@@ -215,20 +308,25 @@ def _completion(result: Any, model: str) -> Any:
 
 class _Chat(_Proxy):
     def __init__(self, target: Any, router: _Router, is_async: bool) -> None:
-        super().__init__(target)
+        super().__init__(target, router)
         self.completions = _Completions(target.completions, router, is_async)
 
 
 class WrappedClient(_Proxy):
     """An `openai.OpenAI` / `openai.AsyncOpenAI` whose chat completions can run mixtures."""
 
-    def __init__(self, client: Any, mixtures: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, client: Any, mixtures: dict[str, Any] | None = None, *, router: _Router | None = None
+    ) -> None:
         import openai
 
-        super().__init__(client)
-        self._router = _Router(client, mixtures)
+        super().__init__(client, router or _Router(client, mixtures))
         self._async = isinstance(client, openai.AsyncOpenAI)
         self.chat = _Chat(client.chat, self._router, self._async)
+        beta = getattr(client, "beta", None)
+        if beta is not None and hasattr(beta, "chat"):  # beta.chat.completions.parse, older SDKs
+            self.beta = _Proxy(beta, self._router)
+            self.beta.chat = _Chat(beta.chat, self._router, self._async)
 
     def __repr__(self) -> str:
         return f"moa.wrap({type(self._target).__name__}(base_url={str(self._target.base_url)!r}))"

@@ -10,65 +10,15 @@ from typing import Any
 
 import anyio
 from starlette.requests import Request
-from starlette.responses import JSONResponse
 
-from moa.errors import (
-    BudgetExceeded,
-    ConfigError,
-    DeadlineExceeded,
-    MissingKeyError,
-    MoaError,
-    StructuredOutputError,
-    UnsupportedRequest,
-)
+from moa.openai.wire import Refused, failure
+
+__all__ = ["Gate", "Refused", "check_content_type", "failure", "http_protocol", "read_body"]
 
 HEADER_TIMEOUT_S = 10.0
 """A connection whose request headers have not all arrived by then is closed."""
 BODY_TIMEOUT_S = 30.0
 """A request whose body has not all arrived by then gets 408."""
-
-
-class Refused(Exception):
-    """A request answered with an OpenAI-shaped error instead of a completion."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
-                 code: str | None = None, param: str | None = None,
-                 retry_after: int | None = None) -> None:
-        super().__init__(message)
-        self.status, self.kind, self.code, self.param = status, kind, code, param
-        self.retry_after = retry_after
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": str(self), "type": self.kind, "param": self.param,
-                          "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        """The JSON answer; 429 and 503 overload carry `Retry-After`, and other 5xx tell the
-        official SDKs not to retry (`x-should-retry: false`): the mixture already retried each
-        upstream call, and a retried mixture repeats every one of them."""
-        headers = {}
-        if self.retry_after is not None:
-            headers["retry-after"] = str(self.retry_after)
-        elif self.status >= 500:
-            headers["x-should-retry"] = "false"
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
-
-
-def failure(model: str, err: Exception) -> Refused:
-    """The error a failed run is answered with: 504 deadline, 503 not ready, 502 upstream."""
-    if isinstance(err, DeadlineExceeded):
-        return Refused(504, str(err), "server_error", "deadline_exceeded")
-    if isinstance(err, BudgetExceeded):
-        return Refused(400, str(err), "invalid_request_error", "budget_exceeded")
-    if isinstance(err, UnsupportedRequest):
-        return Refused(400, str(err), "invalid_request_error", "unsupported")
-    if isinstance(err, StructuredOutputError):
-        return Refused(502, str(err), "upstream_error", "invalid_structured_output")
-    if isinstance(err, MissingKeyError | ConfigError):
-        return Refused(503, f"The server cannot run {model!r}: {err}", "server_error", "not_ready")
-    if isinstance(err, MoaError):
-        return Refused(502, str(err), "upstream_error", "upstream_failed")
-    return Refused(500, "Internal server error.", "server_error")
 
 
 class Gate:

@@ -11,14 +11,25 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moa.config import MAX_TOKENS
-from moa.errors import ConfigError, MoaError
+from moa.errors import (
+    BudgetExceeded,
+    ConfigError,
+    DeadlineExceeded,
+    MissingKeyError,
+    MoaError,
+    StructuredOutputError,
+    UnsupportedRequest,
+)
 from moa.events import Event, FinalDelta, FinalToolCallDelta, RunFinished
 from moa.providers.base import ToolCallDelta
 from moa.result import MixtureResult
 from moa.runtime.acting import acting_from
+
+if TYPE_CHECKING:
+    from starlette.responses import JSONResponse
 
 
 class RequestError(MoaError):
@@ -37,6 +48,51 @@ MAX_DEPTH = 32
 """Deepest JSON nesting a request body may have (a chat request needs 4)."""
 REJECTED = ("functions", "function_call", "logit_bias", "top_logprobs", "audio", "modalities",
             "prediction", "web_search_options", "reasoning_effort")
+
+
+class Refused(Exception):
+    """A request answered with an OpenAI-shaped error instead of a completion."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
+                 code: str | None = None, param: str | None = None,
+                 retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.status, self.kind, self.code, self.param = status, kind, code, param
+        self.retry_after = retry_after
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param,
+                          "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        """The JSON answer; 429 and 503 overload carry `Retry-After`, and other 5xx tell the
+        official SDKs not to retry (`x-should-retry: false`): the mixture already retried each
+        upstream call, and a retried mixture repeats every one of them."""
+        headers = {}
+        if self.retry_after is not None:
+            headers["retry-after"] = str(self.retry_after)
+        elif self.status >= 500:
+            headers["x-should-retry"] = "false"
+        from starlette.responses import JSONResponse
+
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def failure(model: str, err: Exception) -> Refused:
+    """The error a failed run is answered with: 504 deadline, 503 not ready, 502 upstream."""
+    if isinstance(err, DeadlineExceeded):
+        return Refused(504, str(err), "server_error", "deadline_exceeded")
+    if isinstance(err, BudgetExceeded):
+        return Refused(400, str(err), "invalid_request_error", "budget_exceeded")
+    if isinstance(err, UnsupportedRequest):
+        return Refused(400, str(err), "invalid_request_error", "unsupported")
+    if isinstance(err, StructuredOutputError):
+        return Refused(502, str(err), "upstream_error", "invalid_structured_output")
+    if isinstance(err, MissingKeyError | ConfigError):
+        return Refused(503, f"The server cannot run {model!r}: {err}", "server_error", "not_ready")
+    if isinstance(err, MoaError):
+        return Refused(502, str(err), "upstream_error", "upstream_failed")
+    return Refused(500, "Internal server error.", "server_error")
 
 
 @dataclass
