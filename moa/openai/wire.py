@@ -44,6 +44,8 @@ NEUTRAL = {"top_p": 1, "frequency_penalty": 0, "presence_penalty": 0, "logprobs"
 """Fields accepted only at the value that changes nothing (a mixture cannot apply them)."""
 INFORMATIONAL = ("user", "metadata", "store", "service_tier")
 """Fields with no effect on a mixture's answer; accepted (and kept in the trace)."""
+MAX_STOP = 4
+"""Most stop strings a request may give (OpenAI's limit)."""
 MAX_DEPTH = 32
 """Deepest JSON nesting a request body may have (a chat request needs 4)."""
 REJECTED = ("functions", "function_call", "logit_bias", "top_logprobs", "audio", "modalities",
@@ -114,6 +116,29 @@ def _number(body: dict[str, Any], name: str, low: float, high: float) -> float |
     if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
         raise RequestError(f"'{name}' must be a number from {low:g} to {high:g}.", name)
     return float(value)
+
+
+def _boolean(body: dict[str, Any], name: str, where: str | None = None) -> bool | None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise RequestError(f"'{where or name}' must be true or false.", where or name)
+    return value
+
+
+def _informational(body: dict[str, Any]) -> None:
+    """`user`, `metadata`, `store` and `service_tier`: no effect, but checked like OpenAI."""
+    for name in ("user", "service_tier"):
+        if body.get(name) is not None and not isinstance(body[name], str):
+            raise RequestError(f"'{name}' must be a string.", name)
+    _boolean(body, "store")
+    metadata = body.get("metadata")
+    if metadata is not None and not (
+        isinstance(metadata, dict) and len(metadata) <= 16
+        and all(isinstance(v, str) and len(k) <= 64 and len(v) <= 512
+                for k, v in metadata.items())
+    ):
+        raise RequestError("'metadata' must be an object of at most 16 string values.",
+                           "metadata")
 
 
 def _integer(body: dict[str, Any], name: str, low: int, high: int) -> int | None:
@@ -216,6 +241,17 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
     return out
 
 
+def _conversation(raw: Any) -> list[dict[str, Any]]:
+    """The messages, and a conversation a mixture can answer: it ends with a user turn or a
+    tool result (a client mistake is a 400 before any model runs)."""
+    messages = _messages(raw)
+    if messages[-1]["role"] not in ("user", "tool"):
+        raise RequestError(
+            "The last message must be the user's turn or a tool result, not "
+            f"{messages[-1]['role']!r}: a mixture answers the latest user turn.", "messages")
+    return messages
+
+
 def parse_request(body: Any) -> ChatCall:
     """Validate a chat-completions body; raise `RequestError` naming the field at fault."""
     if not isinstance(body, dict):
@@ -238,19 +274,22 @@ def parse_request(body: Any) -> ChatCall:
         raise RequestError(f"Unsupported parameter '{unknown[0]}'.", unknown[0])
     if body.get("n") not in (None, 1):
         raise RequestError("'n' must be 1: a mixture returns one synthesized answer.", "n")
-    stream = body.get("stream") or False
-    if not isinstance(stream, bool):
-        raise RequestError("'stream' must be true or false.", "stream")
+    stream = _boolean(body, "stream") or False
     options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise RequestError("'stream_options' must be an object.", "stream_options")
+    if not isinstance(options, dict) or set(options) - {"include_usage", "include_obfuscation"}:
+        raise RequestError("'stream_options' must be an object with 'include_usage'.",
+                           "stream_options")
+    include_usage = _boolean(options, "include_usage", "stream_options.include_usage")
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
-    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
-        raise RequestError("'stop' must be a string or a list of strings.", "stop")
-    max_tokens = (_integer(body, "max_completion_tokens", 1, MAX_TOKENS)
-                  or _integer(body, "max_tokens", 1, MAX_TOKENS))
+    if stop is not None and not (isinstance(stop, list) and len(stop) <= MAX_STOP
+                                 and all(isinstance(s, str) and s for s in stop)):
+        raise RequestError(f"'stop' must be a string or a list of at most {MAX_STOP} non-empty "
+                           "strings.", "stop")
+    _informational(body)
+    legacy = _integer(body, "max_tokens", 1, MAX_TOKENS)  # checked even when both are given
+    max_tokens = _integer(body, "max_completion_tokens", 1, MAX_TOKENS) or legacy
     overrides = {
         "temperature": _number(body, "temperature", 0, 2),
         "max_tokens": max_tokens,
@@ -260,9 +299,9 @@ def parse_request(body: Any) -> ChatCall:
     }
     return ChatCall(
         model=model,
-        messages=_messages(body.get("messages")),
+        messages=_conversation(body.get("messages")),
         stream=stream,
-        include_usage=bool(options.get("include_usage")),
+        include_usage=bool(include_usage),
         overrides={k: v for k, v in overrides.items() if v is not None},
     )
 
