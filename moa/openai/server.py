@@ -1,12 +1,13 @@
 """An OpenAI-compatible HTTP server for mixtures (`moa serve`, extra `moa-stack[server]`).
 
-Routes: `POST /v1/chat/completions` (SSE streaming and not), `GET /v1/models`, `GET /health`.
-Every failure is an error in OpenAI's JSON shape with its status (docs/openai.md has the
-table). Requests beyond `max_concurrency` wait in a queue of `max_queue`; beyond that the
-answer is 429, and a request that waited `queue_timeout_s` gets 503 — both with `Retry-After`
-and, for streams too, before any 200 is sent. A client that disconnects cancels its mixture,
-and with it every upstream call. A stream that has nothing to send for `keepalive_s` gets an
-SSE comment line (`: keep-alive`).
+Routes: `POST /v1/chat/completions` and `POST /v1/responses` (SSE streaming and not; both go
+through one admission, run and stream path, and a `_Surface` says how each reads and writes),
+`GET /v1/models`, `GET /v1/models/{id}`, `GET /health`. Every failure is an error in OpenAI's
+JSON shape with its status (docs/openai.md has the table). Requests beyond `max_concurrency`
+wait in a queue of `max_queue`; beyond that the answer is 429, and a request that waited
+`queue_timeout_s` gets 503 — both with `Retry-After` and, for streams too, before any 200 is
+sent. A client that disconnects cancels its mixture, and with it every upstream call. A stream
+that has nothing to send for `keepalive_s` gets an SSE comment line (`: keep-alive`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import os
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 from starlette.applications import Starlette
@@ -31,6 +33,7 @@ from starlette.routing import Route
 
 from moa.config import MixtureConfig
 from moa.errors import ConfigError, MissingKeyError
+from moa.events import Event
 from moa.mixture import Mixture
 from moa.openai.guards import (
     Gate,
@@ -40,6 +43,8 @@ from moa.openai.guards import (
     http_protocol,
     read_body,
 )
+from moa.openai.responses import ResponseEvents, parse_responses, response_object
+from moa.openai.responses import new_id as new_response_id
 from moa.openai.wire import (
     ChatCall,
     ChunkStream,
@@ -49,6 +54,7 @@ from moa.openai.wire import (
     parse_request,
 )
 from moa.providers.registry import Registry
+from moa.result import MixtureResult
 
 if TYPE_CHECKING:
     import uvicorn
@@ -86,6 +92,69 @@ class _SlotStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.gate.leave()
+
+
+class _Lines(Protocol):
+    """One stream's SSE text: the lines of each run event, of a failure, and of the end."""
+
+    def feed(self, event: Event) -> list[str]: ...
+    def fail(self, refused: Refused) -> list[str]: ...
+    def end(self) -> list[str]: ...
+
+
+def _data(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+class _ChatLines:
+    """`chat.completion.chunk` data lines; an error as `data: {"error": ...}`; `[DONE]`."""
+
+    def __init__(self, call: ChatCall) -> None:
+        self.chunks = ChunkStream(call.model, call.include_usage)
+
+    def feed(self, event: Event) -> list[str]:
+        return [_data(chunk) for chunk in self.chunks.feed(event)]
+
+    def fail(self, refused: Refused) -> list[str]:
+        return [_data(refused.body())]
+
+    def end(self) -> list[str]:
+        return ["data: [DONE]\n\n"]
+
+
+class _ResponseLines:
+    """Responses events, each named in an `event:` line; a failure as `response.failed`."""
+
+    def __init__(self, call: ChatCall) -> None:
+        self.events = ResponseEvents(call, new_response_id())
+
+    @staticmethod
+    def _lines(events: list[dict[str, Any]]) -> list[str]:
+        return [f"event: {event['type']}\n{_data(event)}" for event in events]
+
+    def feed(self, event: Event) -> list[str]:
+        return self._lines(self.events.feed(event))
+
+    def fail(self, refused: Refused) -> list[str]:
+        return self._lines(self.events.fail(refused.code, str(refused)))
+
+    def end(self) -> list[str]:
+        return []
+
+
+@dataclass(frozen=True)
+class _Surface:
+    """How one API reads a request and writes a run's answer, whole or streamed."""
+
+    parse: Callable[[Any], ChatCall]
+    answer: Callable[[MixtureResult, ChatCall], dict[str, Any]]
+    lines: Callable[[ChatCall], _Lines]
+
+
+CHAT = _Surface(parse_request, lambda result, call: completion(result, call.model), _ChatLines)
+RESPONSES = _Surface(parse_responses,
+                     lambda result, call: response_object(result, call, new_response_id()),
+                     _ResponseLines)
 
 
 def create_app(
@@ -133,20 +202,34 @@ def create_app(
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok", "active": gate.active, "queued": gate.waiting})
 
+    def card(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "moa"}
+
     async def models(request: Request) -> Response:
         try:
             authorize(request)
         except Refused as err:
             return _logged(err, None).response()
-        data = [{"id": name, "object": "model", "created": 0, "owned_by": "moa"}
-                for name in mixtures]
-        return JSONResponse({"object": "list", "data": data})
+        return JSONResponse({"object": "list", "data": [card(name) for name in mixtures]})
 
-    async def chat(request: Request) -> Response:
+    async def model(request: Request) -> Response:
+        model_id = request.path_params["model_id"]
+        try:
+            authorize(request)
+            if model_id.removeprefix("moa/") not in mixtures and model_id not in mixtures:
+                raise Refused(404, f"The model {model_id!r} does not exist; see /v1/models.",
+                              code="model_not_found", param="model")
+        except Refused as err:
+            return _logged(err, None).response()
+        return JSONResponse(card(model_id))
+
+    async def answer(request: Request, surface: _Surface) -> Response:
+        """Admit the request (auth, content type, body, model, a gate slot), run the mixture
+        and answer as `surface` writes it: whole, or as a stream that a disconnect cancels."""
         try:
             authorize(request)
             check_content_type(request)
-            call = parse_request(load_json(await read_body(request, max_body_bytes)))
+            call = surface.parse(load_json(await read_body(request, max_body_bytes)))
             name = named(call.model)
             await gate.enter()
         except RequestError as err:
@@ -156,7 +239,7 @@ def create_app(
         except ClientDisconnect:  # gone while sending the body; nobody reads an answer
             return Response(status_code=499)
         if call.stream:
-            return _SlotStream(_stream(name, call), gate)
+            return _SlotStream(_stream(name, call, surface.lines(call)), gate)
         try:
             result = await _until_disconnect(
                 request, running[name].run(call.messages, **call.overrides)
@@ -167,13 +250,19 @@ def create_app(
             gate.leave()
         if result is None:  # the client went away; nobody reads this
             return Response(status_code=499)
-        return JSONResponse(completion(result, call.model))
+        return JSONResponse(surface.answer(result, call))
 
-    async def _stream(name: str, call: ChatCall) -> AsyncIterator[str]:
+    async def chat(request: Request) -> Response:
+        return await answer(request, CHAT)
+
+    async def responses(request: Request) -> Response:
+        return await answer(request, RESPONSES)
+
+    async def _stream(name: str, call: ChatCall, lines: _Lines) -> AsyncIterator[str]:
         """The SSE body, produced by a task that a client disconnect cancels."""
         send, receive = anyio.create_memory_object_stream[str](math.inf)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_produce, name, call, send)
+            tg.start_soon(_produce, name, call, lines, send)
             try:
                 async with receive:
                     async for line in receive:
@@ -181,20 +270,21 @@ def create_app(
             finally:
                 tg.cancel_scope.cancel()  # the client went away: cancel the mixture
 
-    async def _produce(name: str, call: ChatCall, send: MemoryObjectSendStream[str]) -> None:
-        chunks = ChunkStream(call.model, call.include_usage)
+    async def _produce(name: str, call: ChatCall, lines: _Lines,
+                       send: MemoryObjectSendStream[str]) -> None:
         last_sent = anyio.current_time()
 
-        def put(line: str) -> None:
+        def put(text: list[str]) -> None:
             nonlocal last_sent
-            last_sent = anyio.current_time()
-            send.send_nowait(line)
+            for line in text:
+                last_sent = anyio.current_time()
+                send.send_nowait(line)
 
         async def keep_alive() -> None:
             while True:
                 await anyio.sleep(max(0.0, last_sent + keepalive_s - anyio.current_time()))
                 if anyio.current_time() - last_sent >= keepalive_s:
-                    put(KEEPALIVE)
+                    put([KEEPALIVE])
 
         async with send, anyio.create_task_group() as tg:
             tg.start_soon(keep_alive)
@@ -202,11 +292,10 @@ def create_app(
                 events = running[name].stream(call.messages, **call.overrides)
                 async with contextlib.aclosing(events):
                     async for event in events:
-                        for chunk in chunks.feed(event):
-                            put(f"data: {json.dumps(chunk)}\n\n")
+                        put(lines.feed(event))
             except Exception as err:
-                put(f"data: {json.dumps(_logged(failure(name, err), name, err).body())}\n\n")
-            put("data: [DONE]\n\n")
+                put(lines.fail(_logged(failure(name, err), name, err)))
+            put(lines.end())
             tg.cancel_scope.cancel()
 
     @contextlib.asynccontextmanager
@@ -218,7 +307,9 @@ def create_app(
         routes=[
             Route("/health", health),
             Route("/v1/models", models),
+            Route("/v1/models/{model_id:path}", model),
             Route("/v1/chat/completions", chat, methods=["POST"]),
+            Route("/v1/responses", responses, methods=["POST"]),
         ],
         exception_handlers={404: _not_found, 405: _not_allowed},
         lifespan=lifespan,
