@@ -279,3 +279,37 @@ def test_an_unstreamed_answer_and_an_early_failure_are_still_well_formed_streams
                                            "response.failed"]
     assert failed[-1]["response"]["error"] == {"code": "server_error",
                                                "message": "Internal server error."}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_wrapper_runs_responses_create_through_the_mixture(
+    upstream: LoopbackServer, stream: bool
+) -> None:
+    """`moa.OpenAI(...).responses.create` runs the mixture: a function call, then its result."""
+    import moa
+
+    team = {"mode": "layered", "layers": [{"agents": [{"model": "client/a"}]}],
+            "aggregator": {"model": "client/agg"}}
+    with moa.OpenAI(base_url=upstream.base_url, api_key="unused",
+                    mixtures={"team": team}) as client:
+        if stream:
+            events = list(client.responses.create(model="team", input=ASK, tools=[WEATHER],
+                                                  stream=True))
+            assert events[0].type == "response.created"
+            first = events[-1].response
+        else:
+            first = client.responses.create(model="team", input=ASK, tools=[WEATHER])
+        (call,) = [item for item in first.output if item.type == "function_call"]
+        assert call.name == "get_weather" and call.call_id == "call_w1"
+        final = client.responses.create(model="team", tools=[WEATHER], input=[
+            {"role": "user", "content": ASK},
+            {"type": "function_call", "call_id": call.call_id, "name": call.name,
+             "arguments": call.arguments},
+            {"type": "function_call_output", "call_id": call.call_id, "output": "18 C"},
+        ])
+        with pytest.raises(openai.BadRequestError, match="previous_response_id"):
+            client.responses.create(model="team", input=ASK, previous_response_id="resp_1")
+    assert final.output_text == FINAL
+    assert not any(r.model == "team" for r in upstream.requests)  # never bypassed
+    assert bodies(upstream, "agg")[-1]["messages"][-1]["tool_call_id"] == "call_w1"
+    assert all("tools" not in b for b in bodies(upstream, "a"))

@@ -22,7 +22,10 @@ from pydantic import SecretStr
 
 from moa.config import PRESETS, MixtureConfig, load
 from moa.errors import MoaError
+from moa.events import Event
 from moa.mixture import Mixture
+from moa.openai.responses import ResponseEvents, parse_responses, response_object
+from moa.openai.responses import new_id as new_response_id
 from moa.openai.wire import (
     ChatCall,
     ChunkStream,
@@ -73,13 +76,16 @@ class _Router:
             raise RequestError(f"No mixture named {name!r}; presets: {', '.join(PRESETS)}.")
         return None
 
-    def call(self, kwargs: dict[str, Any]) -> ChatCall:
+    def call(
+        self, kwargs: dict[str, Any], parse: Callable[[Any], ChatCall] = parse_request
+    ) -> ChatCall:
+        """The SDK call's arguments as a checked request (chat completions by default)."""
         body = _given(kwargs)
         for name in TRANSPORT_OPTIONS:
             if body.pop(name, None) is not None:
                 raise RequestError(f"'{name}' is not supported for a mixture call.", name)
         body.update(body.pop("extra_body", None) or {})
-        return parse_request(body)
+        return parse(body)
 
     def mixture(self, model: Any) -> Mixture | None:
         """The mixture `model` names, or None when it names none (a plain model)."""
@@ -139,18 +145,23 @@ def _chunk(data: dict[str, Any]) -> Any:
     return ChatCompletionChunk.model_validate(data)
 
 
-class MixtureStream:
-    """A stream of `ChatCompletionChunk`, used like the SDK's `Stream` (iterator, `with`)."""
+Translate = Callable[[Event], list[dict[str, Any]]]
 
-    def __init__(self, mixture: Mixture, call: ChatCall) -> None:
+
+class MixtureStream:
+    """A stream of SDK objects (`ChatCompletionChunk`s, or Responses stream events), used like
+    the SDK's `Stream` (iterator, `with`)."""
+
+    def __init__(self, mixture: Mixture, call: ChatCall, translate: Translate,
+                 build: Callable[[dict[str, Any]], Any]) -> None:
         self._events = mixture.stream_sync(call.messages, **call.overrides)
-        self._chunks = ChunkStream(call.model, call.include_usage)
+        self._model, self._translate, self._build = call.model, translate, build
 
     def __iter__(self) -> Iterator[Any]:
-        with _as_sdk_errors(self._chunks.model):
+        with _as_sdk_errors(self._model):
             for event in self._events:
-                for data in self._chunks.feed(event):
-                    yield _chunk(data)
+                for data in self._translate(event):
+                    yield self._build(data)
 
     def close(self) -> None:
         self._events.close()  # type: ignore[attr-defined]
@@ -163,17 +174,18 @@ class MixtureStream:
 
 
 class AsyncMixtureStream:
-    """An async stream of `ChatCompletionChunk`, used like the SDK's `AsyncStream`."""
+    """The async `MixtureStream`, used like the SDK's `AsyncStream`."""
 
-    def __init__(self, mixture: Mixture, call: ChatCall) -> None:
+    def __init__(self, mixture: Mixture, call: ChatCall, translate: Translate,
+                 build: Callable[[dict[str, Any]], Any]) -> None:
         self._events = mixture.stream(call.messages, **call.overrides)
-        self._chunks = ChunkStream(call.model, call.include_usage)
+        self._model, self._translate, self._build = call.model, translate, build
 
     async def __aiter__(self) -> AsyncIterator[Any]:
-        with _as_sdk_errors(self._chunks.model):
+        with _as_sdk_errors(self._model):
             async for event in self._events:
-                for data in self._chunks.feed(event):
-                    yield _chunk(data)
+                for data in self._translate(event):
+                    yield self._build(data)
 
     async def close(self) -> None:
         await self._events.aclose()  # type: ignore[attr-defined]
@@ -222,10 +234,55 @@ class _Proxy:
         return guarded
 
 
-class _Completions(_Proxy):
+class _Resource(_Proxy):
+    """A guarded SDK resource whose mixture calls run here (sync or async like the client)."""
+
     def __init__(self, target: Any, router: _Router, is_async: bool) -> None:
         super().__init__(target, router)
         self._async = is_async
+
+    def _stream(self, mixture: Mixture, call: ChatCall, translate: Translate,
+                build: Callable[[dict[str, Any]], Any]) -> Any:
+        if self._async:
+            return _ready(AsyncMixtureStream(mixture, call, translate, build))
+        return MixtureStream(mixture, call, translate, build)
+
+    def _run(self, mixture: Mixture, call: ChatCall, finish: Callable[[Any], Any]) -> Any:
+        """Run `call` to the end and return `finish(result)` (awaitable on an async client)."""
+        if self._async:
+            return self._arun(mixture, call, finish)
+        with _as_sdk_errors(call.model):
+            result = mixture.run_sync(call.messages, **call.overrides)
+        return finish(result)
+
+    async def _arun(self, mixture: Mixture, call: ChatCall, finish: Callable[[Any], Any]) -> Any:
+        with _as_sdk_errors(call.model):
+            result = await mixture.run(call.messages, **call.overrides)
+        return finish(result)
+
+
+class _Responses(_Resource):
+    """`responses.create` on a mixture: the Responses API (`moa.openai.responses`)."""
+
+    def create(self, **kwargs: Any) -> Any:
+        from openai.types.responses import Response, ResponseStreamEvent
+        from pydantic import TypeAdapter
+
+        with _as_sdk_errors():
+            mixture = self._router.mixture(kwargs.get("model"))
+            if mixture is None:
+                return self._target.create(**kwargs)
+            call = self._router.call(kwargs, parse_responses)
+        response_id = new_response_id()
+        if call.stream:
+            events = TypeAdapter(ResponseStreamEvent)
+            return self._stream(mixture, call, ResponseEvents(call, response_id).feed,
+                                events.validate_python)
+        return self._run(mixture, call, lambda result: Response.model_validate(
+            response_object(result, call, response_id)))
+
+
+class _Completions(_Resource):
 
     def create(self, **kwargs: Any) -> Any:
         with _as_sdk_errors():
@@ -234,8 +291,8 @@ class _Completions(_Proxy):
                 return self._target.create(**kwargs)
             call = self._router.call(kwargs)
         if call.stream:
-            stream = (AsyncMixtureStream if self._async else MixtureStream)(mixture, call)
-            return _ready(stream) if self._async else stream
+            return self._stream(mixture, call,
+                                ChunkStream(call.model, call.include_usage).feed, _chunk)
         return self._run(mixture, call, lambda result: _completion(result, call.model))
 
     def parse(self, **kwargs: Any) -> Any:
@@ -266,19 +323,6 @@ class _Completions(_Proxy):
             )
 
         return self._run(mixture, call, parsed)
-
-    def _run(self, mixture: Mixture, call: ChatCall, finish: Callable[[Any], Any]) -> Any:
-        """Run `call` to the end and return `finish(result)` (awaitable on an async client)."""
-        if self._async:
-            return self._arun(mixture, call, finish)
-        with _as_sdk_errors(call.model):
-            result = mixture.run_sync(call.messages, **call.overrides)
-        return finish(result)
-
-    async def _arun(self, mixture: Mixture, call: ChatCall, finish: Callable[[Any], Any]) -> Any:
-        with _as_sdk_errors(call.model):
-            result = await mixture.run(call.messages, **call.overrides)
-        return finish(result)
 
 
 async def _ready(value: Any) -> Any:
@@ -323,6 +367,7 @@ class WrappedClient(_Proxy):
         super().__init__(client, router or _Router(client, mixtures))
         self._async = isinstance(client, openai.AsyncOpenAI)
         self.chat = _Chat(client.chat, self._router, self._async)
+        self.responses = _Responses(client.responses, self._router, self._async)
         beta = getattr(client, "beta", None)
         if beta is not None and hasattr(beta, "chat"):  # beta.chat.completions.parse, older SDKs
             self.beta = _Proxy(beta, self._router)
