@@ -11,9 +11,7 @@ from typing import Any
 import anyio
 from starlette.requests import Request
 
-from moa.openai.wire import Refused, failure
-
-__all__ = ["Gate", "Refused", "check_content_type", "failure", "http_protocol", "read_body"]
+from moa.openai.wire import Refused
 
 HEADER_TIMEOUT_S = 10.0
 """A connection whose request headers have not all arrived by then is closed."""

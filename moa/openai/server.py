@@ -35,21 +35,16 @@ from moa.config import MixtureConfig
 from moa.errors import ConfigError, MissingKeyError
 from moa.events import Event
 from moa.mixture import Mixture
-from moa.openai.guards import (
-    Gate,
-    Refused,
-    check_content_type,
-    failure,
-    http_protocol,
-    read_body,
-)
+from moa.openai.guards import Gate, check_content_type, http_protocol, read_body
 from moa.openai.responses import ResponseEvents, parse_responses, response_object
 from moa.openai.responses import new_id as new_response_id
 from moa.openai.wire import (
     ChatCall,
     ChunkStream,
+    Refused,
     RequestError,
     completion,
+    failure,
     load_json,
     parse_request,
 )

@@ -81,16 +81,16 @@ def acting_from(
     response_format: dict[str, Any] | None,
 ) -> Acting:
     """Check a request's tool and format arguments (`ConfigError` naming the field)."""
-    if tools is not None:
-        if not isinstance(tools, list) or not all(_is_function_tool(t) for t in tools):
-            raise ConfigError(
-                "tools must be a list of function tools: "
-                '{"type": "function", "function": {"name": ..., "parameters": {...}}}.'
-            )
-        names = [t["function"]["name"] for t in tools]
-        if len(set(names)) != len(names):
-            raise ConfigError("tools must have distinct function names.")
+    if tools is not None and not (
+        isinstance(tools, list) and all(_is_function_tool(t) for t in tools)
+    ):
+        raise ConfigError(
+            "tools must be a list of function tools: "
+            '{"type": "function", "function": {"name": ..., "parameters": {...}}}.'
+        )
     names = [t["function"]["name"] for t in tools or []]
+    if len(set(names)) != len(names):
+        raise ConfigError("tools must have distinct function names.")
     if tool_choice is not None:
         if isinstance(tool_choice, dict):
             name = (tool_choice.get("function") or {}).get("name")
