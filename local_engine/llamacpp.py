@@ -407,7 +407,12 @@ class LlamaCppEngine(Provider):
 
     name = "local"
     capabilities = Capabilities(
-        continuation=True, logprobs=True, queued=True, tools=True, response_format=True
+        continuation=True,
+        logprobs=True,
+        multi_sample=True,  # n samples in turn; the prompt's KV cache is reused by each
+        queued=True,
+        tools=True,
+        response_format=True,
     )
 
     def __init__(self, spec: ProviderSpec, api_key: SecretStr | None = None) -> None:

@@ -29,6 +29,8 @@ MAX_N = 16
 """Samples drawn from one agent."""
 MAX_TOKENS = 131_072
 """Tokens one call may generate."""
+MAX_SAMPLES = 128
+"""Most syntheses one request may ask for (`n`, OpenAI's limit)."""
 
 
 class AgentConfig(BaseModel):

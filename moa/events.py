@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from moa.providers.base import ToolCallDelta, Usage
+from moa.providers.base import TokenLogprob, ToolCallDelta, Usage
 
 if TYPE_CHECKING:
     from moa.result import MixtureResult
@@ -100,9 +100,12 @@ class UsageReport(Event):
 
 @dataclass(frozen=True)
 class FinalDelta(Event):
-    """A piece of the final answer (the final aggregator's output), in order."""
+    """A piece of the final answer (the final aggregator's output), in order; `index` is the
+    choice it belongs to (n > 1) and `logprobs` its tokens' logprobs when they were asked for."""
 
     text: str
+    index: int = 0
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,8 @@ class FinalToolCallDelta(Event):
     """A piece of a tool call of the final answer (the acting stage), in order."""
 
     call: ToolCallDelta
+    index: int = 0
+    """The choice it belongs to (n > 1)."""
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ import anyio
 from pydantic import ValidationError
 
 from moa import pricing
-from moa.config import MixtureConfig, Mode, load
+from moa.config import MAX_SAMPLES, MixtureConfig, Mode, load
 from moa.errors import ConfigError, UnsupportedRequest
 from moa.events import Event, RunFinished
 from moa.providers.base import Message, Tool
@@ -113,16 +113,18 @@ class Mixture:
         final aggregator) only; `n`, `logprobs` and `top_logprobs` are its sampling options.
         """
         acting = acting_from(tools, tool_choice, parallel_tool_calls, response_format)
-        if n != 1 or logprobs or top_logprobs is not None:
-            raise UnsupportedRequest("n > 1 and logprobs are not supported by a mixture yet.")
+        if not 1 <= n <= MAX_SAMPLES:
+            raise ConfigError(f"n must be from 1 to {MAX_SAMPLES}, not {n}.")
+        if top_logprobs is not None and not (logprobs and 0 <= top_logprobs <= 20):
+            raise ConfigError("top_logprobs must be from 0 to 20, and needs logprobs=True.")
         strategy: type[Run] = Execution
         if self.config.strategy == "evolve":
             from moa.strategies.evolve import Evolution
 
-            if acting.active:
+            if acting.active or n > 1 or logprobs:
                 raise UnsupportedRequest(
-                    "The evolve strategy cannot act with tools or a response format; "
-                    "use the graph strategy."
+                    "The evolve strategy cannot act with tools or a response format, sample "
+                    "n > 1 answers or give logprobs; use the graph strategy."
                 )
             strategy = Evolution
         limit = self.config.budget if budget is None else as_budget(budget)
@@ -144,6 +146,9 @@ class Mixture:
                 acting.tool_choice,
                 acting.parallel_tool_calls,
                 acting.response_format,
+                n,
+                logprobs,
+                top_logprobs,
             ),
         )
 

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from moa.events import AgentId, RouteDecision
-from moa.providers.base import ToolCall, Usage
+from moa.providers.base import TokenLogprob, ToolCall, Usage
 
 
 @dataclass
@@ -28,6 +28,18 @@ class AgentOutput:
 
 
 @dataclass
+class Choice:
+    """One synthesis of the final aggregator (a request with `n` > 1 has several)."""
+
+    index: int
+    text: str
+    finish_reason: str | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    """Its tokens' logprobs, when the request asked for them."""
+
+
+@dataclass
 class MixtureResult:
     text: str
     outputs: list[AgentOutput]
@@ -46,6 +58,8 @@ class MixtureResult:
     """The acting stage's tool calls (empty when it answered in text only)."""
     finish_reason: str | None = None
     """The final answer's finish reason ("stop", "length", "tool_calls", ...)."""
+    choices: list[Choice] = field(default_factory=list)
+    """Every synthesis, in order; the first is `text`, `tool_calls` and `finish_reason`."""
 
     def tiers(self) -> dict[str, int]:
         """Routing choices counted, e.g. {"cheap": 4, "strong": 1, "skip": 0}."""
@@ -96,6 +110,10 @@ class MixtureResult:
             },
             "tool_calls": [asdict(c) for c in self.tool_calls],
             "finish_reason": self.finish_reason,
+            "choices": [
+                {"index": c.index, "text": c.text, "finish_reason": c.finish_reason}
+                for c in self.choices
+            ],
             "cost_usd": self.cost_usd,
             "notices": list(self.notices),
             "budget": self.budget,

@@ -1,15 +1,18 @@
 """The one async provider interface every backend implements, remote or embedded.
 
-A backend implements `stream()`; `complete()` is built on it, so streaming and
-non-streaming calls share one code path (retries, limits, accounting).
+A backend implements `stream()`; `samples()` and `complete()` are built on it, so streaming
+and non-streaming calls share one code path (retries, limits, accounting).
 """
 
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+import anyio
 
 Message = dict[str, Any]
 """An OpenAI-style chat message: {"role": "system"|"user"|"assistant"|"tool", "content": str},
@@ -179,6 +182,45 @@ class Provider(abc.ABC):
     def stream(self, request: ChatRequest) -> AsyncIterator[Delta]:
         """Yield deltas as they arrive; raise a `moa.errors.ProviderError` on failure."""
 
+    async def samples(self, request: ChatRequest) -> AsyncIterator[Delta]:
+        """`stream()` for any `n`: the backend's own `n` where it has one (`multi_sample`),
+        else `n` concurrent calls of one sample each (seeds `seed + i`), merged by index."""
+        if request.n == 1 or self.capabilities.multi_sample:
+            async for delta in self.stream(request):
+                yield delta
+            return
+        send, receive = anyio.create_memory_object_stream[Delta | Exception](math.inf)
+
+        async def one(index: int, out: anyio.abc.ObjectSendStream[Delta | Exception]) -> None:
+            seed = None if request.seed is None else request.seed + index
+            deltas = self.stream(replace(request, n=1, seed=seed))
+            async with out:
+                try:
+                    async for delta in deltas:
+                        out.send_nowait(replace(delta, index=index))
+                except Exception as err:
+                    out.send_nowait(err)
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await deltas.aclose()  # type: ignore[attr-defined]
+
+        # Entered by hand: a `yield` inside `async with` would turn an early `aclose()` into
+        # an exception group.
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        try:
+            async with send:
+                for index in range(request.n):
+                    tg.start_soon(one, index, send.clone())
+            async with receive:
+                async for item in receive:
+                    if isinstance(item, Exception):
+                        raise item
+                    yield item
+        finally:
+            tg.cancel_scope.cancel()
+            await tg.__aexit__(None, None, None)
+
     async def complete(self, request: ChatRequest) -> list[Completion]:
         """Run a call to the end and return one completion per choice (len == request.n)."""
         texts: dict[int, list[str]] = {i: [] for i in range(request.n)}
@@ -186,7 +228,7 @@ class Provider(abc.ABC):
         logprobs: dict[int, list[TokenLogprob]] = {}
         calls: dict[int, list[ToolCallDelta]] = {}
         usage = Usage()
-        async for delta in self.stream(request):
+        async for delta in self.samples(request):
             if delta.text:
                 texts.setdefault(delta.index, []).append(delta.text)
             if delta.finish_reason:

@@ -135,9 +135,16 @@ async def test_sse_quirks(loopback: LoopbackServer) -> None:
     await provider.aclose()
 
 
-async def test_n_above_one_is_refused(loopback: LoopbackServer) -> None:
+async def test_n_above_one_is_n_calls_of_one_sample(loopback: LoopbackServer) -> None:
     provider = make(loopback)
     assert not provider.capabilities.multi_sample
     with pytest.raises(ProviderError, match="n must be 1"):
-        await provider.complete(ChatRequest(model="c", messages=CHAT, n=2))
+        await anext(provider.stream(ChatRequest(model="c", messages=CHAT, n=2)))
     assert loopback.requests == []
+    replies = iter(["First sample.", "Second sample.", "Third sample."])
+    loopback.set_behavior("c", ModelBehavior(reply=lambda body: next(replies)))
+    done = await provider.complete(ChatRequest(model="c", messages=CHAT, n=3, seed=7))
+    assert len(loopback.requests) == 3, "one call per sample"
+    assert sorted(c.text for c in done) == ["First sample.", "Second sample.", "Third sample."]
+    assert sum(c.usage.completion_tokens for c in done) == 6, "every sample's usage counts"
+    await provider.aclose()

@@ -94,8 +94,10 @@ def test_other_models_and_attributes_pass_through(srv: LoopbackServer) -> None:
 
 @pytest.mark.parametrize(
     ("extra", "needle"),
-    [({"n": 2}, "'n' must be 1"), ({"tools": [{"type": "function"}]}, "tools must be a list"),
-     ({"logprobs": True}, "'logprobs'"), ({"extra_headers": {"x": "1"}}, "extra_headers")],
+    [({"n": 129}, "'n' must be an integer from 1 to 128"),
+     ({"tools": [{"type": "function"}]}, "tools must be a list"),
+     ({"top_logprobs": 2}, "'top_logprobs' needs 'logprobs'"),
+     ({"extra_headers": {"x": "1"}}, "extra_headers")],
 )
 def test_unsupported_fields_are_rejected_not_dropped(
     srv: LoopbackServer, extra: dict, needle: str
@@ -145,37 +147,55 @@ def _resolve(root: object, path: str) -> object:
     return root
 
 
-def test_no_sdk_method_bypasses_a_mixture(srv: LoopbackServer) -> None:
-    """Enumerates the SDK: every method that takes `model` either runs the mixture or refuses
-    with the SDK's BadRequestError; nothing ever reaches the upstream as model "team"."""
-    plain, client = openai.OpenAI(api_key="x", base_url=srv.base_url), wrapped(srv)
+def _sdk_paths(plain: object) -> list[str]:
+    """Every SDK method that can address a mixture: on the client, chat, completions,
+    responses and beta (with their raw / streaming response views)."""
     paths = _sdk_methods(plain, "client")
     for name in ("chat", "completions", "responses", "beta"):
         resource = getattr(plain, name, None)
         paths += _sdk_methods(resource, f"client.{name}") if resource is not None else []
         chat = getattr(getattr(resource, "chat", None), "completions", None)
         paths += _sdk_methods(chat, f"client.{name}.chat.completions") if chat else []
-    paths += _sdk_methods(plain.chat.completions, "client.chat.completions")
+    paths += _sdk_methods(plain.chat.completions, "client.chat.completions")  # type: ignore[attr-defined]
+    return sorted(set(paths))
+
+
+def _arguments(path: str) -> tuple[tuple[object, ...], dict[str, object]]:
+    kwargs = {"input": "Sky colour?"} if ".responses." in path else {"messages": HI}
+    if path.endswith((".post", ".request")):
+        return ("/chat/completions",), {"body": {"model": "team", **kwargs}, "cast_to": object}
+    return (), {"model": "team", **kwargs}
+
+
+def _check_sdk_coverage(srv: LoopbackServer, ran: list[str], refused: list[str]) -> None:
+    assert {"client.chat.completions.create", "client.chat.completions.parse",
+            "client.chat.completions.stream", "client.responses.create"} <= set(ran)
+    assert "client.chat.completions.with_raw_response.create" in refused
+    assert "client.post" in refused and len(refused) >= 6
+    assert not [r for r in srv.requests if r.model == "team"]
+    assert len([r for r in srv.requests if r.model == "agg"]) == len(ran), "each one ran"
+
+
+def test_no_sdk_method_bypasses_a_mixture(srv: LoopbackServer) -> None:
+    """Enumerates the SDK: every method that takes `model` either runs the mixture or refuses
+    with the SDK's BadRequestError; nothing ever reaches the upstream as model "team"."""
+    plain, client = openai.OpenAI(api_key="x", base_url=srv.base_url), wrapped(srv)
     ran, refused = [], []
-    for path in sorted(set(paths)):
-        method = _resolve(client, path)
-        kwargs = {"input": "Sky colour?"} if ".responses." in path else {"messages": HI}
+    for path in _sdk_paths(plain):
+        args, kwargs = _arguments(path)
         try:
-            if path.endswith((".post", ".request")):
-                method("/chat/completions", body={"model": "team", **kwargs}, cast_to=object)  # type: ignore[operator]
-            else:
-                method(model="team", **kwargs)  # type: ignore[operator]
+            out = _resolve(client, path)(*args, **kwargs)  # type: ignore[operator]
+            if hasattr(out, "__enter__"):  # a stream or a stream manager: read it to the end
+                with out as stream:
+                    list(stream)
         except openai.BadRequestError as err:
             assert "cannot run the mixture" in str(err) or "Unsupported" in str(err), path
             refused.append(path)
         else:
             ran.append(path)
-    assert {"client.chat.completions.create", "client.chat.completions.parse"} <= set(ran)
+    _check_sdk_coverage(srv, ran, refused)
     if hasattr(plain, "beta") and hasattr(plain.beta, "chat"):
         assert "client.beta.chat.completions.parse" in ran
-    assert "client.chat.completions.with_raw_response.create" in refused
-    assert "client.post" in refused and len(refused) >= 6
-    assert not [r for r in srv.requests if r.model == "team"]
     # with_options() returns a client that is wrapped alike.
     other = client.with_options(timeout=5)
     assert other.chat.completions.create(model="team", messages=HI).choices[0].message.content
@@ -183,12 +203,43 @@ def test_no_sdk_method_bypasses_a_mixture(srv: LoopbackServer) -> None:
         other.chat.completions.with_raw_response.create(model="team", messages=HI)
 
 
+def test_no_async_sdk_method_bypasses_a_mixture(srv: LoopbackServer) -> None:
+    """The same enumeration on a wrapped `AsyncOpenAI`: every method runs or refuses."""
+    plain = openai.AsyncOpenAI(api_key="x", base_url=srv.base_url)
+    client = moa.AsyncOpenAI(base_url=srv.base_url, api_key=KEY, max_retries=0,
+                             mixtures={"team": TEAM})
+
+    async def main() -> tuple[list[str], list[str]]:
+        ran, refused = [], []
+        for path in _sdk_paths(plain):
+            args, kwargs = _arguments(path)
+            try:
+                out = _resolve(client, path)(*args, **kwargs)  # type: ignore[operator]
+                if hasattr(out, "__await__"):
+                    out = await out
+                if hasattr(out, "__aenter__"):
+                    async with out as stream:
+                        async for _ in stream:
+                            pass
+            except openai.BadRequestError as err:
+                assert "cannot run the mixture" in str(err) or "Unsupported" in str(err), path
+                refused.append(path)
+            else:
+                ran.append(path)
+        await client.close()
+        await plain.close()
+        return ran, refused
+
+    ran, refused = anyio.run(main)
+    _check_sdk_coverage(srv, ran, refused)
+
+
 def test_refusals_are_the_sdks_exception_classes(srv: LoopbackServer) -> None:
     from moa.errors import AggregatorFailed
 
     client = wrapped(srv)
     with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model="team", messages=HI, n=2)
+        client.chat.completions.create(model="team", messages=HI, n=0)
     assert caught.value.status_code == 400 and caught.value.body["param"] == "n"
     srv.set_behavior("agg", ModelBehavior(fail_status=400))
     with pytest.raises(openai.InternalServerError) as failed:

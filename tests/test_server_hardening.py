@@ -249,6 +249,24 @@ def test_slow_request_headers_time_out(
             assert http.get("/models").status_code == 200
 
 
+@pytest.mark.parametrize("raw", [b"GARBAGE\r\n\r\n",
+                                 b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                                 b"content-length: 5\r\ncontent-length: 9\r\n\r\n{}"])
+def test_a_request_the_http_parser_rejects_gets_an_openai_error(
+    upstream: LoopbackServer, raw: bytes
+) -> None:
+    with ServerThread(app(upstream)) as server, \
+            socket.create_connection((server.host, server.port), timeout=20) as sock:
+        sock.sendall(raw)
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+    head, _, body = answer.decode().partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 400") and "application/json" in head
+    error = json.loads(body)["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == "bad_http_request"
+
+
 def test_a_slow_body_gets_408(upstream: LoopbackServer, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(guards, "BODY_TIMEOUT_S", 0.2)
     with ServerThread(app(upstream)) as server, \

@@ -331,6 +331,45 @@ def test_sdk_parse_returns_the_model_through_serve_and_wrapper(upstream: Loopbac
                for f in formats) and len(formats) == 2
 
 
+def test_sdk_stream_helper_through_serve_and_wrapper(upstream: LoopbackServer) -> None:
+    """`chat.completions.stream()`: content events and a parsed final completion (sync, a
+    pydantic format), tool-call events (async, a function tool), on moa serve and the wrapper."""
+
+    def typed(client: Any) -> Any:
+        with client.chat.completions.stream(model="team", messages=ASK,
+                                            response_format=Weather) as stream:
+            pieces = [e.delta for e in stream if e.type == "content.delta"]
+            final = stream.get_final_completion()
+        assert "".join(pieces) == final.choices[0].message.content
+        return final.choices[0].message.parsed
+
+    strict = {"type": "function", "function": {**WEATHER["function"], "strict": True}}
+
+    async def acting(client: Any) -> list[Any]:
+        async with client.chat.completions.stream(model="team", messages=ASK,
+                                                  tools=[strict]) as stream:
+            done = [e async for e in stream if e.type == "tool_calls.function.arguments.done"]
+        await client.close()
+        return [(e.name, json.loads(e.arguments)) for e in done]
+
+    with serving(upstream) as server:
+        served = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+        assert typed(served) == Weather(city="Paris", celsius=18)
+        called = anyio.run(acting, openai.AsyncOpenAI(base_url=server.base_url,
+                                                      api_key="unused", max_retries=0))
+        assert called == [("get_weather", {"city": "Paris"})]
+    for make in (moa.OpenAI, moa.AsyncOpenAI):
+        client = make(base_url=upstream.base_url, api_key="unused", mixtures={"team": config()})
+        client.registry.register(ProviderSpec(prefix="loop", base_url=upstream.base_url,
+                                              key_required=False))
+        if make is moa.OpenAI:
+            assert typed(client) == Weather(city="Paris", celsius=18)
+        else:
+            assert anyio.run(acting, client) == [("get_weather", {"city": "Paris"})]
+    assert not any(r.model == "team" for r in upstream.requests)
+    assert len(bodies(upstream, "agg")) == 4
+
+
 def test_served_schema_failure_is_a_clear_502_not_invalid_json(upstream: LoopbackServer) -> None:
     upstream.set_behavior("agg", ModelBehavior(reply="Sunny."))
     with serving(upstream) as server:

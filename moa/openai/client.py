@@ -166,6 +166,11 @@ class MixtureStream:
     def close(self) -> None:
         self._events.close()  # type: ignore[attr-defined]
 
+    @property
+    def response(self) -> MixtureStream:
+        """What the SDK's stream helpers close when they are done (the stream itself)."""
+        return self
+
     def __enter__(self) -> MixtureStream:
         return self
 
@@ -189,6 +194,13 @@ class AsyncMixtureStream:
 
     async def close(self) -> None:
         await self._events.aclose()  # type: ignore[attr-defined]
+
+    aclose = close
+
+    @property
+    def response(self) -> AsyncMixtureStream:
+        """What the SDK's stream helpers close when they are done (the stream itself)."""
+        return self
 
     async def __aenter__(self) -> AsyncMixtureStream:
         return self
@@ -225,7 +237,7 @@ class _Proxy:
             if self._router.mixture(model) is not None:
                 raise _sdk_error(RequestError(
                     f"{name}() cannot run the mixture {model!r}: use chat.completions.create, "
-                    "chat.completions.parse or responses.create.", "model"))
+                    ".parse or .stream, or responses.create.", "model"))
             result = value(*args, **kwargs)
             if _is_client(result):  # with_options() / copy(): a new client, wrapped alike
                 return WrappedClient(result, router=self._router)
@@ -295,34 +307,56 @@ class _Completions(_Resource):
                                 ChunkStream(call.model, call.include_usage).feed, _chunk)
         return self._run(mixture, call, lambda result: _completion(result, call.model))
 
+    def _typed(self, kwargs: dict[str, Any], stream: bool) -> tuple[ChatCall, Any, Any]:
+        """The call of `parse` / `stream`, whose `response_format` may be a pydantic model;
+        with the format and the tools as the SDK's parsing helpers want them."""
+        from openai.lib._parsing import type_to_response_format_param, validate_input_tools
+
+        body = _given(kwargs)
+        response_format = body.get("response_format", _omit())
+        tools = validate_input_tools(body["tools"]) if "tools" in body else _omit()
+        if "response_format" in body:
+            body["response_format"] = type_to_response_format_param(response_format)
+        return self._router.call({**body, "stream": stream}), response_format, tools
+
     def parse(self, **kwargs: Any) -> Any:
         """`chat.completions.parse`: `response_format` may be a pydantic model; the answer
         comes back as a `ParsedChatCompletion` (its `message.parsed` a model instance)."""
-        from openai.lib._parsing import (
-            parse_chat_completion,
-            type_to_response_format_param,
-            validate_input_tools,
-        )
+        from openai.lib._parsing import parse_chat_completion
 
         with _as_sdk_errors():
             mixture = self._router.mixture(kwargs.get("model"))
             if mixture is None:
                 return self._target.parse(**kwargs)
-            body = _given(kwargs)
-            response_format = body.get("response_format")
-            tools = validate_input_tools(body["tools"]) if "tools" in body else None
-            if response_format is not None:
-                body["response_format"] = type_to_response_format_param(response_format)
-            call = self._router.call({**body, "stream": False})
+            call, response_format, tools = self._typed(kwargs, stream=False)
 
         def parsed(result: Any) -> Any:
-            return parse_chat_completion(
-                response_format=response_format if response_format is not None else _omit(),
-                input_tools=tools if tools is not None else _omit(),
-                chat_completion=_completion(result, call.model),
-            )
+            return parse_chat_completion(response_format=response_format, input_tools=tools,
+                                         chat_completion=_completion(result, call.model))
 
         return self._run(mixture, call, parsed)
+
+    def stream(self, **kwargs: Any) -> Any:
+        """`chat.completions.stream`: the SDK's stream manager (content / tool-call events,
+        `get_final_completion()` parsed like `parse`) over the mixture's chunks."""
+        from openai.lib.streaming.chat import (
+            AsyncChatCompletionStreamManager,
+            ChatCompletionStreamManager,
+        )
+
+        with _as_sdk_errors():
+            mixture = self._router.mixture(kwargs.get("model"))
+            if mixture is None:
+                return self._target.stream(**kwargs)
+            call, response_format, tools = self._typed(kwargs, stream=True)
+        chunks = ChunkStream(call.model, call.include_usage).feed
+        if self._async:
+            return AsyncChatCompletionStreamManager(
+                self._stream(mixture, call, chunks, _chunk),
+                response_format=response_format, input_tools=tools)
+        return ChatCompletionStreamManager(
+            lambda: self._stream(mixture, call, chunks, _chunk),
+            response_format=response_format, input_tools=tools)
 
 
 async def _ready(value: Any) -> Any:

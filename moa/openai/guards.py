@@ -6,6 +6,7 @@ starts), the body's content type, size and time limit, and a time limit on reque
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import anyio
@@ -82,7 +83,8 @@ def check_content_type(request: Request) -> None:
 
 def http_protocol() -> Any:
     """uvicorn's HTTP/1.1 protocol, closing a connection whose request headers are too slow
-    (uvicorn has no such timeout; without it idle half-requests hold sockets forever)."""
+    (uvicorn has no such timeout; without it idle half-requests hold sockets forever), and
+    answering a request the HTTP parser rejects with an OpenAI-shaped 400."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:  # httptools missing: uvicorn's h11 protocol, without the timeout
@@ -116,5 +118,14 @@ def http_protocol() -> Any:
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
             super().connection_lost(exc)
+
+        def send_400_response(self, msg: str) -> None:
+            body = json.dumps(Refused(400, "The request is not valid HTTP/1.1.",
+                                      code="bad_http_request").body()).encode()
+            self.transport.write(
+                b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+            )
+            self.transport.close()
 
     return Protocol

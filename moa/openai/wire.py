@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from moa.config import MAX_TOKENS
+from moa.config import MAX_SAMPLES, MAX_TOKENS
 from moa.errors import (
     BudgetExceeded,
     ConfigError,
@@ -24,8 +24,8 @@ from moa.errors import (
     UnsupportedRequest,
 )
 from moa.events import Event, FinalDelta, FinalToolCallDelta, RunFinished
-from moa.providers.base import ToolCallDelta
-from moa.result import MixtureResult
+from moa.providers.base import TokenLogprob, ToolCallDelta
+from moa.result import Choice, MixtureResult
 from moa.runtime.acting import acting_from
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ class RequestError(MoaError):
         super().__init__(message)
 
 
-NEUTRAL = {"top_p": 1, "frequency_penalty": 0, "presence_penalty": 0, "logprobs": False}
+NEUTRAL = {"top_p": 1, "frequency_penalty": 0, "presence_penalty": 0}
 """Fields accepted only at the value that changes nothing (a mixture cannot apply them)."""
 INFORMATIONAL = ("user", "metadata", "store", "service_tier")
 """Fields with no effect on a mixture's answer; accepted (and kept in the trace)."""
@@ -48,8 +48,8 @@ MAX_STOP = 4
 """Most stop strings a request may give (OpenAI's limit)."""
 MAX_DEPTH = 32
 """Deepest JSON nesting a request body may have (a chat request needs 4)."""
-REJECTED = ("functions", "function_call", "logit_bias", "top_logprobs", "audio", "modalities",
-            "prediction", "web_search_options", "reasoning_effort")
+REJECTED = ("functions", "function_call", "logit_bias", "audio", "modalities", "prediction",
+            "web_search_options", "reasoning_effort")
 
 
 class Refused(Exception):
@@ -252,6 +252,16 @@ def _conversation(raw: Any) -> list[dict[str, Any]]:
     return messages
 
 
+def _sampling(body: dict[str, Any]) -> dict[str, Any]:
+    """`n`, `logprobs` and `top_logprobs` (OpenAI's ranges; top_logprobs needs logprobs)."""
+    logprobs = _boolean(body, "logprobs")
+    top = _integer(body, "top_logprobs", 0, 20)
+    if top is not None and not logprobs:
+        raise RequestError("'top_logprobs' needs 'logprobs' to be true.", "top_logprobs")
+    return {"n": _integer(body, "n", 1, MAX_SAMPLES), "logprobs": logprobs or None,
+            "top_logprobs": top}
+
+
 def parse_request(body: Any) -> ChatCall:
     """Validate a chat-completions body; raise `RequestError` naming the field at fault."""
     if not isinstance(body, dict):
@@ -266,14 +276,12 @@ def parse_request(body: Any) -> ChatCall:
         if body.get(name) not in (None, neutral):
             raise RequestError(f"'{name}' is not supported by a mixture (only {neutral}).", name)
     known = {"model", "messages", "stream", "stream_options", "temperature", "max_tokens",
-             "max_completion_tokens", "stop", "seed", "n", "response_format", "tools",
-             "tool_choice", "parallel_tool_calls",
+             "max_completion_tokens", "stop", "seed", "n", "logprobs", "top_logprobs",
+             "response_format", "tools", "tool_choice", "parallel_tool_calls",
              *NEUTRAL, *INFORMATIONAL, *REJECTED}
     unknown = sorted(set(body) - known)
     if unknown:
         raise RequestError(f"Unsupported parameter '{unknown[0]}'.", unknown[0])
-    if body.get("n") not in (None, 1):
-        raise RequestError("'n' must be 1: a mixture returns one synthesized answer.", "n")
     stream = _boolean(body, "stream") or False
     options = body.get("stream_options") or {}
     if not isinstance(options, dict) or set(options) - {"include_usage", "include_obfuscation"}:
@@ -295,6 +303,7 @@ def parse_request(body: Any) -> ChatCall:
         "max_tokens": max_tokens,
         "stop": stop or None,
         "seed": _integer(body, "seed", -(2**63), 2**63 - 1),
+        **_sampling(body),
         **_acting(body),
     }
     return ChatCall(
@@ -335,24 +344,39 @@ def trace(result: MixtureResult) -> dict[str, Any]:
     """The mixture's trace (agents, usage, cost, timings) without the answer text."""
     data = result.to_dict()
     data.pop("text", None)
-    for agent in data.get("agents", []):
-        agent.pop("text", None)
+    for part in (*data.get("agents", []), *data.get("choices", [])):
+        part.pop("text", None)
     return data
 
 
-def finish_reason(result: MixtureResult) -> str:
-    if result.tool_calls:
+def finish_reason(choice: Choice) -> str:
+    if choice.tool_calls:
         return "tool_calls"
-    return "length" if result.finish_reason == "length" else "stop"
+    return "length" if choice.finish_reason == "length" else "stop"
 
 
-def message(result: MixtureResult) -> dict[str, Any]:
-    """The answer as an assistant message: its text and its tool calls (ids kept)."""
-    out: dict[str, Any] = {"role": "assistant", "content": result.text}
-    if result.tool_calls:
-        out["content"] = result.text or None
-        out["tool_calls"] = [call.as_message_part() for call in result.tool_calls]
+def message(choice: Choice) -> dict[str, Any]:
+    """A synthesis as an assistant message: its text and its tool calls (ids kept)."""
+    out: dict[str, Any] = {"role": "assistant", "content": choice.text}
+    if choice.tool_calls:
+        out["content"] = choice.text or None
+        out["tool_calls"] = [call.as_message_part() for call in choice.tool_calls]
     return out
+
+
+def _token(token: str, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+
+def logprobs_dict(logprobs: list[TokenLogprob] | None) -> dict[str, Any] | None:
+    """Token logprobs in OpenAI's `choices[].logprobs` shape (None when not asked for)."""
+    if logprobs is None:
+        return None
+    content = [
+        {**_token(lp.token, lp.logprob), "top_logprobs": [_token(t, v) for t, v in lp.top]}
+        for lp in logprobs
+    ]
+    return {"content": content, "refusal": None}
 
 
 def completion(result: MixtureResult, model: str) -> dict[str, Any]:
@@ -362,12 +386,15 @@ def completion(result: MixtureResult, model: str) -> dict[str, Any]:
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{
-            "index": 0,
-            "message": message(result),
-            "finish_reason": finish_reason(result),
-            "logprobs": None,
-        }],
+        "choices": [
+            {
+                "index": choice.index,
+                "message": message(choice),
+                "finish_reason": finish_reason(choice),
+                "logprobs": logprobs_dict(choice.logprobs),
+            }
+            for choice in result.choices
+        ],
         "usage": usage_dict(result),
         "moa": trace(result),
     }
@@ -391,31 +418,36 @@ class ChunkStream:
         self.include_usage = include_usage
         self.id = new_id()
         self.created = int(time.time())
-        self.started = False
+        self.started: set[int] = set()
+        """The choices whose first chunk (the assistant role) went out."""
 
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                 "model": self.model, "choices": choices, **extra}
 
-    def _delta(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        return self._chunk([{"index": 0, "delta": delta, "finish_reason": finish,
-                             "logprobs": None}])
+    def _delta(self, index: int, delta: dict[str, Any], finish: str | None = None,
+               logprobs: list[TokenLogprob] | None = None) -> list[dict[str, Any]]:
+        """The choice's chunk, after its role chunk when it is the choice's first."""
+        out = []
+        if index not in self.started:
+            self.started.add(index)
+            out = self._delta(index, {"role": "assistant", "content": ""})
+        return [*out, self._chunk([{"index": index, "delta": delta, "finish_reason": finish,
+                                    "logprobs": logprobs_dict(logprobs)}])]
 
     def feed(self, event: Event) -> list[dict[str, Any]]:
         """The chunks this event produces (the answer's deltas and, at the end, the finish)."""
-        out: list[dict[str, Any]] = []
-        if not self.started and isinstance(event, FinalDelta | FinalToolCallDelta | RunFinished):
-            self.started = True
-            out.append(self._delta({"role": "assistant", "content": ""}))
         if isinstance(event, FinalDelta) and event.text:
-            out.append(self._delta({"content": event.text}))
-        elif isinstance(event, FinalToolCallDelta):
-            out.append(self._delta({"tool_calls": [tool_call_delta(event.call)]}))
-        elif isinstance(event, RunFinished):
-            result = event.result
-            last = self._delta({}, finish_reason(result))
-            last["moa"] = trace(result)
-            out.append(last)
-            if self.include_usage:
-                out.append(self._chunk([], usage=usage_dict(result)))
+            return self._delta(event.index, {"content": event.text}, logprobs=event.logprobs)
+        if isinstance(event, FinalToolCallDelta):
+            return self._delta(event.index, {"tool_calls": [tool_call_delta(event.call)]})
+        if not isinstance(event, RunFinished):
+            return []
+        result = event.result
+        out: list[dict[str, Any]] = []
+        for choice in result.choices:
+            out += self._delta(choice.index, {}, finish_reason(choice))
+        out[-1]["moa"] = trace(result)
+        if self.include_usage:
+            out.append(self._chunk([], usage=usage_dict(result)))
         return out

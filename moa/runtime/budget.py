@@ -112,11 +112,12 @@ class BudgetGuard:
         self._open: list[Reservation] = []
 
     def worst_case(
-        self, model: str, messages: list[Message], max_tokens: int
+        self, model: str, messages: list[Message], max_tokens: int, samples: int = 1
     ) -> tuple[float | None, int]:
-        """(US dollars or None, tokens) if the call used all of `max_tokens`."""
-        prompt = count_messages(messages)
-        return self.price(model, Usage(prompt, max_tokens)), prompt + max_tokens
+        """(US dollars or None, tokens) if the call used all of `max_tokens` in each of its
+        `samples` (each billed for the prompt: a backend without `n` is sent it each time)."""
+        usage = Usage(count_messages(messages) * samples, max_tokens * samples)
+        return self.price(model, usage), usage.total_tokens
 
     @property
     def unlimited(self) -> bool:
@@ -125,9 +126,11 @@ class BudgetGuard:
     def _needs_price(self) -> bool:
         return any(ledger.limit.usd is not None for ledger in self._ledgers)
 
-    def why_not(self, model: str, messages: list[Message], max_tokens: int) -> str | None:
+    def why_not(
+        self, model: str, messages: list[Message], max_tokens: int, samples: int = 1
+    ) -> str | None:
         """Why this call would exceed a budget, or None when it fits."""
-        usd, tokens = self.worst_case(model, messages, max_tokens)
+        usd, tokens = self.worst_case(model, messages, max_tokens, samples)
         if usd is None and self._needs_price():
             raise ConfigError(
                 f"A dollar budget needs a price for {model!r}; add it under [prices] in the config."
@@ -138,19 +141,21 @@ class BudgetGuard:
                 return f"{scope} budget: {reason}"
         return None
 
-    def reserve(self, model: str, messages: list[Message], max_tokens: int) -> Reservation:
+    def reserve(
+        self, model: str, messages: list[Message], max_tokens: int, samples: int = 1
+    ) -> Reservation:
         """Reserve the call's worst case, or raise `BudgetExceeded` without starting it.
 
         Without any limit nothing is counted: the reservation only carries the model.
         """
         usd, tokens = None, 0
         if not self.unlimited:
-            reason = self.why_not(model, messages, max_tokens)
+            reason = self.why_not(model, messages, max_tokens, samples)
             if reason:
                 for ledger in self._ledgers:
                     ledger.refused += 1
                 raise BudgetExceeded(f"Call to {model} refused: {reason}.")
-            usd, tokens = self.worst_case(model, messages, max_tokens)
+            usd, tokens = self.worst_case(model, messages, max_tokens, samples)
             for ledger in self._ledgers:
                 ledger.reserved_usd += usd or 0.0
                 ledger.reserved_tokens += tokens

@@ -59,7 +59,7 @@ from moa.providers.base import (
     assemble_tool_calls,
 )
 from moa.providers.registry import Registry
-from moa.result import AgentOutput, MixtureResult
+from moa.result import AgentOutput, Choice, MixtureResult
 from moa.routing.router import Decision, Router, Stage
 from moa.runtime.acting import Acting, advisor_messages, check_structured
 from moa.runtime.budget import BudgetGuard, Reservation
@@ -95,6 +95,16 @@ def stage_seed(seed: int | None, offset: int) -> int | None:
     return None if seed is None else seed * 10_007 + offset
 
 
+@dataclass
+class Sample:
+    """One further synthesis of the final aggregator (choice `index` > 0 when n > 1)."""
+
+    parts: list[str] = field(default_factory=list)
+    tool_pieces: list[ToolCallDelta] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
 @dataclass(eq=False)
 class Node:
     """One agent and everything it produced (compared by identity)."""
@@ -119,6 +129,8 @@ class Node:
     tool_pieces: list[ToolCallDelta] = field(default_factory=list)
     """The tool calls it made, as streamed (only the acting stage makes any)."""
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    samples: dict[int, Sample] = field(default_factory=dict)
+    """The final aggregator's further syntheses (n > 1), by choice index."""
     started_at: float | None = None
 
     def __post_init__(self) -> None:
@@ -217,7 +229,7 @@ class Run:
         self._close_unfinished()
         self.guard.release()
         result = self.result()
-        if self.fatal is None and not result.tool_calls:
+        if self.fatal is None:
             self._check_structured(result)
         if self.fatal is not None:
             self.fatal.partial = result
@@ -227,13 +239,17 @@ class Run:
         return result
 
     def _check_structured(self, result: MixtureResult) -> None:
-        """Fail the run when the final answer does not match the requested JSON format."""
-        try:
-            check_structured(result.text, self.acting)
-        except StructuredOutputError as err:
-            if result.finish_reason == "length":
-                err.args = (f"{err} The answer was cut at its max_tokens limit.",)
-            self.fatal = err
+        """Fail the run when an answer in text does not match the requested JSON format."""
+        for choice in result.choices:
+            if choice.tool_calls:
+                continue
+            try:
+                check_structured(choice.text, self.acting)
+            except StructuredOutputError as err:
+                if choice.finish_reason == "length":
+                    err.args = (f"{err} The answer was cut at its max_tokens limit.",)
+                self.fatal = err
+                return
 
     def _abort(self, error: MixtureError) -> None:
         if self.fatal is None:
@@ -277,16 +293,28 @@ class Run:
             return append_to_system(self.messages, self.acting.format_instruction())
         return self.messages
 
-    def check_acting(self, agent: AgentConfig) -> None:
-        """Before any call: the acting stage's models (each tier) must honour the tools."""
-        if not self.acting.tools or self.acting.tool_choice == "none":
-            return
+    @property
+    def request_specific(self) -> bool:
+        """The request asks the final aggregator for its own output (tools, a format, n > 1
+        syntheses or logprobs): a routed final stage is then never skipped."""
+        ov = self.overrides
+        return self.acting.active or ov.n > 1 or ov.logprobs
+
+    def check_final(self, agent: AgentConfig) -> None:
+        """Before any call: the final aggregator's models (each tier) must honour the tools and
+        give the logprobs the request asks for."""
+        tools = bool(self.acting.tools) and self.acting.tool_choice != "none"
         for model in filter(None, (agent.model, agent.strong)):
-            provider, _ = self.registry.resolve(model)
-            if not provider.capabilities.tools:
+            caps = self.registry.resolve(model)[0].capabilities
+            if tools and not caps.tools:
                 raise UnsupportedRequest(
                     f"The request has tools, but the final aggregator's model {model} cannot "
                     "call tools (its backend does not support them)."
+                )
+            if self.overrides.logprobs and not caps.logprobs:
+                raise UnsupportedRequest(
+                    f"The request asks for logprobs, but the final aggregator's model {model} "
+                    "does not give them (its backend has no logprobs)."
                 )
 
     def set_tier(self, node: Node, tier: str) -> None:
@@ -319,27 +347,48 @@ class Run:
         node.feed.fail(keep=self.config.staircase.keep_truncated)
         self.emit(AgentFailed(self._now(), node.id, error, out.text))
 
-    def _delta(self, node: Node, text: str) -> None:
+    def _delta(
+        self, node: Node, text: str, logprobs: list[TokenLogprob] | None = None
+    ) -> None:
         if not node.parts:
             node.output.ttft_s = time.monotonic() - (node.started_at or self.t0)
         node.parts.append(text)
         node.feed.push(text)
         self.emit(AgentDelta(self._now(), node.id, text))
         if node.id.final:
-            self._final_delta(text)
+            self._final_delta(text, 0, logprobs if self.overrides.logprobs else None)
 
-    def _final_delta(self, text: str) -> None:
+    def _final_delta(
+        self, text: str, index: int = 0, logprobs: list[TokenLogprob] | None = None
+    ) -> None:
         if self.ttft is None:
             self.ttft = self._now()
-        self.emit(FinalDelta(self._now(), text))
+        self.emit(FinalDelta(self._now(), text, index, logprobs))
 
-    def _tool_calls(self, node: Node, pieces: list[ToolCallDelta]) -> None:
-        node.tool_pieces.extend(pieces)
+    def _tool_calls(self, node: Node, pieces: list[ToolCallDelta], index: int = 0) -> None:
+        if index:
+            node.samples[index].tool_pieces.extend(pieces)
+        else:
+            node.tool_pieces.extend(pieces)
         if node.id.final:
             if self.ttft is None:
                 self.ttft = self._now()
             for piece in pieces:
-                self.emit(FinalToolCallDelta(self._now(), piece))
+                self.emit(FinalToolCallDelta(self._now(), piece, index))
+
+    def _sample(self, node: Node, delta: Delta) -> None:
+        """A delta of a further synthesis (choice > 0) of the final aggregator."""
+        sample = node.samples.setdefault(delta.index, Sample())
+        sample.finish_reason = delta.finish_reason or sample.finish_reason
+        if delta.logprobs:
+            sample.logprobs.extend(delta.logprobs)
+        if delta.text:
+            sample.parts.append(delta.text)
+            self._final_delta(
+                delta.text, delta.index, delta.logprobs if self.overrides.logprobs else None
+            )
+        if delta.tool_calls:
+            self._tool_calls(node, delta.tool_calls, delta.index)
 
     def _close_unfinished(self) -> None:
         """Mark agents stopped by the end of the run: complete answer, failure or deadline."""
@@ -366,6 +415,23 @@ class Run:
             node.output.text = node.text
         final = next((n for n in self.nodes if n.id.final), None)
         text = self.answer if self.answer is not None else final.text if final else ""
+        first = Choice(
+            0,
+            text,
+            final.output.finish_reason if final else None,
+            assemble_tool_calls(final.tool_pieces) if final else [],
+            final.logprobs if final and self.overrides.logprobs else None,
+        )
+        more = [
+            Choice(
+                i,
+                "".join(s.parts),
+                s.finish_reason,
+                assemble_tool_calls(s.tool_pieces),
+                s.logprobs if self.overrides.logprobs else None,
+            )
+            for i, s in sorted(final.samples.items() if final else [])
+        ]
         return MixtureResult(
             text=text,
             outputs=[n.output for n in self.nodes],
@@ -376,8 +442,9 @@ class Run:
             notices=list(self.notices),
             budget=self.guard.report(),
             decisions=list(self.decisions),
-            tool_calls=assemble_tool_calls(final.tool_pieces) if final else [],
-            finish_reason=final.output.finish_reason if final else None,
+            tool_calls=first.tool_calls,
+            finish_reason=first.finish_reason,
+            choices=[first, *more],
         )
 
     # ---- the metered call ------------------------------------------------------------------
@@ -395,18 +462,23 @@ class Run:
 
         Raises `BudgetExceeded` before sending anything when the call could exceed a budget.
         """
-        reservation = self.guard.reserve(node.id.model, messages, max_tokens)
+        acts = node.id.final and visible
+        ov = self.overrides
+        samples = ov.n if acts else 1
+        reservation = self.guard.reserve(node.id.model, messages, max_tokens, samples)
         router = self.config.router
-        logprobs = (
+        asked = acts and ov.logprobs  # check_final: the backend gives them
+        logprobs = asked or (
             node.want_logprobs
             and node.provider.capabilities.logprobs
             and (router is None or router.logprobs)
         )
+        top = ov.top_logprobs if asked else router.top_logprobs if router else 5
 
         def retried() -> None:  # `calls` counts attempts; usage and cost stay per success
             node.output.calls += 1
 
-        act = self.acting if node.id.final and visible else Acting()
+        act = self.acting if acts else Acting()
         caps = node.provider.capabilities
         request = ChatRequest(
             tools=act.tools if caps.tools else None,  # none is left only with tool_choice none
@@ -420,8 +492,9 @@ class Run:
             stop=node.stop,
             seed=node.seed,
             continue_final=continue_final,
+            n=samples,
             logprobs=logprobs,
-            top_logprobs=(router.top_logprobs if router else 5) if logprobs else None,
+            top_logprobs=top if logprobs else None,
             on_retry=retried,
         )
         parts: list[str] = []
@@ -430,19 +503,22 @@ class Run:
         node.output.calls += 1
         node.feed.calls_open += 1
         try:
-            async with _closing(node.provider.stream(request)) as deltas:
+            async with _closing(node.provider.samples(request)) as deltas:
                 async for delta in deltas:
+                    if delta.usage:
+                        usage = delta.usage if usage is None else usage + delta.usage
+                    if delta.index:
+                        self._sample(node, delta)
+                        continue
+                    if delta.logprobs and visible:
+                        node.logprobs.extend(delta.logprobs)
                     if delta.text:
                         parts.append(delta.text)
                         if visible:
-                            self._delta(node, delta.text)
-                    if delta.logprobs and visible:
-                        node.logprobs.extend(delta.logprobs)
+                            self._delta(node, delta.text, delta.logprobs)
                     if delta.tool_calls and visible:
                         self._tool_calls(node, delta.tool_calls)
                     finish = delta.finish_reason or finish
-                    if delta.usage:
-                        usage = delta.usage if usage is None else usage + delta.usage
         except BaseException:
             # A call stopped after it generated text was billed for that text.
             estimate = Usage(count_messages(messages), count_tokens("".join(parts)))

@@ -84,13 +84,14 @@ class Execution(Run):
             config.staircase.start_k if self.fallback and self.mode == "layered" else None
         )
         final = self.layers[-1][0]
-        self.check_acting(final.agent)
+        self.check_final(final.agent)
         self.acting_notice = ""
-        if self.acting.active and self.mode == "staircase":
+        if self.mode == "staircase" and (self.acting.active or self.overrides.n > 1):
             final.layered = True
+            why = "acts (tools or a response format)" if self.acting.active else "samples n > 1"
             self.acting_notice = (
-                "The final aggregator acts (tools or a response format), so it waits for "
-                "complete references (layered); the stages before it still stream."
+                f"The final aggregator {why}, so it waits for complete references (layered); "
+                "the stages before it still stream."
             )
 
     # ---- graph ---------------------------------------------------------------------------

@@ -68,7 +68,7 @@ async def route_aggregator(run: Run, node: Node) -> str:
     refs = [u for u in node.upstream if u.parts]
     done = [u for u in node.upstream if u.feed.state == "done"]
     complete = all(u.feed.resolved for u in node.upstream)
-    acting = node.id.final and run.acting.active  # never skipped: its tools or format apply
+    acting = node.id.final and run.request_specific  # never skipped: the request's own asks
     if node.kind == "refine":
         last, proposals = node.upstream[0], [u for u in node.upstream[1:] if u.parts]
         if last.kind == "refine" and last.output.finish_reason == "skip" and not acting:
