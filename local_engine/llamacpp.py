@@ -11,7 +11,8 @@
 - Greedy output depends on the request alone, not on what the instance ran before: llama.cpp's
   numbers for a token depend on the batch it is evaluated in (alone, as generation does, or
   among others), so the prompt is always evaluated in slices of two or more tokens and only
-  the KV of an earlier *prompt* evaluation is reused, never that of generated tokens.
+  the KV of an earlier *prompt* evaluation is reused, never that of generated tokens. The
+  usage counts the reused prompt tokens as `cached_tokens`.
 - Logprobs need `logits_all=True`, which costs several times the speed: a second instance of
   the model is loaded lazily, only for requests that ask for logprobs.
 - Continuation (staircase streaming): the chat template is rendered over the messages before
@@ -55,6 +56,7 @@ from moa.providers.base import (
     Provider,
     TokenLogprob,
     Usage,
+    Waiting,
 )
 from moa.providers.registry import ProviderSpec
 
@@ -87,6 +89,8 @@ class LoadedModel:
     """Set while a cancelled request waits for its worker: llama.cpp stops a prefill at once."""
     evaluated: list[int] = field(default_factory=list)
     """The tokens whose KV cache came from a prompt evaluation (reusable as a prefix)."""
+    reused: int = 0
+    """Prompt tokens of the last prefill whose KV was reused instead of evaluated."""
     on_abort: Any = None
     """The abort callback (a C function pointer) set on the context during a prefill."""
 
@@ -98,11 +102,13 @@ class LoadedModel:
 
     def prefill(self, tokens: list[int]) -> None:
         """Evaluate the prompt `tokens` so its KV cache and last logits are those of a fresh
-        evaluation (see the module notes), reusing the prefix of the previous prompt."""
+        evaluation (see the module notes), reusing the prefix of the previous prompt (`reused`
+        says how many tokens)."""
         import llama_cpp
 
         llm = self.llm
         keep = max(0, min(_common_prefix(self.evaluated, tokens), len(tokens) - 2))
+        self.reused = keep
         llm.n_tokens = keep  # Llama.eval drops the cache from here on
         self.evaluated = tokens[:keep]
         # Only here: the callback takes the GIL at every step, too costly for single tokens.
@@ -166,9 +172,12 @@ class ModelPool:
             return model
 
     @asynccontextmanager
-    async def claim(self) -> AsyncIterator[LoadedModel]:
+    async def claim(
+        self, on_wait: Callable[[Waiting], None] | None = None
+    ) -> AsyncIterator[LoadedModel]:
         """Wait for an instance, first come first served: a request that keeps coming back
-        (a staircase aggregator's steps) never starves the ones queued before it."""
+        (a staircase aggregator's steps) never starves the ones queued before it. `on_wait`
+        hears "queued" once if the request has to wait."""
         ticket = object()
         with self.queue_lock:
             self.queue.append(ticket)
@@ -181,6 +190,9 @@ class ModelPool:
                         model = await anyio.to_thread.run_sync(self._grow)
                 if model is not None:
                     break
+                if on_wait is not None:
+                    on_wait("queued")
+                    on_wait = None
                 await anyio.sleep(POLL_S)
         finally:
             with self.queue_lock:
@@ -428,7 +440,9 @@ class LlamaCppEngine(Provider):
         plan = tool_plan(request)
         grammar = reply_grammar(plan, request.response_format)
         pool = model_pool(resolve_model_path(request.model), request.logprobs, self.options)
-        async with pool.claim() as model:
+        async with pool.claim(request.on_wait) as model:
+            if request.on_wait is not None:
+                request.on_wait("prompt")
             async for delta in self._stream_on(model, request, plan, grammar):
                 yield delta
 
@@ -460,7 +474,9 @@ class LlamaCppEngine(Provider):
                     yield out
             for out in splitter.flush():
                 yield out
-            yield Delta(index=index, usage=Usage(prompt_tokens, model.count("".join(parts))))
+            completion = model.count("".join(parts))
+            yield Delta(index=index,
+                        usage=Usage(prompt_tokens, completion, cached_tokens=model.reused))
 
     async def _generate(
         self,

@@ -9,7 +9,9 @@ Any other name is a path to a GGUF file: `local/models/qwen.gguf`, `local//abs/p
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 from pathlib import Path
 
 from moa.errors import ConfigError
@@ -41,3 +43,32 @@ def resolve_model_path(name: str) -> Path:
     if magic != GGUF_MAGIC:
         raise ConfigError(f"Model file {str(path)!r} is not a GGUF file (bad magic bytes).")
     return path
+
+
+OWN_OPTIONS = frozenset({"parallel", "chat_format"})
+"""Engine options moa reads itself; every other key is a `llama_cpp.Llama` argument."""
+
+
+@functools.cache
+def _llama_options() -> frozenset[str] | None:
+    """Every option the engine takes (None without llama-cpp-python)."""
+    try:
+        import llama_cpp
+    except ImportError:  # resolving the provider says which extra to install
+        return None
+    known = set(inspect.signature(llama_cpp.Llama.__init__).parameters) | OWN_OPTIONS
+    return frozenset(known - {"self", "model_path", "kwargs"})
+
+
+def check_local(name: str, options: dict[str, object]) -> None:
+    """At config load: the GGUF file exists and is one, and every option is a known key."""
+    resolve_model_path(name)
+    known = _llama_options()
+    if known is None:
+        return
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(
+            f"Unknown llama.cpp option {unknown[0]!r}; see llama_cpp.Llama's arguments "
+            "(e.g. n_ctx, n_threads, n_gpu_layers) or parallel / chat_format."
+        )

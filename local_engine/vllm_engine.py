@@ -356,7 +356,8 @@ class ChoiceTracker:
     """Turns vLLM's cumulative `RequestOutput`s into `Delta`s, one stream per choice index.
 
     Each choice yields its new text (and logprobs), then its finish reason, then its usage:
-    the choice's own completion tokens, with the shared prompt counted once (on index 0).
+    the choice's own completion tokens, with the shared prompt counted once (on index 0), its
+    prefix-cache hits (`RequestOutput.num_cached_tokens`, where vLLM reports it) as cached.
     """
 
     logprobs: bool = False
@@ -381,8 +382,11 @@ class ChoiceTracker:
                 )
             if choice.finish_reason:
                 seen.finished = True
-                prompt = len(output.prompt_token_ids or []) if choice.index == 0 else 0
-                deltas.append(Delta(index=choice.index, usage=Usage(prompt, len(token_ids))))
+                first = choice.index == 0
+                prompt = len(output.prompt_token_ids or []) if first else 0
+                cached = int(getattr(output, "num_cached_tokens", None) or 0) if first else 0
+                usage = Usage(prompt, len(token_ids), cached_tokens=min(cached, prompt))
+                deltas.append(Delta(index=choice.index, usage=usage))
         return deltas
 
 

@@ -11,12 +11,21 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from moa.errors import ConfigError
+from moa.pricing import Price
 from moa.providers.registry import ProviderSpec, Registry, default_registry
 from moa.routing.router import RouterConfig
 from moa.runtime.budget import Budget
+from moa.runtime.prompts import Layout
 
 Mode = Literal["layered", "staircase", "auto"]
 
@@ -42,6 +51,10 @@ class AgentConfig(BaseModel):
     temperature: float = Field(0.7, ge=0, le=2)
     max_tokens: int = Field(512, gt=0, le=MAX_TOKENS)
     system: str | None = Field(None, description="System prompt of this agent.")
+    stop: list[str] | None = Field(
+        None, max_length=4, description="Stop strings of this agent (a request's own `stop` "
+        "replaces the final aggregator's)."
+    )
     name: str | None = None
     n: int = Field(1, ge=1, le=MAX_N, description="Samples drawn from this agent (Self-MoA).")
     strong: str | None = Field(None, description="Strong tier 'provider/model' of a routed stage.")
@@ -109,7 +122,18 @@ class StaircaseConfig(BaseModel):
     pacing: Literal["lockstep", "eager"] = "lockstep"
     """`lockstep`: the aggregator's n-th token comes after every live reference has shown n
     tokens (or finished); `eager`: each step writes its full `step_tokens` on any news."""
-    layout: Literal["readable", "prefix_cache"] = "readable"
+    layout: Layout = "paper"
+    """How an aggregator is shown its references (moa.runtime.prompts): `paper` (in the system
+    message before the conversation, rewritten each step) or `cache` (after the conversation as
+    user turns, append-only, so prefix caches reuse every earlier prompt)."""
+
+    @field_validator("layout", mode="before")
+    @classmethod
+    def _renamed(cls, value: Any) -> Any:
+        renamed = {"readable": "paper", "prefix_cache": "cache"}
+        if value in renamed:
+            raise ValueError(f"layout {value!r} is now called {renamed[value]!r}")
+        return value
     keep_truncated: bool = True
     """Keep (labelled) the text of a proposer that failed mid-stream or was left behind."""
     # Start, pacing and straggler rules: moa.runtime.staircase; the step loop is in
@@ -156,12 +180,30 @@ class MixtureConfig(BaseModel):
     staircase: StaircaseConfig = Field(default_factory=StaircaseConfig)
     providers: dict[str, ProviderSpec] = Field(default_factory=dict)
     """Extra or overriding provider prefixes."""
-    prices: dict[str, tuple[float, float]] = Field(default_factory=dict)
-    """Model reference -> (input, output) US dollars per million tokens."""
+    prices: dict[str, Price] = Field(default_factory=dict)
+    """Model reference -> (input, output[, cached_input[, cache_write]]) US dollars per million
+    tokens; a missing cached-input or cache-write rate is the input rate (moa.pricing)."""
+
+    @field_validator("prices", mode="before")
+    @classmethod
+    def _price_forms(cls, value: Any) -> Any:
+        for model, price in value.items() if isinstance(value, dict) else ():
+            if not (isinstance(price, list | tuple) and 2 <= len(price) <= 4 and all(
+                isinstance(rate, int | float) and not isinstance(rate, bool) and rate >= 0
+                for rate in price
+            )):
+                raise ValueError(
+                    f"the price of {model!r} must be [input, output], [input, output, "
+                    "cached_input] or [input, output, cached_input, cache_write] (US dollars "
+                    f"per million tokens, none negative), not {price!r}"
+                )
+        return value
+
     budget: Budget = Field(default_factory=Budget)
     """Hard per-request budget (`usd` and/or `tokens`); a call that could exceed it is refused."""
     session_budget: Budget = Field(default_factory=Budget)
-    """Hard budget over every request of one `Mixture` object."""
+    """Hard budget over every request of one `Mixture` object (with a shared state, e.g.
+    `moa serve --redis`, of every process using that state: one budget across replicas)."""
     router: RouterConfig | None = None
     """How routed stages (agents with `strong`) pick a tier; default `marginal`, and for evolve
     the paper's rule: the least confident quarter of the groups go strong (`threshold` on the
@@ -269,6 +311,9 @@ _TOGETHER_PROPOSERS = [
 ]
 _TOGETHER_AGGREGATOR = "together/Qwen/Qwen2.5-72B-Instruct-Turbo"
 LOCAL_MODEL = "local/smollm2"
+LOCAL_AGGREGATOR_SYSTEM = (
+    "Answer the question directly in one paragraph, without any introduction."
+)
 
 
 def _preset(name: str) -> MixtureConfig:
@@ -296,8 +341,20 @@ def _preset(name: str) -> MixtureConfig:
             name=name,
             # Kept by `moa bench quality` (docs/quality.md): on the dev split no mixture of this
             # model beat it, and it stays within the interval of the model alone.
-            layers=[LayerConfig(agents=[AgentConfig(model=LOCAL_MODEL, n=3, max_tokens=128)])],
-            aggregator=AgentConfig(model=LOCAL_MODEL, max_tokens=192, temperature=0.3),
+            # One paragraph each (a stop at the first blank line), told to answer directly: at
+            # these caps the answers end by themselves (docs/local.md has the measurement).
+            layers=[
+                LayerConfig(
+                    agents=[AgentConfig(model=LOCAL_MODEL, n=3, max_tokens=128, stop=["\n\n"])]
+                )
+            ],
+            aggregator=AgentConfig(
+                model=LOCAL_MODEL,
+                max_tokens=192,
+                temperature=0.3,
+                system=LOCAL_AGGREGATOR_SYSTEM,
+                stop=["\n\n"],
+            ),
             # One generation at a time on the CPU: staircase cannot overlap the proposers and
             # its steps cost extra prefills (docs/staircase.md has the figures).
             mode="layered",

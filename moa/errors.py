@@ -108,3 +108,11 @@ class StructuredOutputError(MixtureError):
 
 class NotEnoughProposers(MixtureError):
     """Fewer agents of a layer answered than `min_proposers` requires."""
+
+
+class QuotaExceeded(BudgetExceeded, MixtureError):
+    """A client key's budget (`moa serve --keys`) has no room for a call; the run stops."""
+
+
+class StateUnavailable(MixtureError):
+    """The shared state store (Redis) cannot be reached, so a shared budget refuses calls."""

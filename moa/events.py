@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from moa.providers.base import TokenLogprob, ToolCallDelta, Usage
+from moa.providers.base import TokenLogprob, ToolCallDelta, Usage, Waiting
 
 if TYPE_CHECKING:
     from moa.result import MixtureResult
@@ -67,6 +67,25 @@ class Notice(Event):
 @dataclass(frozen=True)
 class AgentStarted(Event):
     agent: AgentId
+
+
+@dataclass(frozen=True)
+class AgentWaiting(Event):
+    """A call of the agent streams nothing yet because it waits for its turn on a backend
+    that serves requests in turn ("queued"), or that backend evaluates its prompt ("prompt")."""
+
+    agent: AgentId
+    why: Waiting
+
+
+@dataclass(frozen=True)
+class AgentRetrying(Event):
+    """A call of the agent failed and is tried again: `attempt` is the attempt about to start
+    (2 for the first retry), `reason` why the last one failed."""
+
+    agent: AgentId
+    attempt: int
+    reason: str
 
 
 @dataclass(frozen=True)

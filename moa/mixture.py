@@ -16,6 +16,10 @@ config's `[router]` (`moa.routing.router`), and every decision is a `RouteDecisi
 Budgets (`moa.runtime.budget`): `budget=` limits every request (it replaces the config's `budget`;
 `run(..., budget=...)` sets one request's), `session=` is a ledger shared by every request of
 every mixture it is passed to; a call that could exceed either is refused before it starts.
+
+State (`moa.state`): `state=` says where the session budget, the providers' rate windows and
+their concurrency caps live — this process by default, or Redis (`RedisState`), where every
+process using it shares one session budget (named after the mixture) and one set of limits.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import contextlib
 import math
 import queue
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -45,6 +49,7 @@ from moa.runtime.acting import acting_from
 from moa.runtime.budget import Budget, BudgetGuard, Ledger, SessionBudget
 from moa.runtime.prompts import as_messages
 from moa.runtime.run import Overrides, Run
+from moa.state import State
 from moa.strategies.graph import Execution
 
 T = TypeVar("T")
@@ -64,8 +69,10 @@ class Mixture:
         budget: Budget | dict[str, Any] | None = None,
         session: Ledger | None = None,
         router: Router | None = None,
+        state: State | None = None,
     ) -> None:
-        """`router` replaces the config's `[router]` policy (e.g. a custom `Router` subclass)."""
+        """`router` replaces the config's `[router]` policy (e.g. a custom `Router` subclass);
+        `state` holds the session budget and the providers' limits (default: this process)."""
         base = load(config, registry=registry)
         update: dict[str, Any] = {"mode": mode} if mode else {}
         if budget is not None:
@@ -73,12 +80,15 @@ class Mixture:
         self.config = base.model_copy(update=update) if update else base
         self.registry = self.config.registry(registry)
         self.config.check_models(self.registry)
+        self.state = state
         limit = self.config.session_budget
-        self.session: Ledger | None = (
-            session
-            if session is not None
-            else (None if limit.unlimited else SessionBudget(usd=limit.usd, tokens=limit.tokens))
-        )
+        if session is None and not limit.unlimited:
+            session = (
+                SessionBudget(usd=limit.usd, tokens=limit.tokens)
+                if state is None
+                else state.ledger(f"session:{self.config.name}", limit)
+            )
+        self.session: Ledger | None = session
         """The ledger every request of this mixture settles into (None: no session budget)."""
         self._price = pricing.price_function(self.config.prices)
         self._check_prices(self.config.budget)
@@ -105,10 +115,12 @@ class Mixture:
         n: int = 1,
         logprobs: bool = False,
         top_logprobs: int | None = None,
+        ledgers: Sequence[Ledger] = (),
     ) -> AsyncIterator[Event]:
         """Run the mixture and yield its events; the overrides apply to the final aggregator.
 
-        `budget` replaces the mixture's per-request budget for this request. `tools`,
+        `budget` replaces the mixture's per-request budget for this request; `ledgers` are
+        charged every call too (e.g. a client key's, `State.ledger`). `tools`,
         `tool_choice`, `parallel_tool_calls` and `response_format` go to the acting stage (the
         final aggregator) only; `n`, `logprobs` and `top_logprobs` are its sampling options.
         """
@@ -128,14 +140,14 @@ class Mixture:
                 )
             strategy = Evolution
         limit = self.config.budget if budget is None else as_budget(budget)
-        self._check_prices(limit)
+        self._check_prices(limit, ledgers)
         send, receive = anyio.create_memory_object_stream[Event](math.inf)
         execution = strategy(
             self.config,
             self.registry,
             as_messages(messages),
             send.send_nowait,
-            BudgetGuard(self._price, limit, self.session),
+            BudgetGuard(self._price, limit, self.session, ledgers),
             self.router,
             Overrides(
                 temperature,
@@ -150,6 +162,7 @@ class Mixture:
                 logprobs,
                 top_logprobs,
             ),
+            state=self.state,
         )
 
         async def drive() -> None:
@@ -171,9 +184,11 @@ class Mixture:
         if execution.fatal is not None:
             raise execution.fatal
 
-    def _check_prices(self, request: Budget) -> None:
+    def _check_prices(self, request: Budget, ledgers: Sequence[Ledger] = ()) -> None:
         """A dollar budget needs a price for every model; fail before any call without one."""
-        if request.usd is None and (self.session is None or self.session.limit.usd is None):
+        held = [self.session, *ledgers]
+        if request.usd is None and all(ledger is None or ledger.limit.usd is None
+                                       for ledger in held):
             return
         table = pricing.with_overrides(self.config.prices)
         for _, model in self.config.model_refs():
@@ -199,6 +214,7 @@ class Mixture:
         n: int = 1,
         logprobs: bool = False,
         top_logprobs: int | None = None,
+        ledgers: Sequence[Ledger] = (),
     ) -> MixtureResult:
         """Run the mixture to the end and return its result (raises `MixtureError` on failure)."""
         result: MixtureResult | None = None
@@ -216,6 +232,7 @@ class Mixture:
             n=n,
             logprobs=logprobs,
             top_logprobs=top_logprobs,
+            ledgers=ledgers,
         )
         async with aclosing(events):
             async for event in events:
@@ -254,7 +271,7 @@ class Mixture:
             except BaseException as err:  # handed to the consuming thread
                 items.put(("error", err))
             finally:
-                await self.registry.aclose()
+                await self.aclose()
                 items.put(("end", None))
 
         thread = threading.Thread(target=asyncio.run, args=(pump(),), daemon=True)
@@ -278,15 +295,17 @@ class Mixture:
             thread.join()
 
     async def aclose(self) -> None:
-        """Close the provider connections this mixture opened."""
+        """Close this event loop's provider (and shared-state) connections."""
         await self.registry.aclose()
+        if self.state is not None:
+            await self.state.aclose()
 
     async def _released(self, work: Awaitable[T]) -> T:
         """Await `work`, then close providers: their connections belong to this event loop."""
         try:
             return await work
         finally:
-            await self.registry.aclose()
+            await self.aclose()
 
     async def __aenter__(self) -> Mixture:
         return self

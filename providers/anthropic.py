@@ -3,7 +3,15 @@
 System messages go to the `system` field; a final assistant message is continued
 natively (prefill), so `continue_final` needs no server option. `spec.options` understood
 here: `version` (the `anthropic-version` header), `max_tokens` (sent when a request has
-none; the API requires one) and `headers` (extra headers).
+none; the API requires one), `cache_control` (default true, see below) and `headers` (extra
+headers).
+
+Prompt caching: the stable prefix of a request gets `cache_control: {"type": "ephemeral"}`
+breakpoints, on the system prompt and on the last message before the final user turn (what
+the next call of the same conversation, or an aggregator reading it, sends again), within the
+API's 4 breakpoints. The usage's `cache_read_input_tokens` become `Usage.cached_tokens` and its
+`cache_creation_input_tokens` `Usage.cache_write_tokens`; `prompt_tokens` is the sum of both
+and `input_tokens` (the uncached rest). `cache_control = false` sends no breakpoints.
 
 Tools: OpenAI function tools become Anthropic `tools` ({name, description, input_schema});
 `tool_choice` "auto"/"required"/"none"/named becomes {"type": "auto"/"any"/"none"/"tool"},
@@ -34,6 +42,7 @@ from moa.errors import ProviderError
 from .base import Capabilities, ChatRequest, Delta, Message, Tool, ToolCallDelta, Usage
 from .http import HttpProvider
 from .registry import ProviderSpec
+from .secrets import Secrets, excerpt
 
 API_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 4096
@@ -67,6 +76,21 @@ FORMAT_DESCRIPTION = "Give your final answer as this tool's input, in the requir
 TOOL_CHOICES = {"auto": "auto", "required": "any", "none": "none"}
 """OpenAI tool_choice strings -> Anthropic tool_choice types."""
 
+USAGE_KEYS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens",
+              "output_tokens")
+"""The counts of an Anthropic `usage` object: uncached input, cache writes, cache reads, output."""
+MAX_BREAKPOINTS = 4
+"""The most `cache_control` blocks one request may carry."""
+
+
+def _cached(content: Any) -> list[dict[str, Any]] | None:
+    """`content` with a cache breakpoint on its last block; None when it has no block."""
+    if isinstance(content, str) and content:
+        content = [{"type": "text", "text": content}]
+    if isinstance(content, list) and content and isinstance(content[-1], dict):
+        return [*content[:-1], {**content[-1], "cache_control": {"type": "ephemeral"}}]
+    return None
+
 
 def _text(content: Any) -> str:
     if isinstance(content, str):
@@ -84,11 +108,15 @@ class AnthropicEventDecoder:
     """
 
     def __init__(
-        self, provider: str, model: str, skip_space: int = 0, format_tool: str | None = None
+        self, provider: str, model: str, skip_space: int = 0, format_tool: str | None = None,
+        secrets: Secrets = (),
     ) -> None:
         self.provider, self.model = provider, model
+        self.secrets = secrets
+        """Redacted from the upstream text quoted in an error, before it is cut."""
         self.stopped = False
         self.usage = Usage()
+        self._counts = dict.fromkeys(USAGE_KEYS, 0)
         self._skip = skip_space
         self._format_tool = format_tool
         self._blocks: dict[int, int | None] = {}
@@ -103,7 +131,7 @@ class AnthropicEventDecoder:
         error = error if isinstance(error, dict) else {}
         kind = str(error.get("type") or "api_error")
         status = ERROR_STATUS.get(kind)
-        message = str(error.get("message") or kind)[:300]
+        message = excerpt(str(error.get("message") or kind), 300, *self.secrets)
         return ProviderError(
             f"{self.provider}/{self.model}: the server sent an error inside the stream: "
             f"{message}",
@@ -126,19 +154,14 @@ class AnthropicEventDecoder:
         if not isinstance(data, dict):
             raise ProviderError(
                 f"{self.provider}/{self.model}: the server sent malformed stream data "
-                f"(not a JSON object): {event.data[:60]!r}",
+                f"(not a JSON object): {excerpt(event.data, 60, *self.secrets)!r}",
                 provider=self.provider, model=self.model,
             )
         kind = data.get("type") or event.event
         if kind == "error":
             raise self._error(data.get("error"))
         if kind == "message_start":
-            usage = (data.get("message") or {}).get("usage") or {}
-            self.usage = Usage(
-                sum(int(usage.get(k) or 0) for k in
-                    ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")),
-                int(usage.get("output_tokens") or 0),
-            )
+            self._count((data.get("message") or {}).get("usage"))
         elif kind == "content_block_start":
             return self._block_start(data)
         elif kind == "content_block_delta":
@@ -148,11 +171,7 @@ class AnthropicEventDecoder:
             if delta.get("type") == "input_json_delta" and data.get("index") in self._blocks:
                 return self._arguments(self._blocks[data["index"]], delta.get("partial_json"))
         elif kind == "message_delta":
-            usage = data.get("usage") or {}
-            if usage.get("output_tokens") is not None:
-                self.usage.completion_tokens = int(usage["output_tokens"])
-            if usage.get("input_tokens") is not None:
-                self.usage.prompt_tokens = int(usage["input_tokens"])
+            self._count(data.get("usage"))
             reason = (data.get("delta") or {}).get("stop_reason")
             if reason == "tool_use" and not self._calls:
                 reason = "end_turn"  # only the format tool was called: its input is the answer
@@ -165,6 +184,14 @@ class AnthropicEventDecoder:
     def end(self) -> list[Delta]:
         return []
 
+    def _count(self, usage: Any) -> None:
+        """Fold in a `usage` object; the counts it has replace earlier ones (message_delta's
+        are cumulative). The prompt is the uncached input plus cache writes and reads."""
+        if isinstance(usage, dict):
+            self._counts.update({k: int(usage[k]) for k in USAGE_KEYS if usage.get(k) is not None})
+        fresh, write, read, out = (self._counts[k] for k in USAGE_KEYS)
+        self.usage = Usage(fresh + write + read, out, cached_tokens=read, cache_write_tokens=write)
+
     def _block_start(self, data: dict[str, Any]) -> list[Delta]:
         block = data.get("content_block")
         if not isinstance(block, dict) or block.get("type") != "tool_use":
@@ -173,7 +200,8 @@ class AnthropicEventDecoder:
         if not call_id or not name or not isinstance(data.get("index"), int):
             raise ProviderError(
                 f"{self.provider}/{self.model}: the server sent a malformed tool-call stream "
-                f"(a tool_use block began without an id and a name): {json.dumps(block)[:80]}",
+                "(a tool_use block began without an id and a name): "
+                f"{excerpt(json.dumps(block), 80, *self.secrets)}",
                 provider=self.provider, model=self.model,
             )
         call = None if name == self._format_tool else self._calls
@@ -201,9 +229,10 @@ class AnthropicProvider(HttpProvider):
                                 tools=True, response_format=True)
 
     def __init__(self, spec: ProviderSpec, api_key: SecretStr | None) -> None:
-        super().__init__(spec, api_key)
         self._version = str(spec.options.get("version", API_VERSION))
+        super().__init__(spec, api_key)
         self._max_tokens = int(spec.options.get("max_tokens", DEFAULT_MAX_TOKENS))  # type: ignore[call-overload]
+        self._cache_control = bool(spec.options.get("cache_control", True))
 
     def _fail(self, request: ChatRequest, message: str) -> ProviderError:
         return ProviderError(f"{self.name}/{request.model}: {message}",
@@ -239,8 +268,27 @@ class AnthropicProvider(HttpProvider):
         if request.stop:
             body["stop_sequences"] = request.stop
         format_tool = self._add_tools(request, body)
+        if self._cache_control:
+            self._mark_prefix(body)
         body.update(request.extra)
         return body, cut, format_tool
+
+    @staticmethod
+    def _mark_prefix(body: dict[str, Any]) -> None:
+        """Cache breakpoints on the system prompt and on the last message before the final
+        user turn, as many as fit beside those the messages already carry."""
+        messages = body["messages"]
+        room = MAX_BREAKPOINTS - sum(
+            isinstance(block, dict) and "cache_control" in block
+            for message in messages if isinstance(message.get("content"), list)
+            for block in message["content"]
+        )
+        if room > 0 and (system := _cached(body.get("system"))):
+            body["system"], room = system, room - 1
+        users = [i for i, message in enumerate(messages) if message.get("role") == "user"]
+        before = users[-1] - 1 if users else -1
+        if room > 0 and before >= 0 and (content := _cached(messages[before].get("content"))):
+            messages[before] = {**messages[before], "content": content}
 
     def _messages(self, request: ChatRequest) -> list[Message]:
         """Non-system messages; tool calls and results as Anthropic content blocks."""
@@ -353,6 +401,7 @@ class AnthropicProvider(HttpProvider):
             "/v1/messages",
             request.model,
             body,
-            lambda: AnthropicEventDecoder(self.name, request.model, cut, format_tool),
+            lambda: AnthropicEventDecoder(self.name, request.model, cut, format_tool,
+                                          self.secrets),
             request.on_retry,
         )

@@ -10,7 +10,7 @@ import abc
 import math
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 
@@ -21,6 +21,10 @@ an assistant turn may carry OpenAI `tool_calls`, a tool turn its `tool_call_id`.
 Tool = dict[str, Any]
 """An OpenAI function tool: {"type": "function", "function": {"name", "description",
 "parameters"}}."""
+
+Waiting = Literal["queued", "prompt"]
+"""Why a call streams nothing yet: it waits for its turn on the backend, or the backend
+evaluates its prompt."""
 
 
 @dataclass
@@ -48,8 +52,12 @@ class ChatRequest:
     """OpenAI `response_format`: {"type": "json_object"} or {"type": "json_schema", ...}."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Provider-specific body fields passed through unchanged."""
-    on_retry: Callable[[], None] | None = field(default=None, repr=False, compare=False)
-    """Called before each retried attempt of this call (HTTP providers retry failed attempts)."""
+    on_retry: Callable[[int, str], None] | None = field(default=None, repr=False, compare=False)
+    """Called before each retried attempt of this call (HTTP providers retry failed attempts)
+    with the number of the attempt about to start (2, 3, ...) and why the last one failed."""
+    on_wait: Callable[[Waiting], None] | None = field(default=None, repr=False, compare=False)
+    """Called by a backend that serves requests in turn when this call waits for its turn
+    ("queued") and when its prompt evaluation starts ("prompt")."""
 
 
 @dataclass

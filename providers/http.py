@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import math
+import os
 import random
 import ssl
 import time
@@ -37,7 +38,7 @@ from moa.errors import ConfigError, ProviderError, ProviderTimeout, StreamInterr
 
 from .base import Delta, Provider
 from .registry import Limits, ProviderSpec
-from .secrets import mask_url, redact, split_credentials
+from .secrets import Secrets, excerpt, mask_url, redact, split_credentials
 
 log = logging.getLogger("moa.providers")
 
@@ -94,9 +95,12 @@ def header_option(options: Mapping[str, object]) -> dict[str, str]:
     return {str(k): str(v) for k, v in headers.items()}
 
 
-def error_detail(raw: bytes) -> str:
-    """The human part of an error body: `error.message` of a JSON error, else the text."""
-    text = raw[:MAX_ERROR_BODY].decode("utf-8", "replace").strip()
+def error_detail(raw: bytes, *secrets: SecretStr | str | None) -> str:
+    """The human part of an error body: `error.message` of a JSON error, else the text.
+
+    The secrets are redacted from the whole body and again from the message (JSON escapes
+    may hide one in the raw text) before either is cut to length."""
+    text = redact(raw.decode("utf-8", "replace"), *secrets).strip()[:MAX_ERROR_BODY]
     try:
         payload = json.loads(text)
     except ValueError:
@@ -104,9 +108,9 @@ def error_detail(raw: bytes) -> str:
     if isinstance(payload, dict):
         error = payload.get("error", payload)
         if isinstance(error, dict) and error.get("message"):
-            return str(error["message"])[:300]
+            return excerpt(str(error["message"]), 300, *secrets)
         if isinstance(error, str):
-            return error[:300]
+            return excerpt(error, 300, *secrets)
     return text[:200]
 
 
@@ -121,8 +125,9 @@ class StreamCall:
     decoder: Callable[[], EventDecoder]
     secrets: tuple[SecretStr | str | None, ...] = ()
     """The API key inside `headers` (and any URL password), scrubbed from every message."""
-    on_retry: Callable[[], None] | None = None
-    """Called before each retried attempt (a result's `calls` counts attempts)."""
+    on_retry: Callable[[int, str], None] | None = None
+    """Called before each retried attempt with its number and the (scrubbed) reason of the
+    last failure (a result's `calls` counts attempts)."""
 
 
 @dataclass
@@ -320,7 +325,7 @@ class HttpTransport:
             reason = redact(str(exc), *call.secrets)
             log.info("%s: retrying in %.3f s after: %s", who, state.upcoming_sleep, reason)
             if call.on_retry is not None:
-                call.on_retry()
+                call.on_retry(state.attempt_number + 1, reason)
 
         retrying = AsyncRetrying(
             stop=give_up,
@@ -435,7 +440,7 @@ class HttpTransport:
         self, response: httpx.Response, raw: bytes, call: StreamCall
     ) -> ProviderError:
         status = response.status_code
-        detail = error_detail(raw)
+        detail = error_detail(raw, *call.secrets)
         message = f"{self.provider}/{call.model}: HTTP {status}"
         if detail:
             message += f": {detail}"
@@ -484,6 +489,21 @@ def _interrupted(exc: ProviderError, received: str) -> StreamInterrupted:
     )
 
 
+_CREDENTIALS_TOLD: set[tuple[str, str]] = set()
+
+
+def _say_which_credentials(spec: ProviderSpec, base_url: str) -> None:
+    """Warn, once per process and provider, that the API key replaces the URL's credentials
+    (both would be the `authorization` header)."""
+    if (spec.prefix, base_url) in _CREDENTIALS_TOLD:
+        return
+    _CREDENTIALS_TOLD.add((spec.prefix, base_url))
+    key = "the given API key" if spec.key is not None else spec.key_variable
+    url = spec.base_url_variable if os.environ.get(spec.base_url_variable) else "base_url"
+    log.warning("%s: %s and the user:password@ in %s are both set; the key is sent and the "
+                "URL's credentials are not.", spec.prefix, key, url)
+
+
 class HttpProvider(Provider):
     """What the HTTP providers share: base URL, key, extra headers and one transport (pool)."""
 
@@ -504,9 +524,17 @@ class HttpProvider(Provider):
         """Scrubbed from every message: the key, a URL password, extra header values."""
         self._api_key = api_key
         self._transport = HttpTransport(spec.prefix, spec.limits, key_variable=spec.key_variable)
+        key_headers = map(str.lower, self.auth_headers("key"))
+        if basic and api_key is not None and "authorization" in key_headers:
+            _say_which_credentials(spec, self.base_url)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(prefix={self.name!r}, base_url={self.base_url!r})"
+
+    @property
+    def secrets(self) -> Secrets:
+        """What every message about this provider is scrubbed of."""
+        return self._secrets
 
     @property
     def transport(self) -> HttpTransport:
@@ -518,7 +546,7 @@ class HttpProvider(Provider):
 
     async def post_stream(
         self, path: str, model: str, body: dict[str, Any], decoder: Callable[[], EventDecoder],
-        on_retry: Callable[[], None] | None = None,
+        on_retry: Callable[[int, str], None] | None = None,
     ) -> AsyncIterator[Delta]:
         """POST `body` to `path` and yield the decoded deltas (retries, limits, timeouts)."""
         key = self._api_key.get_secret_value() if self._api_key is not None else ""

@@ -11,6 +11,9 @@ switched-off feature is refused), `stream_usage` (default true: ask for a usage 
 Tools pass through as OpenAI defines them: `tools`, `tool_choice`, `parallel_tool_calls`
 and `response_format` go into the body as given, assistant `tool_calls` and `tool`
 messages are sent verbatim, and streamed `delta.tool_calls` come back as `ToolCallDelta`s.
+
+The usage's `prompt_tokens_details.cached_tokens` (prompt tokens served from the server's
+prompt cache) becomes `Usage.cached_tokens`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from moa.errors import ConfigError, ProviderError
 from .base import Capabilities, ChatRequest, Delta, TokenLogprob, ToolCallDelta, Usage
 from .http import HttpProvider, retryable_status
 from .registry import ProviderSpec
+from .secrets import Secrets, excerpt
 
 CONTINUATION_MODES = ("vllm", "prefill")
 _RETRYABLE_ERROR_TYPES = frozenset({"server_error", "rate_limit_error", "overloaded_error",
@@ -51,8 +55,21 @@ def parse_logprobs(payload: Any) -> list[TokenLogprob] | None:
     return out or None
 
 
-def stream_error(who: str, error: Any, *, provider: str, model: str) -> ProviderError:
-    """A `ProviderError` for an error object sent inside a stream."""
+def parse_usage(usage: dict[str, Any]) -> Usage:
+    """An OpenAI `usage` object (a streamed final chunk's or a response body's): cached
+    prompt tokens from `prompt_tokens_details.cached_tokens`, or DeepSeek's
+    `prompt_cache_hit_tokens`."""
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    if cached is None:
+        cached = usage.get("prompt_cache_hit_tokens")
+    return Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),
+                 cached_tokens=int(cached or 0))
+
+
+def stream_error(who: str, error: Any, *, provider: str, model: str,
+                 secrets: Secrets = ()) -> ProviderError:
+    """A `ProviderError` for an error object sent inside a stream (`secrets` redacted)."""
     if isinstance(error, dict):
         message = str(error.get("message") or error.get("type") or "unknown error")
         code, kind = error.get("code"), str(error.get("type") or "")
@@ -61,7 +78,7 @@ def stream_error(who: str, error: Any, *, provider: str, model: str) -> Provider
     status = code if isinstance(code, int) else None
     retryable = retryable_status(status) if status else kind in _RETRYABLE_ERROR_TYPES
     return ProviderError(
-        f"{who}: the server sent an error inside the stream: {message[:300]}",
+        f"{who}: the server sent an error inside the stream: {excerpt(message, 300, *secrets)}",
         provider=provider, model=model, status=status, retryable=retryable,
     )
 
@@ -69,8 +86,10 @@ def stream_error(who: str, error: Any, *, provider: str, model: str) -> Provider
 class OpenAIChunkDecoder:
     """Chat-completion chunks -> deltas; the usage is reported once, at the end."""
 
-    def __init__(self, provider: str, model: str) -> None:
+    def __init__(self, provider: str, model: str, secrets: Secrets = ()) -> None:
         self.provider, self.model = provider, model
+        self.secrets = secrets
+        """Redacted from the upstream text quoted in an error, before it is cut."""
         self.done = False
         self.finished = False
         self._usage: Usage | None = None
@@ -104,7 +123,8 @@ class OpenAIChunkDecoder:
     def _malformed_call(self, entry: Any) -> ProviderError:
         return ProviderError(
             f"{self.provider}/{self.model}: the server sent a malformed tool-call stream "
-            f"(a call began without an id and a function name): {json.dumps(entry)[:80]}",
+            "(a call began without an id and a function name): "
+            f"{excerpt(json.dumps(entry), 80, *self.secrets)}",
             provider=self.provider, model=self.model,
         )
 
@@ -131,12 +151,12 @@ class OpenAIChunkDecoder:
         if not isinstance(chunk, dict):
             raise ProviderError(
                 f"{who}: the server sent malformed stream data (not a JSON object): "
-                f"{data[:60]!r}",
+                f"{excerpt(data, 60, *self.secrets)!r}",
                 provider=self.provider, model=self.model,
             )
         if chunk.get("error") or chunk.get("object") == "error" or event.event == "error":
-            raise stream_error(who, chunk.get("error") or chunk,
-                               provider=self.provider, model=self.model)
+            raise stream_error(who, chunk.get("error") or chunk, provider=self.provider,
+                               model=self.model, secrets=self.secrets)
         deltas = []
         for choice in chunk.get("choices") or []:
             delta = choice.get("delta") or {}
@@ -151,9 +171,7 @@ class OpenAIChunkDecoder:
                 deltas.append(Delta(text, index, finish, None, logprobs, calls))
         usage = chunk.get("usage") or (chunk.get("x_groq") or {}).get("usage")
         if isinstance(usage, dict):
-            self._usage = Usage(
-                int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
-            )
+            self._usage = parse_usage(usage)
         return deltas
 
     def end(self) -> list[Delta]:
@@ -242,6 +260,6 @@ class OpenAICompatProvider(HttpProvider):
             "/chat/completions",
             request.model,
             self.body(request),
-            lambda: OpenAIChunkDecoder(self.name, request.model),
+            lambda: OpenAIChunkDecoder(self.name, request.model, self.secrets),
             request.on_retry,
         )

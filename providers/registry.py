@@ -31,7 +31,11 @@ _EXTRAS: dict[str, str] = {"llamacpp": "local", "vllm": "vllm"}
 
 
 class Limits(BaseModel):
-    """Retry, timeout and concurrency settings of one provider."""
+    """Retry, timeout, concurrency and rate settings of one provider.
+
+    `rpm` / `tpm` and the concurrency caps hold per process with the in-process state, and
+    across every replica with a shared one (`moa.state`); there `max_concurrency` is shared only
+    when set explicitly (its default stays per process)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -43,6 +47,10 @@ class Limits(BaseModel):
     total_timeout: float | None = Field(600.0, gt=0, description="Whole-call deadline.")
     max_concurrency: int = Field(16, ge=1, description="Open calls to this provider at once.")
     max_concurrency_per_model: int | None = Field(None, ge=1)
+    rpm: int | None = Field(None, ge=1, description="Requests per minute to this provider.")
+    tpm: int | None = Field(
+        None, ge=1, description="Tokens per minute (worst case reserved, actual usage settled)."
+    )
     pool_size: int = Field(
         16, ge=1, description="Connections per connection pool; more open calls use more pools "
         "(httpcore's pool bookkeeping grows with the square of its size)."
@@ -173,9 +181,15 @@ class Registry:
             raise UnknownProviderError(prefix, list(self._specs)) from None
 
     def check(self, ref: str) -> tuple[ProviderSpec, str]:
-        """Validate a reference without creating a provider (used at config load time)."""
+        """Validate a reference without creating a provider (used at config load time); an
+        embedded llama.cpp model's file and options are checked too."""
         prefix, model = split_ref(ref)
-        return self.spec(prefix), model
+        spec = self.spec(prefix)
+        if spec.kind == "llamacpp":
+            from moa.local_engine.model_files import check_local
+
+            check_local(model, spec.options)
+        return spec, model
 
     def resolve(self, ref: str) -> tuple[Provider, str]:
         """Return the shared provider for `ref` and the model name to send it."""

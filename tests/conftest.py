@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from moa.testing import LoopbackServer
+from moa.testing.redis import RedisServer
 
 
 @pytest.fixture
@@ -18,4 +19,11 @@ def anyio_backend() -> str:
 def loopback() -> Iterator[LoopbackServer]:
     """A started loopback server (echo model by default); use `set_behavior` per model."""
     with LoopbackServer() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server on a free port in a temporary directory (fails when not installed)."""
+    with RedisServer() as server:
         yield server

@@ -47,7 +47,8 @@ async def test_stream_text_usage_and_stop_reason(loopback: LoopbackServer) -> No
     assert "authorization" not in request.headers
     body = request.body
     assert body is not None
-    assert body["system"] == "Be brief."
+    assert body["system"] == [{"type": "text", "text": "Be brief.",
+                               "cache_control": {"type": "ephemeral"}}]
     assert [m["role"] for m in body["messages"]] == ["user"]
     assert body["max_tokens"] == 4096 and body["stream"] is True
     assert body["temperature"] == 0.3 and body["stop_sequences"] == ["##"]

@@ -76,6 +76,17 @@ def test_serve_quick(capsys: pytest.CaptureFixture[str]) -> None:
         assert ("overhead_p50_ms" in r) == (r["path"] == "server")
 
 
+def test_serve_replicas_quick(capsys: pytest.CaptureFixture[str], redis_server) -> None:
+    rows = bench(capsys, "serve", "--replicas", "2", "--redis", redis_server.url,
+                 "--clients", "1,2", "--rounds", "1")["rows"]
+    paths = ("1 replica, state in process", "2 replicas, state in Redis")
+    assert [(r["clients"], r["path"]) for r in rows] == [(n, p) for n in (1, 2) for p in paths]
+    for r in rows:
+        assert r["bad_streams"] == 0 and r["requests_per_s"] > 0
+        assert r["ttft_p50_ms"] <= r["ttft_p95_ms"]
+        assert ("added_p50_ms" in r) == (r["path"] == paths[1])
+
+
 def test_routing_quick_writes_its_plot_only_where_asked(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -436,8 +436,15 @@ class Pty:
 
     def expect(self, text: str, count: int, timeout: float = 30.0) -> None:
         """Read until `text` has appeared `count` times in all (or fail after `timeout`)."""
+        self.read_until(lambda: self.text.count(text) >= count, text, timeout)
+
+    def expect_after(self, marker: str, text: str) -> None:
+        """Read until `text` has appeared after the last `marker` (which must have appeared)."""
+        self.read_until(lambda: text in self.text.rsplit(marker, 1)[-1], text)
+
+    def read_until(self, done: Callable[[], bool], text: str, timeout: float = 30.0) -> None:
         end = time.monotonic() + timeout
-        while self.output.decode(errors="replace").count(text) < count:
+        while not done():
             left = end - time.monotonic()
             assert left > 0, f"timed out waiting for {text!r}; got:\n{self.output[-2000:]!r}"
             if select.select([self.fd], [], [], left)[0]:
@@ -448,23 +455,62 @@ class Pty:
                 assert chunk, f"the child exited; got:\n{self.output[-2000:]!r}"
                 self.output += chunk
 
+    def read_to_end(self, timeout: float = 60.0) -> str:
+        """Read until the child closes the terminal (it exited); returns all of the output."""
+        end = time.monotonic() + timeout
+        while select.select([self.fd], [], [], max(end - time.monotonic(), 0))[0]:
+            try:
+                chunk = os.read(self.fd, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            self.output += chunk
+        return self.text
+
     def type(self, line: str) -> None:
         os.write(self.fd, line.encode() + b"\n")
 
+    @property
+    def text(self) -> str:
+        return self.output.decode(errors="replace")
+
+    def frame(self, *markers: str) -> str:
+        """The latest complete frame of the live view that holds every marker (control codes
+        removed): waits for the markers, then for the next redraw, which ends that frame."""
+        for marker in markers:
+            self.expect(marker, 1)
+        self.expect(REDRAW, self.text.count(REDRAW) + 1)
+        frames = [f for f in FRAME.split(self.text)[:-1] if all(m in f for m in markers)]
+        assert frames, f"no complete frame holds {markers!r}"
+        return ANSI.sub("", frames[-1])
+
+    def after_live(self) -> str:
+        """What was printed after the live view last erased itself (control codes removed)."""
+        return ANSI.sub("", self.text.rsplit(ERASE_LINE, 1)[-1])
+
+
+ERASE_LINE = "\x1b[2K"
+REDRAW = "\x1b[1A\x1b[2K"
+FRAME = re.compile(r"\r\x1b\[2K(?:\x1b\[1A\x1b\[2K)*")
+"""rich.live moves back over its last frame (cursor up, erase line) before it draws the next."""
+
 
 @contextlib.contextmanager
-def chat_in_pty(args: list[str], columns: int) -> Iterator[tuple[subprocess.Popen[bytes], Pty]]:
-    """`moa` with `args` on a pseudo-terminal of `columns` x 40, with the default Ctrl-C; the
-    child is killed if it is still running when the block ends."""
+def chat_in_pty(
+    args: list[str], columns: int, lines: int = 40
+) -> Iterator[tuple[subprocess.Popen[bytes], Pty]]:
+    """`moa` with `args` on a pseudo-terminal of `columns` x `lines`, with the default Ctrl-C;
+    the child is killed if it is still running when the block ends."""
     import fcntl
     import pty
     import struct
     import termios
 
     master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", lines, columns, 0, 0))
     env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "NO_COLOR")}
-    env.update(TERM="xterm-256color", COLUMNS=str(columns), LINES="40")
+    env.update(TERM="xterm-256color", COLUMNS=str(columns), LINES=str(lines))
     proc = subprocess.Popen(
         [sys.executable, "-m", "moa.cli", *args],
         stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True,
@@ -567,3 +613,213 @@ def test_live_view_shows_a_started_agent_without_tokens_as_waiting(server: Any) 
     with view.console.capture() as capture:
         view.console.print(view)
     assert re.search(r"L1\.1 loop/slow\s+streaming\s+1", capture.get())
+
+
+# ---------------------------------------------------------------- the live view and the chat
+
+
+def test_ctrl_c_mid_answer_keeps_the_streamed_text(server: Any, config: str) -> None:
+    from moa.testing import ModelBehavior
+
+    server.set_behavior("agg", ModelBehavior(reply="Kept Streamed Words never", stall_after=3))
+    with chat_in_pty([*CHAT, "-c", config, "Hi"], 120) as (proc, term):
+        term.expect("Words", 1)  # on screen, inside the live view
+        proc.send_signal(signal.SIGINT)
+        term.expect("moa: interrupted.", 1)
+        assert proc.wait(timeout=30) == 130
+    kept = term.after_live()
+    assert "Kept Streamed Words" in kept and "[interrupted]" in kept, kept
+    assert re.search(r"final loop/agg\s+streaming", kept), kept
+    assert kept.rstrip().endswith("moa: interrupted.")
+    wait_until(lambda: server.active_streams == 0)
+
+
+def test_80x30_folds_the_proposers_and_keeps_the_answer_in_view(server: Any, config: str) -> None:
+    from moa.testing import ModelBehavior
+
+    long_answer = "\n\n".join(f"Para{i:02d}" for i in range(40))
+    server.set_behavior("agg", ModelBehavior(reply=long_answer, stall_after=30))
+    with chat_in_pty([*CHAT, "-c", config, "Hi"], 80, lines=30) as (proc, term):
+        frame = term.frame("Para29")
+        proc.send_signal(signal.SIGINT)
+        term.expect("moa: interrupted.", 1)
+        assert proc.wait(timeout=30) == 130
+    lines = frame.splitlines()
+    assert len(lines) < 30, frame
+    assert max(len(line) for line in lines) <= 80
+    # Each proposer is one line; the status table, the totals and the answer's tail stay.
+    assert "╭─ L1.1" not in frame and re.search(r"^L1\.1 loop/a +Alpha thinks", frame, re.M)
+    assert re.search(r"final loop/agg\s+streaming", frame) and "answer" in frame
+    assert "Para28" in frame and "Para00" not in frame
+    # After Ctrl-C the whole answer so far is on screen, not only what fitted.
+    kept = term.after_live()
+    assert "Para00" in kept and "Para29" in kept and "Para30" not in kept
+
+
+def test_live_view_shows_retries_and_the_running_cost(
+    server: Any, config: str, tmp_path: Path
+) -> None:
+    from moa.testing import ModelBehavior
+
+    server.set_behavior("x", ModelBehavior(reply="late", fail_status=503, fail_times=1,
+                                           retry_after=60))
+    server.set_behavior("agg", ModelBehavior(reply="never", stall_after=0))
+    flaky = write(tmp_path, Path(config).read_text() + f"""
+[providers.flaky]
+kind = "openai"
+base_url = "{server.base_url}"
+key_required = false
+[providers.flaky.limits]
+max_retries = 1
+
+[prices]
+"loop/b" = [10000.0, 20000.0]
+""", "flaky.toml")
+    argv = ["chat", "-c", flaky, "-p", "flaky/x", "-p", "loop/b", "-a", "loop/agg",
+            "--mode", "layered", "Hi"]
+    with chat_in_pty(argv, 160) as (proc, term):
+        # flaky/x waits for its second attempt; loop/b has answered and reported its usage.
+        frame = term.frame("retrying (attempt 2)", "so far")
+        assert re.search(r"L1\.1 flaky/x\s+waiting\s+0\s+[\d.]+\s+retrying \(attempt 2\): "
+                         r".*503", frame), frame
+        assert re.search(r"L1\.2 loop/b\s+done", frame)
+        assert re.search(r"\$(?!0\.0000)\d+\.\d{4} so far", frame), frame
+        proc.send_signal(signal.SIGINT)
+        term.expect("moa: interrupted.", 1)
+        assert proc.wait(timeout=30) == 130
+    assert "retrying (attempt 2)" in term.after_live()
+
+
+@pytest.mark.slow  # the real model (two 2-token answers)
+def test_live_view_says_when_an_agent_is_queued_or_evaluating_its_prompt(server: Any) -> None:
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python (moa-stack[local]) missing")
+    from rich.console import Console
+
+    from moa.cli.live import LiveView
+    from moa.events import AgentDelta, AgentWaiting
+    from moa.mixture import Mixture
+
+    agents = [{"model": "local/smollm2", "max_tokens": 2, "temperature": 0}] * 2
+    mixture = Mixture({
+        "mode": "layered", "layers": [{"agents": agents}], "aggregator": {"model": "loop/agg"},
+        "providers": {"loop": {"base_url": server.base_url, "key_required": False}},
+    })
+    view = LiveView(Console(width=120, record=True, force_terminal=False))
+    waits: list[tuple[str, str]] = []
+    screens: list[str] = []
+
+    async def watch() -> None:
+        async with contextlib.aclosing(mixture.stream("Hi")) as events:
+            async for event in events:
+                view.on_event(event)
+                if isinstance(event, AgentWaiting):
+                    waits.append((event.agent.key, event.why))
+                    with view.console.capture() as capture:
+                        view.console.print(view)
+                    screens.append(capture.get())
+                if isinstance(event, AgentDelta):  # its first token ends the wait
+                    assert view._agents[event.agent].why == ""
+        await mixture.aclose()
+
+    anyio.run(watch)
+    # One engine instance: one proposer evaluates its prompt while the other waits its turn.
+    [(queued, _)] = [w for w in waits if w[1] == "queued"]
+    prompts = [key for key, why in waits if why == "prompt"]
+    assert sorted(prompts) == ["L1.1", "L1.2"] and prompts[-1] == queued
+    assert waits.index((queued, "queued")) < waits.index((queued, "prompt"))
+    text = "\n".join(screens)
+    assert re.search(rf"{queued} local/smollm2\s+waiting\s+0\s+[\d.]*\s+queued for the engine",
+                     text), text
+    assert "evaluating the prompt" in text
+
+
+def interrupt_at_the_prompt(proc: subprocess.Popen[bytes], term: Pty) -> None:
+    """Ctrl-C at the prompt, until a fresh prompt shows: CPython's readline misses a SIGINT
+    that lands between drawing the prompt and waiting for input (it waits on)."""
+    prompts = term.text.count("you> ")
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        proc.send_signal(signal.SIGINT)
+        with contextlib.suppress(AssertionError):
+            term.expect("you> ", prompts + 1, timeout=2)
+            return
+    raise AssertionError("Ctrl-C at the prompt did not give a fresh prompt")
+
+
+def test_repl_ctrl_c_at_the_prompt_help_and_multi_line_questions(
+    server: Any, config: str
+) -> None:
+    with chat_in_pty([*CHAT, "-c", config], 120) as (proc, term):
+        term.expect("you> ", 1)
+        interrupt_at_the_prompt(proc, term)  # a fresh prompt, not the end of the chat
+        term.type("/help")
+        term.expect("Ctrl-C", 1)
+        term.expect_after("Ctrl-C", "you> ")
+        for command in ("/reset", "/exit", "Ctrl-D", '"""'):
+            assert command in term.text.rsplit("/help", 1)[-1]
+        term.type('"""First line,')  # a block: one question, not one mixture per line
+        term.expect("...> ", 1)
+        term.type("second line.")
+        term.type('End."""')
+        term.expect("TTFT", 1)
+        term.expect_after("TTFT", "you> ")
+        assert "\x1b[?2004h" in term.text  # readline asks the terminal for bracketed paste
+        os.write(term.fd, b"\x1b[200~Pasted one.\nPasted two.\x1b[201~\n")
+        term.expect("TTFT", 2)
+        term.expect_after("TTFT", "you> ")
+        os.write(term.fd, b"\x04")  # Ctrl-D leaves
+        assert proc.wait(timeout=30) == 0
+    first, second = (texts(b) for b in bodies(server, "a"))
+    assert first == [("user", "First line,\nsecond line.\nEnd.")]
+    assert second == [*first, ("assistant", REPLIES["agg"]), ("user", "Pasted one.\nPasted two.")]
+
+
+def test_debug_is_accepted_before_the_command(server: Any, config: str) -> None:
+    proc = moa_cli("--debug", "chat", "-c", config, "-p", "locked/x", "Hi")
+    assert proc.returncode == 1 and "Traceback" in proc.stderr
+    assert "MissingKeyError" in proc.stderr
+
+
+# ---------------------------------------------------------------- progress of long commands
+
+BAR = r"\s+\S+\s+{done}/{total}\s+\d+:\d\d:\d\d"
+"""A progress bar's line after its description: the bar, done/total, the elapsed time."""
+
+
+def test_long_commands_draw_a_progress_bar_on_a_terminal_only(
+    server: Any, config: str, tmp_path: Path
+) -> None:
+    tasks = write(tmp_path, "".join(
+        json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n"
+        for i in range(3)
+    ), "tasks.jsonl")
+    routed = write(tmp_path, Path(config).read_text() + """
+[[layers]]
+agents = [{model = "loop/a"}]
+[aggregator]
+model = "loop/agg"
+strong = "loop/b"
+""", "routed.toml")
+    runs = {
+        "model loop/a" + BAR.format(done=3, total=3): ["eval", tasks, "-c", routed, "-m", "loop/a"],
+        "calibrate" + BAR.format(done=3, total=3):
+            ["calibrate", tasks, "-c", routed, "--strong-share", "0.5"],
+        "quality dev" + BAR.format(done=4, total=4):
+            ["bench", "quality", "--providers", config, "-m", "loop/a", "--split", "dev",
+             "--limit", "1", "--rows", "alone greedy"],
+        "staircase" + BAR.format(done=r"(\d+)", total=r"\1"):  # every run done
+            ["bench", "staircase", "--quick", "--tokens", "4", "--pacing", "lockstep"],
+    }
+    for bar, argv in runs.items():
+        with chat_in_pty(argv, 120) as (proc, term):
+            screen = ANSI.sub("", term.read_to_end())
+            assert proc.wait(timeout=60) == 0, screen
+        assert re.search(bar, screen), screen
+    # Nothing extra with --json on a terminal, nor when piped.
+    with chat_in_pty(["eval", tasks, "-c", routed, "--json"], 120) as (proc, term):
+        screen = term.read_to_end()
+        assert proc.wait(timeout=60) == 0, screen
+    assert '"rows"' in screen and not re.search(r"\d+:\d\d:\d\d", screen), screen
+    piped = moa_cli("eval", tasks, "-c", routed)
+    assert piped.returncode == 0 and piped.stderr == ""
+    assert not re.search(r"\d+:\d\d:\d\d", piped.stdout)

@@ -28,7 +28,7 @@ max_tokens = 256
 
 [staircase]
 chunk_tokens = [8, 32]
-layout = "prefix_cache"
+layout = "cache"
 """
 
 

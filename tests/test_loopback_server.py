@@ -166,7 +166,8 @@ def test_anthropic_messages_document(loopback: LoopbackServer) -> None:
     assert reply["type"] == "message" and reply["role"] == "assistant"
     assert reply["content"] == [{"type": "text", "text": "Bonjour à"}]
     assert reply["stop_reason"] == "max_tokens"
-    assert reply["usage"] == {"input_tokens": 3, "output_tokens": 2}
+    assert reply["usage"] == {"input_tokens": 3, "cache_creation_input_tokens": 0,
+                              "cache_read_input_tokens": 0, "output_tokens": 2}
 
 
 def test_anthropic_stream_event_order(loopback: LoopbackServer) -> None:

@@ -107,7 +107,7 @@ async def test_a_refused_proposer_fails_alone_while_the_quorum_holds(srv: Loopba
 
     data["layers"][0]["min_proposers"] = 3
     async with Mixture(data, registry=registry(srv), budget={"tokens": 1500}) as mixture:
-        with pytest.raises(NotEnoughProposers, match="min_proposers=3"):
+        with pytest.raises(NotEnoughProposers, match="min_proposers is 3"):
             await mixture.run(QUESTION)
 
 

@@ -14,6 +14,7 @@ from moa.runtime.prompts import (
     Reference,
     aggregate_messages,
     as_messages,
+    cache_messages,
     fit_references,
     mark_duplicates,
     readable_block,
@@ -121,28 +122,42 @@ def _feeds(*texts: str, done: bool = True) -> list[Feed]:
     return feeds
 
 
-@pytest.mark.parametrize("layout", ["readable", "prefix_cache"])
-def test_views_of_finished_references_equal_the_layered_block(layout: str) -> None:
-    feeds = _feeds("one", "two", "one")
-    view = ReferenceView(feeds, layout)  # type: ignore[arg-type]
-    view.update()
-    assert view.block(AGGREGATE_PROMPT) == readable_block(
-        [Reference("one"), Reference("two"), Reference("one", same_as=1)]
-    )
+def test_finished_references_in_either_layout_are_the_papers_block() -> None:
+    expected = readable_block([Reference("one"), Reference("two"), Reference("one", same_as=1)])
+    paper = ReferenceView(_feeds("one", "two", "one"), "paper")
+    paper.update()
+    assert paper.block(AGGREGATE_PROMPT) == expected
+    cache = ReferenceView(_feeds("one", "two", "one"), "cache")
+    cache.update(instruction=AGGREGATE_PROMPT)
+    assert cache.rounds == [expected]
 
 
-def test_prefix_cache_layout_appends_rounds() -> None:
+def test_cache_layout_adds_rounds_that_are_never_rewritten() -> None:
     board = Board()
     feeds = [Feed(board, lambda i: 1) for _ in range(2)]
     feeds[0].push("Alpha")
     feeds[1].push("Beta")
-    view = ReferenceView(feeds, "prefix_cache")
-    view.update()
-    first = view.block("I")
+    view = ReferenceView(feeds, "cache")
+    view.update(instruction="I")
     feeds[0].push(" more")
     feeds[0].finish()
-    view.update()
-    second = view.block("I")
-    assert first.startswith("I\n1. Alpha\n2. Beta\n\n(Some responses")
-    assert second.startswith("I\n1. Alpha\n2. Beta\n\n[More of the responses, part 2]\n1. … more")
-    assert second.startswith(first[: first.index("\n\n(Some")])
+    feeds[1].fail(keep=False)
+    view.update(instruction="I")
+    first, second = view.rounds
+    assert first.startswith("I\n1. Alpha …\n2. Beta …\n\n(Some responses")
+    assert second == ("[More of the responses, part 2]\n1. … more\n2. [this response failed; "
+                      "disregard what it wrote]")
+    view.update(instruction="I")
+    assert len(view.rounds) == 2, "no news, no round"
+
+
+def test_cache_messages_put_the_rounds_after_the_conversation() -> None:
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q?"}]
+    out = cache_messages(chat, ["R1", "R2"], "Hello world", system="Judge.")
+    assert out[:2] == chat, "the conversation first, exactly as the advisors got it"
+    assert out[2:] == [
+        {"role": "user", "content": "Judge.\n\nR1"},
+        {"role": "user", "content": "R2"},
+        {"role": "assistant", "content": "Hello world"},
+    ]
+    assert cache_messages(chat, ["R1"], "")[-1] == {"role": "user", "content": "R1"}

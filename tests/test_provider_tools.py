@@ -226,7 +226,8 @@ async def test_anthropic_second_turn_becomes_tool_use_and_tool_result_blocks(
         {"type": "text", "text": "Let me check."},
         {"type": "tool_use", "id": ids[0], "name": "get_weather",
          "input": {"city": "Paris", "unit": "celsius"}},
-        {"type": "tool_use", "id": ids[1], "name": "add", "input": {"a": 1, "b": 2}},
+        {"type": "tool_use", "id": ids[1], "name": "add", "input": {"a": 1, "b": 2},
+         "cache_control": {"type": "ephemeral"}},  # the prefix before the final user turn
     ]}
     assert results == {"role": "user", "content": [
         {"type": "tool_result", "tool_use_id": ids[0], "content": "18 degrees, clear"},

@@ -61,11 +61,13 @@ def test_score_uses_the_extractor_and_a_wilson_interval() -> None:
 
 
 def _solver(body: dict[str, Any]) -> str:
-    """Greedy and seed-0 replies are right, other samples wrong; an aggregator repeats ref 1."""
+    """Greedy and seed-0 replies are right, other samples wrong; an aggregator (its responses in
+    the system message or, in the cache layout, in a later user turn) repeats ref 1."""
     messages = body["messages"]
-    if messages[0]["role"] == "system":
-        return re.search(r"\n1\. (.*)", messages[0]["content"]).group(1)  # type: ignore[union-attr]
-    right = int(ANSWERS[messages[-1]["content"]])
+    for message in messages:
+        if "\n1. " in message["content"]:
+            return re.search(r"\n1\. (.*)", message["content"]).group(1)  # type: ignore[union-attr]
+    right = int(ANSWERS[messages[0]["content"]])
     ok = not body.get("temperature") or body.get("seed") == 0
     return f"The answer is {right if ok else right + 1}."
 
@@ -94,7 +96,8 @@ def test_json_rows_on_the_loopback_server(tmp_path: Path, capsys: Any) -> None:
         assert row["ci_low"] <= row["accuracy"] <= row["ci_high"] and row["tokens"] > 0
     expected = {"alone greedy": (1.0, 1), "alone sampled": (1.0, 1), "vote 3 sampled": (0.0, 3),
                 "vote greedy+2 sampled": (1.0, 3), "skip-on-agreement": (1.0, 4),
-                "preset local": (1.0, 4), "greedy+2 greedy aggregator": (1.0, 4),
+                "preset local": (1.0, 4), "preset local (cache layout)": (1.0, 4),
+                "greedy+2 greedy aggregator": (1.0, 4),
                 "short instruction": (1.0, 4), "extracted answers": (1.0, 4),
                 f"-c {config}": (1.0, 2)}
     for name, (accuracy, calls) in expected.items():
@@ -122,3 +125,29 @@ def test_greedy_row_on_the_bundled_model(capsys: Any) -> None:
     [row] = json.loads(capsys.readouterr().out)["rows"]
     assert set(row) == FIELDS and row["config"] == "alone greedy"
     assert row["tasks"] == 4 and row["calls"] == 1 and row["errors"] == 0 and row["tokens"] > 0
+
+
+def test_a_model_that_cannot_answer_fails_with_the_reason(capsys: Any, tmp_path: Path) -> None:
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python (moa-stack[local]) missing")
+    assert moa(["bench", "quality", "-m", "local/nope.gguf", "--split", "dev"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith("moa: ") and "nope.gguf" in err and "0 %" not in err
+    with LoopbackServer({"down": ModelBehavior(reply="x", fail_status=401),
+                         "flaky": ModelBehavior(reply="The answer is 1.", fail_status=401,
+                                                fail_times=1)}) as srv:
+        providers = tmp_path / "p.toml"
+        providers.write_text(f'[providers.loop]\nbase_url = "{srv.base_url}"\n'
+                             'key_required = false\n')
+        argv = ["bench", "quality", "--split", "dev", "--limit", "1", "--providers",
+                str(providers), "--rows", "alone greedy,alone sampled", "--json", "-m"]
+        assert moa([*argv, "loop/down"]) == 1
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1
+        assert err.startswith("moa: Every task failed: ") and "HTTP 401" in err
+        # One failed call: the table, with the reason in a note.
+        assert moa([*argv, "loop/flaky"]) == 0
+        notes = json.loads(capsys.readouterr().out)["notes"]
+        assert [n for n in notes if "failed" in n] == [
+            next(n for n in notes if n.startswith("dev alone greedy: 1 of 4 tasks failed: "))
+        ]

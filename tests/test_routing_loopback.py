@@ -262,7 +262,7 @@ def test_deadline_quorum_and_cancellation_of_a_routed_mixture(server: LoopbackSe
     config = _config()
     config["layers"] = [{"agents": [{"model": "loop/cheap"}, {"model": "loop/broken", "n": 2}],
                          "min_proposers": 2}]
-    with pytest.raises(NotEnoughProposers, match="min_proposers=2"):
+    with pytest.raises(NotEnoughProposers, match="min_proposers is 2"):
         _events(_mixture(server, config))
 
     server.set_behavior("cheap", ModelBehavior(reply="word " * 400, tokens_per_s=50))

@@ -1,15 +1,22 @@
-"""`moa serve` against hostile bodies, failing mixtures, bursts beyond its limits and slow
-clients: every answer an OpenAI-shaped error with the right status and SDK exception, decided
-before a stream's 200, logged once, with the connection still usable."""
+"""`moa serve` against hostile bodies, huge headers, failing mixtures, bursts beyond its limits,
+slow clients and shutdown signals: every answer an OpenAI-shaped error with the right status
+and SDK exception, decided before a stream's 200, logged once, with the connection still
+usable; a shutdown drains for a bounded grace and ends every open stream in its own shape."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import queue
+import select
+import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import anyio
 import httpx
@@ -18,8 +25,10 @@ import pytest
 
 from moa.config import MixtureConfig
 from moa.openai import guards
+from moa.openai.guards import Gate
 from moa.openai.server import ServerThread, create_app
 from moa.providers.registry import Limits
+from moa.testing import Gate as Pacing
 from moa.testing import LoopbackServer, ModelBehavior
 
 HI = [{"role": "user", "content": "Capital of France?"}]
@@ -137,7 +146,7 @@ def test_bad_input_corpus_gets_the_right_status_and_sdk_exception(
     ("model", "status", "exception", "needle"),
     [
         ("agg-fails", 502, openai.InternalServerError, "final aggregator failed"),
-        ("proposers-fail", 502, openai.InternalServerError, "proposer"),
+        ("proposers-fail", 502, openai.InternalServerError, r"HTTP 500.*L1\.1, L1\.2 on loop/down"),
         ("deadline", 504, openai.InternalServerError, "deadline"),
         ("keyless", 503, openai.InternalServerError, "OPENAI_API_KEY"),
     ],
@@ -186,40 +195,114 @@ def test_an_internal_error_is_a_bare_500_logged_with_its_traceback(
     assert line.levelno == logging.ERROR and line.exc_info is not None
 
 
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Wait for `condition` (checked between event-loop turns), for at most 60 s."""
+    with anyio.fail_after(60):
+        while not condition():
+            await anyio.sleep(0.005)
+    assert condition(), what
+
+
 def test_a_burst_beyond_the_limits_gets_429_before_any_stream_then_recovers(
     upstream: LoopbackServer,
 ) -> None:
-    async def one(http: httpx.AsyncClient) -> tuple[int, str, dict[str, str]]:
-        request = {"model": "steady", "messages": HI, "stream": True}
-        async with http.stream("POST", "/chat/completions", json=request) as response:
-            text = (await response.aread()).decode()
-            return response.status_code, text, dict(response.headers)
+    """Three run, three wait, the rest get 429 at once — exactly, however loaded the machine:
+    the admitted streams are held by the upstream until every refusal has arrived."""
+    hold = Pacing()
+    upstream.set_behavior("steady", ModelBehavior(reply="Paris " * 10, gate=hold))
+    n = 12
 
-    async def burst(url: str, n: int) -> list[tuple[int, str, dict[str, str]]]:
+    async def burst(url: str) -> list[tuple[int, str, dict[str, str]]]:
+        results: list[tuple[int, str, dict[str, str]]] = []
+        statuses: list[int] = []
         limits = httpx.Limits(max_connections=n)
         async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
-            results: list[tuple[int, str, dict[str, str]]] = []
 
-            async def run() -> None:
-                results.append(await one(http))
+            async def one() -> None:
+                request = {"model": "steady", "messages": HI, "stream": True}
+                async with http.stream("POST", "/chat/completions", json=request) as response:
+                    statuses.append(response.status_code)
+                    text = (await response.aread()).decode()
+                    results.append((response.status_code, text, dict(response.headers)))
 
             async with anyio.create_task_group() as tg:
                 for _ in range(n):
-                    tg.start_soon(run)
-            return results
+                    tg.start_soon(one)
+                await until(lambda: statuses.count(429) == n - 6 and statuses.count(200) == 3,
+                            "three streaming, three queued, the rest refused")
+                health = (await http.get(url.removesuffix("/v1") + "/health")).json()
+                assert (health["active"], health["queued"]) == (3, 3)
+                hold.open()
+            health = (await http.get(url.removesuffix("/v1") + "/health")).json()
+            assert (health["active"], health["queued"]) == (0, 0), "slots freed before [DONE]"
+        return results
 
-    with ServerThread(app(upstream, max_concurrency=3, max_queue=3)) as server:
-        results = anyio.run(burst, server.base_url, 40)
+    with ServerThread(app(upstream, max_concurrency=3, max_queue=3,
+                          queue_timeout_s=600)) as server:
+        results = anyio.run(burst, server.base_url)
         ok = [text for status, text, _ in results if status == 200]
         refused = [(text, headers) for status, text, headers in results if status == 429]
-        assert len(ok) + len(refused) == 40 and len(ok) >= 6 and refused
+        assert (len(ok), len(refused)) == (6, n - 6)
         for text in ok:
             assert text.rstrip().endswith("data: [DONE]") and 'data: {"error"' not in text, text
         assert all(h["retry-after"] == "1" and "concurrency limit" in t for t, h in refused)
-        health = httpx.get(server.base_url.removesuffix("/v1") + "/health").json()
-        assert (health["active"], health["queued"]) == (0, 0)
-        after = anyio.run(burst, server.base_url, 3)
-        assert [status for status, _, _ in after] == [200, 200, 200], "recovered"
+        with httpx.Client(base_url=server.base_url, timeout=60) as http:
+            after = [http.post("/chat/completions", json={"model": "steady", "messages": HI})
+                     for _ in range(3)]
+        assert [r.status_code for r in after] == [200, 200, 200], "recovered"
+
+
+def test_a_slot_freed_in_a_burst_leaves_room_in_the_queue_at_once() -> None:
+    """A freed slot goes to the first waiter at once, so the request right behind it queues
+    (the queue has room) instead of getting 429 before that waiter's task has run."""
+
+    async def scenario() -> None:
+        gate = Gate(limit=1, queue=1, timeout=60)
+        first = await gate.enter()
+
+        async def waiter() -> None:
+            (await gate.enter()).release()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter)
+            await until(lambda: gate.waiting == 1, "the second request waits")
+            first.release()  # the slot is the waiter's now; the queue is empty again
+            assert (gate.active, gate.waiting) == (1, 0)
+            with anyio.fail_after(60):
+                third = await gate.enter()  # no checkpoint since release(): not 429
+            third.release()
+        assert (gate.active, gate.waiting, gate.free) == (0, 0, 1)
+
+    anyio.run(scenario)
+
+
+def test_a_waiter_cancelled_as_it_is_handed_a_slot_passes_it_on() -> None:
+    async def scenario() -> None:
+        gate = Gate(limit=1, queue=2, timeout=60)
+        first = await gate.enter()
+        entered: list[object] = []
+        gone = anyio.CancelScope()
+
+        async def leaving() -> None:
+            with gone:
+                await gate.enter()
+                entered.append("leaving")
+
+        async def staying() -> None:
+            (await gate.enter()).release()
+            entered.append("staying")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(leaving)
+            await until(lambda: gate.waiting == 1, "queued")
+            tg.start_soon(staying)
+            await until(lambda: gate.waiting == 2, "both queued")
+            gone.cancel()  # `leaving` is cancelled, but before its task runs again ...
+            first.release()  # ... the slot is handed to it: it must pass it on to `staying`
+        assert entered == ["staying"]
+        assert (gate.active, gate.waiting, gate.free) == (0, 0, 1)
+
+    anyio.run(scenario)
 
 
 def test_a_queue_timeout_is_a_503_before_the_stream(upstream: LoopbackServer) -> None:
@@ -288,6 +371,7 @@ def moa_serve(*argv: str) -> subprocess.CompletedProcess[str]:
         (["--port", "99999"], 2, "--port: must be from 1 to 65535, not 99999"),
         (["--max-concurrency", "0"], 2, "--max-concurrency: must be from 1 to 4096"),
         (["--max-queue", "-1"], 2, "--max-queue: must be from 0"),
+        (["--shutdown-grace", "-1"], 2, "--shutdown-grace: must be from 0 to 3600"),
         (["--name", "moa"], 1, "would hide the preset"),
         (["-p", "groq/llama-3.1-8b-instant"], 1, "GROQ_API_KEY"),
     ],
@@ -310,3 +394,293 @@ def test_moa_serve_port_in_use_is_one_sentence() -> None:
     assert proc.stderr.strip().splitlines() == [
         f"moa: Cannot serve on 127.0.0.1:{port}: Address already in use."
     ]
+
+
+def exchange(server: ServerThread, head: bytes, filler: bytes = b"", most: int = 0) -> bytes:
+    """Send `head`, then `filler` pieces (up to `most` bytes) until the server answers; then
+    end the request and read the whole answer."""
+    with socket.create_connection((server.host, server.port), timeout=60) as sock:
+        sock.sendall(head)
+        sent = 0
+        while filler and sent < most and not select.select([sock], [], [], 0)[0]:
+            sock.sendall(filler)
+            sent += len(filler)
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def refused_431(answer: bytes) -> None:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431 Request Header Fields Too Large"), head
+    response = httpx.Response(431, content=body, headers={"content-type": "application/json"},
+                              request=httpx.Request("POST", "http://x/v1/chat/completions"))
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == "request_headers_too_large" and "65536 bytes" in error["message"]
+    assert type(sdk_error(response)) is openai.APIStatusError
+
+
+def test_request_headers_over_64_kib_get_431_before_any_work(
+    upstream: LoopbackServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="moa.openai.server")
+    post = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+    request = body()
+    with ServerThread(app(upstream, api_key=KEY)) as server:
+        # One header of 100 KiB, a complete request without a key: 431, not 401.
+        refused_431(exchange(server, post + b"x-pad: " + b"a" * 100_000 + b"\r\n"
+                             b"content-length: %d\r\n\r\n%s" % (len(request), request)))
+        # Many small headers: the total counts.
+        many = b"".join(b"x-h%d: %s\r\n" % (i, b"b" * 100) for i in range(1000))
+        refused_431(exchange(server, post + many + b"\r\n"))
+        # A 16 MB header that never ends: refused after the first 64 KiB or so, the rest dropped.
+        refused_431(exchange(server, post + b"x-huge: ", b"c" * 65536, most=16_000_000))
+        with httpx.Client(base_url=server.base_url, timeout=60) as http:
+            auth = {"authorization": f"Bearer {KEY}"}
+            assert http.get("/models", headers=auth).status_code == 200
+            just_under = http.post("/chat/completions", content=request,
+                                   headers={**JSON, **auth, "x-pad": "d" * 60_000})
+            assert just_under.status_code == 200, just_under.text
+    assert [r.model for r in upstream.requests] == ["a", "agg"], "only the last request ran"
+    assert caplog.text.count("HTTP 431") == 3
+
+
+class Transport(asyncio.Transport):
+    """What a protocol writes, kept; reads arrive exactly as the test feeds them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written, self.closing = bytearray(), False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return {"sockname": ("127.0.0.1", 1), "peername": ("127.0.0.1", 2)}.get(name, default)
+
+
+@pytest.mark.parametrize(
+    ("reads", "status"),
+    [
+        # One read holding a whole request with a body over 64 KiB (a loaded machine reads
+        # that way): the body is not counted as headers.
+        ([b"POST /nowhere HTTP/1.1\r\nHost: x\r\ncontent-length: 100000\r\n\r\n"
+          + b"[" * 100_000], 404),
+        # A complete head with one 70 KiB header in one read: counted as parsed.
+        ([b"GET /health HTTP/1.1\r\nHost: x\r\nx-pad: " + b"a" * 70_000 + b"\r\n\r\n"], 431),
+        # A header that never ends, in 32 KiB reads: refused once the reads pass 64 KiB.
+        ([b"GET /health HTTP/1.1\r\nHost: x\r\nx-pad: "] + [b"a" * 32_768] * 3, 431),
+    ],
+    ids=["body-in-one-read", "whole-head-in-one-read", "endless-header"],
+)
+def test_the_header_limit_counts_head_bytes_only_whatever_the_reads(
+    upstream: LoopbackServer, reads: list[bytes], status: int,
+) -> None:
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    async def scenario() -> bytes:
+        config = uvicorn.Config(app(upstream), lifespan="off")
+        state = ServerState()
+        protocol = guards.http_protocol()(config=config, server_state=state, app_state={})
+        transport = Transport()
+        protocol.connection_made(transport)
+        for data in reads:
+            protocol.data_received(data)
+        if status == 431:
+            assert not state.tasks, "refused before the app ran"
+        with anyio.fail_after(60):
+            while b"\r\n\r\n" not in transport.written:
+                await anyio.sleep(0.005)
+        protocol.connection_lost(None)
+        return bytes(transport.written)
+
+    answer = asyncio.run(scenario())
+    assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:200]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Served:
+    """`moa serve` in a subprocess, its stderr read line by line by a thread."""
+
+    def __init__(self, *argv: str, host: str = "127.0.0.1") -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moa.cli", "serve", "--host", host, "--port", str(self.port),
+             *argv], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.stderr: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def expect(self, needle: str) -> str:
+        """The next stderr line holding `needle` (fails at the end of stderr, or after 60 s)."""
+        while True:
+            line = self.lines.get(timeout=60)
+            assert line is not None, f"no {needle!r} in: {''.join(self.stderr)}"
+            self.stderr.append(line)
+            if needle in line:
+                return line
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(sig)
+
+    def __enter__(self) -> Served:
+        self.expect("moa: serving")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(60)
+
+
+def served_config(tmp_path: Path, upstream: LoopbackServer) -> str:
+    """A config file: proposer `loop/a`, aggregator `loop/agg`, on the loopback upstream; no
+    stall or read timeout cuts a held stream (the shutdown must)."""
+    config = tmp_path / "served.toml"
+    config.write_text(
+        'mode = "layered"\n[[layers]]\nagents = [{model = "loop/a"}]\n'
+        '[aggregator]\nmodel = "loop/agg"\n[staircase]\nstall_s = 3600\n'
+        f'[providers.loop]\nbase_url = "{upstream.base_url}"\nkey_required = false\n'
+        "[providers.loop.limits]\nread_timeout = 3600\nmax_retries = 0\n"
+    )
+    return str(config)
+
+
+def open_stream(http: httpx.Client, base_url: str) -> tuple[Iterator[str], httpx.Response]:
+    """A streamed request, read up to its first content chunk (the answer is being written)."""
+    request = http.build_request("POST", f"{base_url}/chat/completions", json={
+        "model": "mixture", "messages": HI, "stream": True})
+    response = http.send(request, stream=True)
+    assert response.status_code == 200
+    lines = response.iter_lines()
+    for line in lines:
+        if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get(
+                "content"):
+            return lines, response
+    raise AssertionError("the stream ended before any content")
+
+
+def data_lines(lines: Iterator[str]) -> list[str]:
+    return [line for line in lines if line.startswith("data: ")]
+
+
+def test_sigterm_drains_for_the_grace_then_ends_open_streams_with_an_error_and_done(
+    upstream: LoopbackServer, tmp_path: Path,
+) -> None:
+    upstream.set_behavior("agg", ModelBehavior(reply=AGG, gate=Pacing(1)))  # held after 1 token
+    with Served("-c", served_config(tmp_path, upstream), "--shutdown-grace", "1") as served, \
+            httpx.Client(timeout=60) as http:
+        served.expect("any process on this machine can run the embedded engine of 'local'")
+        lines, response = open_stream(http, served.base_url)
+        served.signal()
+        served.expect("shutting down: 1 open request(s) get up to 1 s")
+        with pytest.raises(httpx.ConnectError):  # no longer accepting
+            http.get(served.base_url + "/models")
+        rest = data_lines(lines)
+        response.close()
+        served.expect("shutdown grace of 1 s passed: ending 1 open request(s)")
+        assert served.proc.wait(60) is not None
+    *_, error, done = rest
+    assert done == "data: [DONE]"
+    assert json.loads(error[6:]) == {"error": {
+        "message": "The server is shutting down; retry the request.", "type": "server_error",
+        "param": None, "code": "shutting_down"}}
+    assert "Traceback" not in "".join(served.stderr)
+
+
+def test_sigterm_lets_a_stream_finish_within_the_grace_and_a_second_signal_exits_at_once(
+    upstream: LoopbackServer, tmp_path: Path,
+) -> None:
+    hold = Pacing(1)
+    # The first answer stalls for good after one token; the second is held by the gate.
+    upstream.set_behavior("agg", ModelBehavior(reply=AGG, gate=hold, stall_after=1,
+                                               fail_times=1))
+    with Served("-c", served_config(tmp_path, upstream), "--shutdown-grace", "600") as served, \
+            httpx.Client(timeout=60) as http:
+        _, stalled = open_stream(http, served.base_url)
+        lines, response = open_stream(http, served.base_url)
+        served.signal()
+        served.expect("shutting down: 2 open request(s) get up to 600 s")
+        hold.open()
+        finished = data_lines(lines)
+        response.close()
+        assert finished[-1] == "data: [DONE]"
+        assert not any(x.startswith('data: {"error"') for x in finished), finished
+        served.signal()  # the stalled stream would hold the shutdown for 600 s
+        assert served.proc.wait(60) == 128 + signal.SIGTERM
+        served.expect("a second signal: exiting now")
+        stalled.close()
+
+
+def test_a_request_open_when_the_grace_passes_gets_503_shutting_down(
+    upstream: LoopbackServer,
+) -> None:
+    upstream.set_behavior("steady", ModelBehavior(reply="Paris.", gate=Pacing()))  # held
+    answers: list[httpx.Response] = []
+    server = ServerThread(app(upstream), shutdown_grace_s=0.2)
+    with httpx.Client(base_url=server.base_url, timeout=60) as http:
+        with server:  # leaving it shuts the server down, with the request open
+            asking = threading.Thread(target=lambda: answers.append(http.post(
+                "/chat/completions", json={"model": "steady", "messages": HI})))
+            asking.start()
+            anyio.run(until, lambda: upstream.active_streams > 0, "the proposer's call is open")
+        asking.join(60)
+    [answer] = answers
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
+    assert answer.json()["error"]["code"] == "shutting_down"
+    assert type(sdk_error(answer)) is openai.InternalServerError
+
+
+def test_an_embedded_engine_without_a_key_needs_a_flag_off_loopback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("MOA_SERVER_API_KEY", raising=False)
+    port = str(free_port())
+    refused = moa_serve("--host", "0.0.0.0", "--port", port)
+    assert refused.returncode == 1 and "serving" not in refused.stderr
+    assert refused.stderr.strip().splitlines() == [
+        "moa: Serving the embedded engine of 'mixture', 'local' on 0.0.0.0 without an API key "
+        "would let "
+        "anyone who reaches it run the engine: set --api-key (or MOA_SERVER_API_KEY), or pass "
+        "--allow-unauthenticated."]
+    with Served("--allow-unauthenticated", host="0.0.0.0") as served:
+        served.expect("moa: no API key: anyone who can reach it can run the embedded engine of "
+                      "'mixture', 'local'.")
+        assert httpx.get(served.base_url + "/models", timeout=60).status_code == 200
+        served.signal()
+        assert served.proc.wait(60) is not None

@@ -200,7 +200,7 @@ async def test_each_step_prompt_in_the_readable_layout(srv: LoopbackServer) -> N
     assert STREAMING_NOTE not in last, "the last call is free: every reference is complete"
 
 
-@pytest.mark.parametrize("layout", ["readable", "prefix_cache"])
+@pytest.mark.parametrize("layout", ["paper", "cache"])
 async def test_finished_references_reduce_exactly_to_the_layered_prompt(
     srv: LoopbackServer, layout: str
 ) -> None:
@@ -211,21 +211,39 @@ async def test_finished_references_reduce_exactly_to_the_layered_prompt(
     await run(Mixture(cfg, registry=srv.registry(), mode="layered"))
     (layered,) = bodies(srv)
     assert staircase == layered
-    assert layered["messages"][0]["content"] == f"{AGGREGATE_PROMPT}\n1. {P1}\n2. {P2}"
+    where = 0 if layout == "paper" else -1  # the system message, or the turn after the chat
+    assert layered["messages"][where]["content"] == f"{AGGREGATE_PROMPT}\n1. {P1}\n2. {P2}"
 
 
-async def test_prefix_cache_layout_only_appends(srv: LoopbackServer) -> None:
+def flat(messages: list[dict[str, Any]]) -> str:
+    """A prompt as the text a prefix cache sees, up to the aggregator's own text (each turn
+    opened by its role)."""
+    if messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    return "".join(f"<{m['role']}>{m['content']}" for m in messages)
+
+
+async def test_cache_layout_only_appends_and_starts_with_the_advisors_prompt(
+    srv: LoopbackServer,
+) -> None:
     gates = [gated(srv, "p1", P1), gated(srv, "p2", P2)]
-    cfg = config(["loop/p1", "loop/p2"], layout="prefix_cache")
+    cfg = config(["loop/p1", "loop/p2"], layout="cache")
     m = Mixture(cfg, registry=srv.registry())
     _, result = await run_stepped(m, srv, gates, [2, 6, 10])
-    systems = [b["messages"][0]["content"].removesuffix(STREAMING_NOTE) for b in bodies(srv)]
-    assert len(systems) == 4 and result.text == AGG
-    for before, after in itertools.pairwise(systems):
-        assert after.startswith(before)
-    assert "[More of the responses, part 4]" in systems[-1]
-    fed = re.findall(r"\n1\. …?(.*)", systems[-1])
+    steps = [b["messages"] for b in bodies(srv)]
+    assert len(steps) == 4 and result.text == AGG
+    for before, after in itertools.pairwise(steps):
+        assert flat(after).startswith(flat(before)), "every step only appends references"
+        own = [m["content"] for m in (before[-1], after[-1]) if m["role"] == "assistant"]
+        assert own == sorted(own, key=len) and all(own[-1].startswith(o) for o in own)
+    (advice,) = bodies(srv, "p1")
+    assert steps[0][: len(advice["messages"])] == advice["messages"]
+    rounds = [m["content"] for m in steps[-1] if m["role"] == "user"][1:]
+    assert rounds[0].startswith(AGGREGATE_PROMPT) and len(rounds) == 4
+    assert "[More of the responses, part 4]" in rounds[-1]
+    fed = re.findall(r"\n1\. …?(.*?)(?: …)?$", "\n".join(rounds), re.MULTILINE)
     assert "".join(fed) == P1
+    assert steps[-1][-1]["role"] == "assistant" and AGG.startswith(steps[-1][-1]["content"])
 
 
 async def test_the_aggregator_waits_for_every_first_chunk(srv: LoopbackServer) -> None:
@@ -388,7 +406,7 @@ async def test_asked_for_staircase_reports_its_fallback(srv: LoopbackServer) -> 
     assert references(body["messages"][0]["content"]) == [P1, P2]
 
 
-@pytest.mark.parametrize("layout", ["readable", "prefix_cache"])
+@pytest.mark.parametrize("layout", ["paper", "cache"])
 async def test_exact_duplicates_are_fed_once_and_labelled(srv: LoopbackServer, layout: str) -> None:
     gate = Gate()
     for name in ("p1", "p2", "p3"):
@@ -399,6 +417,8 @@ async def test_exact_duplicates_are_fed_once_and_labelled(srv: LoopbackServer, l
     assert len(steps) == 4
     for body in steps:
         system = body["messages"][0]["content"]
+        if layout == "cache":  # the rounds so far, after the conversation
+            system = "".join(m["content"] for m in body["messages"][1:] if m["role"] == "user")
         assert system.count("one") == 1
         assert "\n2. (same as response 1)" in system and "\n3. (same as response 1)" in system
 

@@ -101,6 +101,8 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool = False
+    num_cached_tokens: int | None = None
+    """Prompt tokens served from the prefix cache (vLLM V1; absent or None in older releases)."""
 
 
 class ChatMLTokenizer:
@@ -272,6 +274,17 @@ def test_tracker_turns_cumulative_outputs_into_per_choice_deltas() -> None:
     usage = {d.index: d.usage for d in deltas if d.usage}
     assert (usage[0].prompt_tokens, usage[0].completion_tokens) == (9, 5)
     assert (usage[1].prompt_tokens, usage[1].completion_tokens) == (0, 2), "prompt counted once"
+
+
+def test_tracker_reports_prefix_cache_hits_as_cached_tokens() -> None:
+    done = [CompletionOutput(0, "Red.", [1, 2], None, "stop"),
+            CompletionOutput(1, "Blue.", [1, 2], None, "stop")]
+    hit = ChoiceTracker().update(RequestOutput("r", [0] * 48, done, True, num_cached_tokens=32))
+    usage = {d.index: d.usage for d in hit if d.usage}
+    assert (usage[0].prompt_tokens, usage[0].cached_tokens) == (48, 32)
+    assert (usage[1].prompt_tokens, usage[1].cached_tokens) == (0, 0), "prompt counted once"
+    miss = ChoiceTracker().update(RequestOutput("r", [0] * 48, done[:1], True))
+    assert next(d.usage for d in miss if d.usage).cached_tokens == 0
 
 
 # --- the engine with a stand-in vLLM --------------------------------------------------------

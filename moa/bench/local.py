@@ -16,6 +16,8 @@ call, and the mixture `moa chat -p local/smollm2 -a local/smollm2 --max-tokens 1
 proposer, then an aggregator whose prompt holds the question again: two prefills).
 `--case cancel` cancels an engine call `--cancel-after` seconds into the long prefill and
 reports how long the call took to return after the cancel (`cancel_s`).
+`--case first-run` runs the `local` preset as shipped and the same caps without its stop rule
+and instruction over six everyday questions (seed 1), counting answers cut at `max_tokens`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,12 @@ from typing import Any
 QUESTION = "Give three short tips for writing clear code."
 
 
-CASES = ("mixture", "long", "cancel")
+CASES = ("mixture", "long", "cancel", "first-run")
+FIRST_RUN_QUESTIONS = (
+    "Why is the sky blue?", "What causes the seasons on Earth?",
+    "How does a refrigerator keep food cold?", "Why do we dream?", "What is photosynthesis?",
+    "Explain how vaccines work.",
+)
 FILLER = (
     "Consensus protocols such as Paxos and Raft let a group of machines agree on a sequence "
     "of values even when some of them fail or messages are delayed. "
@@ -245,7 +252,9 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
         if queued and row["dispatch"].startswith("concurrent, parallel"):
             ratio = row["tokens_per_s"] / queued["tokens_per_s"]
             notes.append(f"{row['dispatch']}: tokens/s x{ratio:.2f} vs queued.")
-    long_rows = _long_rows(args) if args.case != "mixture" else []
+    long_rows = _long_rows(args) if args.case in ("long", "cancel", "all") else []
+    if args.case in ("first-run", "all"):
+        long_rows += _first_run_rows()
     by_dispatch = {r["dispatch"]: r for r in long_rows}
     raw = by_dispatch.get("raw llama-cpp prefill")
     for dispatch in ("engine call, 1 token", "moa chat -p -a, 1 token"):
@@ -292,3 +301,41 @@ def _mixture_rows(args: argparse.Namespace, cores: int) -> list[dict[str, Any]]:
 
     anyio.run(main)
     return rows
+
+
+def _first_run_rows() -> list[dict[str, Any]]:
+    """The `local` preset beside the same caps without its stop rule and instruction, run
+    question by question in turn (so load changes hit both alike), after a warm-up."""
+    from moa.config import preset
+    from moa.mixture import Mixture
+
+    shipped = preset("local")
+    bare = shipped.model_copy(deep=True)
+    for agent in [*bare.layers[0].agents, bare.aggregator]:
+        agent.stop, agent.system = None, None
+    variants = {"local preset": Mixture(shipped), "caps only": Mixture(bare)}
+    variants["local preset"].run_sync("Hi", max_tokens=4)  # load the model
+    totals = {name: dict.fromkeys(("cut_p", "cut_a", "tok_p", "tok_a", "n_p", "s"), 0.0)
+              for name in variants}
+    for question in FIRST_RUN_QUESTIONS:
+        for name, mixture in variants.items():
+            t, start = totals[name], time.perf_counter()
+            result = mixture.run_sync(question, seed=1)
+            t["s"] += time.perf_counter() - start
+            for out in result.outputs:
+                kind = "a" if out.agent.final else "p"
+                t[f"cut_{kind}"] += out.finish_reason == "length"
+                t[f"tok_{kind}"] += out.usage.completion_tokens
+                t["n_p"] += kind == "p"
+    runs = len(FIRST_RUN_QUESTIONS)
+    return [
+        {
+            "workload": "first run", "dispatch": name,
+            "proposals_cut": f"{t['cut_p']:.0f}/{t['n_p']:.0f}",
+            "answers_cut": f"{t['cut_a']:.0f}/{runs}",
+            "proposal_tokens": round(t["tok_p"] / t["n_p"]),
+            "answer_tokens": round(t["tok_a"] / runs),
+            "total_s": round(t["s"] / runs, 2),
+        }
+        for name, t in totals.items()
+    ]

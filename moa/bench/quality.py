@@ -11,6 +11,8 @@ pays for it once in compute but counts it in its own calls, tokens and latency:
   first reply, the greedy one where there is one); no aggregator call;
 - `preset local`: the `local` preset's own graph and prompts (its proposers, then its
   aggregator reading them with the paper's prompt, as the executor builds it);
+  `preset local (cache layout)`: the same, the aggregator's prompt in the cache layout (the
+  question first, then the instruction and the replies as a user turn);
 - `skip-on-agreement`: the preset, but its proposers' answer when they all agree (what a router
   that skips aggregation on agreement does);
 - variants on greedy + 2 sampled replies: `greedy+2 greedy aggregator` (paper prompt,
@@ -23,7 +25,9 @@ another — what a CPU engine serving one generation at a time does anyway. `--c
 the calls (with their times) so later runs reuse them.
 
 JSON row fields: `split`, `config`, `accuracy`, `ci_low`/`ci_high` (95 % Wilson interval),
-`tasks`, `errors`, `calls` and `tokens` (per task, mean), `latency_s` (per task, mean).
+`tasks`, `errors`, `calls` and `tokens` (per task, mean), `latency_s` (per task, mean). A
+failed task counts as wrong, its reason in a note; a `ConfigError` stops the bench, and so does
+a run where every task failed (no table: the reason, exit status 1).
 """
 
 from __future__ import annotations
@@ -32,20 +36,24 @@ import argparse
 import json
 import math
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moa.cli.progress import Bar
 from moa.errors import ConfigError, MoaError
 from moa.providers.base import ChatRequest, Message
-from moa.routing.evaluate import Outcome, Task, outcome_of
+from moa.routing.evaluate import Outcome, Task, failure_reason, outcome_of
 from moa.routing.signals import agreement, extract_answer, is_correct
 from moa.runtime.prompts import (
     AGGREGATE_PROMPT,
     SMALL_MODEL_INSTRUCTION,
+    Layout,
     Reference,
     aggregate_messages,
+    cache_messages,
     mark_duplicates,
     readable_block,
 )
@@ -102,15 +110,17 @@ class Calls:
                     ) from None
 
     async def get(
-        self, messages: list[Message], temperature: float, max_tokens: int, seed: int
+        self, messages: list[Message], temperature: float, max_tokens: int, seed: int,
+        stop: list[str] | None = None,
     ) -> Call:
         max_tokens = min(max_tokens, self.cap)
         seed = 0 if temperature == 0 else seed
-        key = json.dumps([self.ref, messages, temperature, max_tokens, seed])
+        key = json.dumps([self.ref, messages, temperature, max_tokens, seed, *([stop] if stop
+                                                                              else [])])
         if key not in self.seen:
             provider, model = self.registry.resolve(self.ref)
             request = ChatRequest(model=model, messages=messages, temperature=temperature,
-                                  max_tokens=max_tokens, seed=seed)
+                                  max_tokens=max_tokens, seed=seed, stop=stop)
             started = time.perf_counter()
             done = (await provider.complete(request))[0]
             call = Call(done.text, done.usage.prompt_tokens, done.usage.completion_tokens,
@@ -161,15 +171,21 @@ class Composer:
 
     async def aggregate(
         self, question: str, replies: list[str], instruction: str, system: str | None,
-        temperature: float, max_tokens: int,
+        temperature: float, max_tokens: int, *, layout: Layout = "paper",
+        stop: list[str] | None = None,
     ) -> Call:
         refs = mark_duplicates([Reference(r) for r in replies])
         block = readable_block(refs, instruction)
-        messages = aggregate_messages(self.user(question), block, system=system)
-        return await self.calls.get(messages, temperature, max_tokens, 0)
+        if layout == "cache":
+            messages = cache_messages(self.user(question), [block], "", system)
+        else:
+            messages = aggregate_messages(self.user(question), block, system=system)
+        return await self.calls.get(messages, temperature, max_tokens, 0, stop)
 
-    async def preset_answer(self, question: str, skip_on_agreement: bool = False) -> Answer:
-        """The preset's graph: its proposer slots, then its aggregator (paper prompt) — or,
+    async def preset_answer(
+        self, question: str, skip_on_agreement: bool = False, layout: Layout = "paper"
+    ) -> Answer:
+        """The preset's graph: its proposer slots, then its aggregator (in `layout`) — or,
         with `skip_on_agreement`, the proposers' common answer when they all agree."""
         layer, agg = self.preset.layers[0], self.preset.aggregator
         props: list[Call] = []
@@ -182,11 +198,12 @@ class Composer:
                 seed = sampled if agent.temperature else 0
                 sampled += bool(agent.temperature)
                 props.append(await self.calls.get(messages, agent.temperature,
-                                                  agent.max_tokens, seed))
+                                                  agent.max_tokens, seed, agent.stop))
         if skip_on_agreement and agreement([p.text for p in props]).unanimous:
             return _vote(props)
         final = await self.aggregate(question, [p.text for p in props], AGGREGATE_PROMPT,
-                                     agg.system, agg.temperature, agg.max_tokens)
+                                     agg.system, agg.temperature, agg.max_tokens,
+                                     layout=layout, stop=agg.stop)
         return Answer(final.text, [*props, final])
 
 
@@ -215,6 +232,10 @@ async def _vote_greedy(c: Composer, q: str) -> Answer:
 
 async def _preset(c: Composer, q: str) -> Answer:
     return await c.preset_answer(q)
+
+
+async def _preset_cache(c: Composer, q: str) -> Answer:
+    return await c.preset_answer(q, layout="cache")
 
 
 async def _skip_on_agreement(c: Composer, q: str) -> Answer:
@@ -246,6 +267,7 @@ ROWS: dict[str, Row] = {
     "vote 3 sampled": _vote_sampled,
     "vote greedy+2 sampled": _vote_greedy,
     "preset local": _preset,
+    "preset local (cache layout)": _preset_cache,
     "skip-on-agreement": _skip_on_agreement,
     "greedy+2 greedy aggregator": _greedy_aggregator,
     "short instruction": _short_instruction,
@@ -281,31 +303,59 @@ def score(split: str, name: str, tasks: list[Task],
     }
 
 
-async def _composed(composer: Composer, rows: dict[str, Row], tasks: list[Task]
-                    ) -> dict[str, list[tuple[Outcome | None, float]]]:
-    """Every row on each task in turn (task by task, so a cut-short run cached whole tasks)."""
+Failures = dict[str, Counter[str]]
+"""Per row, how many tasks failed for each reason."""
+
+
+async def _composed(composer: Composer, rows: dict[str, Row], tasks: list[Task], bar: Bar,
+                    failures: Failures) -> dict[str, list[tuple[Outcome | None, float]]]:
+    """Every row on each task in turn (task by task, so a cut-short run cached whole tasks).
+    A failed task counts as wrong (its reason in `failures`); a `ConfigError` (a missing
+    model file, say) stops the bench, since no task can succeed."""
     out: dict[str, list[tuple[Outcome | None, float]]] = {name: [] for name in rows}
     for task in tasks:
         for name, row in rows.items():
             try:
                 answer = await row(composer, task.question)
-            except MoaError:
+            except ConfigError:
+                raise
+            except MoaError as err:
+                failures.setdefault(name, Counter())[failure_reason(err)] += 1
                 out[name].append((None, 0.0))
                 continue
+            finally:
+                bar.advance()
             out[name].append((answer.outcome(), sum(c.seconds for c in answer.calls)))
     return out
 
 
-async def _mixture(mixture: Any, tasks: list[Task]) -> list[tuple[Outcome | None, float]]:
+async def _mixture(mixture: Any, tasks: list[Task], name: str, bar: Bar, failures: Failures
+                   ) -> list[tuple[Outcome | None, float]]:
     out: list[tuple[Outcome | None, float]] = []
     for i, task in enumerate(tasks):
         started = time.perf_counter()
         try:
             outcome: Outcome | None = outcome_of(await mixture.run(task.question, seed=i))
-        except MoaError:
+        except MoaError as err:
+            failures.setdefault(name, Counter())[failure_reason(err)] += 1
             outcome = None
+        bar.advance()
         out.append((outcome, time.perf_counter() - started))
     return out
+
+
+def failure_notes(rows: list[dict[str, Any]], failures: dict[str, Failures]) -> list[str]:
+    """One note per row and reason of failure (`failures` by split, then row); a `MoaError`
+    with the reasons when every task of every row failed (the table would measure nothing)."""
+    notes = []
+    for row in rows:
+        counts = failures.get(row["split"], {}).get(row["config"], Counter())
+        notes += [f"{row['split']} {row['config']}: {count} of {row['tasks']} tasks failed: "
+                  f"{reason}" for reason, count in counts.items()]
+    if rows and all(row["errors"] == row["tasks"] for row in rows):
+        reasons = [r for split in failures.values() for c in split.values() for r in c]
+        raise MoaError(f"Every task failed: {' '.join(dict.fromkeys(reasons))}")
+    return notes
 
 
 def _registry(providers: str | None) -> Any:
@@ -353,17 +403,21 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
                   Path(args.cache) if args.cache else None)
     composer = Composer(calls, args.temperature, _preset_for(args.model))
     rows: list[dict[str, Any]] = []
+    failures: dict[str, Failures] = {}
 
     async def main() -> None:
         try:
             for split in splits:
                 tasks = [t for _, t in taskset.load(split, limit=args.limit)]
-                results = await _composed(composer, rows_to_run, tasks)
+                bar = Bar(f"quality {split}", len(tasks) * (len(rows_to_run) + len(args.config)))
+                failed = failures[split] = {}
+                results = await _composed(composer, rows_to_run, tasks, bar, failed)
                 rows.extend(score(split, name, tasks, results[name]) for name in rows_to_run)
                 for source in args.config:
+                    name = f"-c {source}"
                     async with Mixture(source, registry=registry) as mixture:
-                        results = await _mixture(mixture, tasks)
-                    rows.append(score(split, f"-c {source}", tasks, results))
+                        results = await _mixture(mixture, tasks, name, bar, failed)
+                    rows.append(score(split, name, tasks, results))
         finally:
             await registry.aclose()
 
@@ -371,4 +425,4 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
     notes = [f"model {args.model}; {args.max_tokens} max tokens per composed call; 95 % Wilson "
              "intervals; a row matches the model alone when its interval reaches "
              "`alone greedy`'s accuracy."]
-    return rows, notes
+    return rows, notes + failure_notes(rows, failures)

@@ -8,6 +8,9 @@ httpx pool (`pool_size` 512 instead of 16, which shows what small pools save); a
 server by N streaming HTTP clients. TTFT is the time to the answer's first token; the server's
 overhead is the difference of the p50s. Every stream is checked: the text must be the
 aggregator's reply exactly, and a served stream must end with `[DONE]`.
+
+`--replicas N` (with `--redis URL`) measures N replicas sharing their state in Redis against
+one replica with its state in process instead (`moa.bench.replicas`).
 """
 
 from __future__ import annotations
@@ -41,6 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clients", default="1,16,64", help="concurrencies (default 1,16,64)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds per concurrency, each running every path (default 3)")
+    parser.add_argument("--replicas", type=int, default=0, metavar="N",
+                        help="compare N replicas sharing state in Redis with one in-process "
+                             "replica instead")
+    parser.add_argument("--redis", metavar="URL",
+                        help="with --replicas: the Redis (default $MOA_REDIS_URL, else a "
+                             "temporary local redis-server)")
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -73,12 +82,13 @@ async def _direct(mixture: Any, n: int) -> tuple[list[float], int, float]:
     return ttfts, bad, time.perf_counter() - start
 
 
-async def _served(clients: list[Any], n: int) -> tuple[list[float], int, float]:
+async def _served(clients: list[Any], n: int,
+                  model: str = "mixture") -> tuple[list[float], int, float]:
     import anyio
 
     ttfts: list[float] = []
     bad = 0
-    body = {"model": "mixture", "messages": [{"role": "user", "content": "Benchmark question?"}],
+    body = {"model": model, "messages": [{"role": "user", "content": "Benchmark question?"}],
             "stream": True}
 
     async def one(client: Any) -> None:
@@ -148,6 +158,10 @@ def _row(n: int, path: str, results: list[tuple[list[float], int, float]]) -> di
 
 
 def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
+    if getattr(args, "replicas", 0):
+        from moa.bench import replicas
+
+        return replicas.run(args)
     import anyio
 
     from moa.mixture import Mixture

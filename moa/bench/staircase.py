@@ -12,17 +12,24 @@ Columns: `coverage` is the least share of a reference's tokens shown to the fina
 when it wrote its last token; `margin` the least (reference tokens shown − answer tokens written)
 over its calls and the references still unfinished in them (negative: it wrote ahead of what it
 had read; empty: every reference was complete); `agg_calls` and `agg_prompt_tokens` sum over
-every aggregating agent (the cost of the steps).
+every aggregating agent (the cost of the steps). `--plot PATH` also draws every run's
+timeline (each agent's tokens over time, `moa.timeline`) as one SVG.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from moa.timeline import Timeline
 
 TARGET_TTFT_CUT = 0.85
+NOMINAL_MODEL = "openai/gpt-4.1"
+"""Whose list prices (cached input at 25 % of input) the cost columns use, every call alike."""
 VOCABULARY = (
     "the of and to in is that for it as was with be by on not he this are or his from at "
     "which but have an they you were her she there been one all we their has would when if so "
@@ -35,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=["loopback", "local"], default="loopback")
     parser.add_argument("--quick", action="store_true", help="small numbers for a smoke test")
     parser.add_argument("--tokens", type=int, help="tokens per reply (default 512; quick 48)")
-    parser.add_argument("--layout", choices=["readable", "prefix_cache"], default="readable")
+    parser.add_argument("--layout", choices=["paper", "cache", "both"], default="both",
+                        help="prompt layout(s) of the aggregators (default: both, side by side)")
     parser.add_argument(
         "--pacing",
         choices=["lockstep", "eager", "both"],
@@ -43,6 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="staircase pacing rule(s) to run beside layered (default: both)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--plot", metavar="PATH",
+        help="also draw every run's tokens over time as an SVG (one panel per run, stacked)",
+    )
 
 
 def _spread(n: int, low: float, high: float) -> list[float]:
@@ -100,17 +112,27 @@ def _modes(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
 
 
 async def _measure(
-    config: dict[str, Any], base: Any, prefix: str, question: str, planned: int
+    config: dict[str, Any], base: Any, prefix: str, question: str, planned: int,
+    timeline: Timeline,
 ) -> dict[str, Any]:
-    from moa.bench.staircase_coverage import RecordingRegistry, coverage
+    from moa.bench.staircase_coverage import RecordingRegistry, coverage, reuse
+    from moa.events import RunFinished
     from moa.mixture import Mixture
+    from moa.pricing import cost
+    from moa.providers.base import Usage
 
     registry = RecordingRegistry(base, prefix)
     mixture = Mixture(config, registry=registry)
     start = time.perf_counter()
-    result = await mixture.run(question)
+    result = None
+    async with contextlib.aclosing(mixture.stream(question)) as events:
+        async for event in events:
+            timeline.on_event(event)  # cheap: tokens are counted only when drawn
+            if isinstance(event, RunFinished):
+                result = event.result
     total = time.perf_counter() - start
     await mixture.aclose()
+    assert result is not None
     last_layer = len(config["layers"]) - 1
     refs = [
         (o.text, o.ok and o.finish_reason != "cancelled", planned)
@@ -119,6 +141,8 @@ async def _measure(
     ]
     cover = coverage(registry.calls, refs, result.text)
     aggregators = [o for o in result.outputs if o.agent.layer > 0]
+    shared = reuse(registry.calls)
+    usage = result.usage
     return {
         "ttft_s": round(result.ttft_s or total, 3),
         "total_s": round(total, 3),
@@ -126,6 +150,14 @@ async def _measure(
         "margin": cover.margin,
         "agg_calls": sum(o.calls for o in aggregators),
         "agg_prompt_tokens": sum(o.usage.prompt_tokens for o in aggregators),
+        "prompt_tokens": usage.prompt_tokens,
+        "cached": f"{100 * usage.cached_tokens / max(usage.prompt_tokens, 1):.0f} %",
+        "uncached_prompt": usage.uncached_prompt_tokens,
+        "step_reuse": "-" if shared is None else f"{100 * shared:.0f} %",
+        "cost_usd": round(cost(NOMINAL_MODEL, usage) or 0.0, 5),
+        "cost_no_cache_usd": round(
+            cost(NOMINAL_MODEL, Usage(usage.prompt_tokens, usage.completion_tokens)) or 0.0, 5
+        ),
         "answer_tokens": result.outputs[-1].usage.completion_tokens,
         "mode_run": result.mode,
     }
@@ -139,28 +171,51 @@ def _run_all(
     question: str,
     planned: int,
 ) -> list[dict[str, Any]]:
+    """Run every mixture in every mode; with `--plot`, draw the runs' timelines."""
     import anyio
 
+    from moa.cli.progress import Bar
+    from moa.timeline import Timeline, write_svg
+
     rows: list[dict[str, Any]] = []
+    timelines: list[Timeline] = []
+    layouts = ["paper", "cache"] if args.layout == "both" else [args.layout]
+    bar = Bar("staircase", len(shapes) * len(_modes(args)) * len(layouts))
 
     async def main() -> None:
         for name, shape in shapes.items():
-            for label, how in _modes(args):
-                staircase = {"layout": args.layout, "pacing": how.get("pacing", "lockstep")}
-                config = {**shape, "name": name, "mode": how["mode"], "staircase": staircase}
-                row = await _measure(config, base, prefix, question, planned)
-                rows.append({"mixture": name, "mode": label, **row})
+            for layout in layouts:
+                for label, how in _modes(args):
+                    staircase = {"layout": layout, "pacing": how.get("pacing", "lockstep")}
+                    config = {**shape, "name": name, "mode": how["mode"], "staircase": staircase}
+                    timeline = Timeline(f"{name} · {layout} · {label}")
+                    row = await _measure(config, base, prefix, question, planned, timeline)
+                    rows.append({"mixture": name, "layout": layout, "mode": label, **row})
+                    timelines.append(timeline)
+                    bar.advance()
 
     anyio.run(main)
+    if args.plot:
+        write_svg(args.plot, timelines)
     return rows
 
 
 def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
-    tokens = args.tokens or (48 if args.quick else 512)
     notes: list[str] = []
-    if args.backend == "local":
-        return _run_local(args, notes), notes
+    if args.plot:
+        from moa.timeline import check_output_path
+
+        check_output_path(args.plot, "--plot")
+    rows = _run_local(args, notes) if args.backend == "local" else _run_loopback(args, notes)
+    if args.plot:
+        notes.append(f"plot: {args.plot} (each agent's tokens over time, one panel per run).")
+    return rows, notes
+
+
+def _run_loopback(args: argparse.Namespace, notes: list[str]) -> list[dict[str, Any]]:
     from moa.testing import LoopbackServer
+
+    tokens = args.tokens or (48 if args.quick else 512)
 
     scale = 0.25 if args.quick else 1.0
     shapes = _shapes(
@@ -172,10 +227,10 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
     notes.append(
         f"loopback: 6 proposers x {tokens} tokens, TTFT {0.3 * scale:g}-{1.5 * scale:g} s, "
         f"{30 / scale:g}-{80 / scale:g} tokens/s across agents; aggregator {tokens} tokens, "
-        f"TTFT {0.3 * scale:g} s, {60 / scale:g} tokens/s; layout {args.layout}; every step "
+        f"TTFT {0.3 * scale:g} s, {60 / scale:g} tokens/s; every step "
         "request pays its TTFT again."
     )
-    return _with_ratios(rows, notes), notes
+    return _with_ratios(rows, notes)
 
 
 def _run_local(args: argparse.Namespace, notes: list[str]) -> list[dict[str, Any]]:
@@ -204,25 +259,28 @@ def _run_local(args: argparse.Namespace, notes: list[str]) -> list[dict[str, Any
 
 
 def _with_ratios(rows: list[dict[str, Any]], notes: list[str]) -> list[dict[str, Any]]:
-    """Add one ratio row per mixture (lockstep staircase / layered) and a verdict note."""
+    """Add one ratio row per mixture and layout (lockstep staircase / layered) and a verdict
+    note."""
     out: list[dict[str, Any]] = []
-    for name in dict.fromkeys(r["mixture"] for r in rows):
-        runs = [r for r in rows if r["mixture"] == name]
+    for name, layout in dict.fromkeys((r["mixture"], r["layout"]) for r in rows):
+        runs = [r for r in rows if (r["mixture"], r["layout"]) == (name, layout)]
         out += runs
         pair = {r["mode"]: r for r in runs}
         layered, stair = pair["layered"], pair.get("staircase")
         if stair is None:
             continue
         ratio = {k: round(stair[k] / layered[k], 3) for k in ("ttft_s", "total_s")}
-        cost = {k: round(stair[k] / layered[k], 2) for k in ("agg_calls", "agg_prompt_tokens")}
-        out.append({"mixture": name, "mode": "ratio", **ratio, **cost})
+        cost = {k: round(stair[k] / layered[k], 2)
+                for k in ("agg_calls", "agg_prompt_tokens", "prompt_tokens", "uncached_prompt",
+                          "cost_usd")}
+        out.append({"mixture": name, "layout": layout, "mode": "ratio", **ratio, **cost})
         cut = 1 - ratio["ttft_s"]
         paced = stair["margin"] is None or stair["margin"] >= 0
         met = cut >= TARGET_TTFT_CUT and ratio["total_s"] <= 1.0 and paced
         notes.append(
-            f"{name}: TTFT {100 * cut:.1f} % lower, end-to-end x{ratio['total_s']}, pacing "
-            f"{'kept' if paced else 'violated'} (target: >= {100 * TARGET_TTFT_CUT:g} % lower, "
-            f"no slower, pacing kept) -> {'met' if met else 'not met'}; staircase ran as "
+            f"{name} ({layout}): TTFT {100 * cut:.1f} % lower, end-to-end x{ratio['total_s']}, "
+            f"pacing {'kept' if paced else 'violated'} (target: >= {100 * TARGET_TTFT_CUT:g} % "
+            f"lower, no slower, pacing kept) -> {'met' if met else 'not met'}; staircase ran as "
             f"{stair['mode_run']}."
         )
     return out

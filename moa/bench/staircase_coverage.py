@@ -7,6 +7,8 @@ what the model was really given. Token counts use `moa.tokens` (tiktoken).
 
 from __future__ import annotations
 
+import itertools
+import statistics
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -74,15 +76,15 @@ def _longest_prefix(text: str, haystack: str, lead: str = "") -> int:
 
 
 def shown_prefix(full: str, system: str) -> str:
-    """The part of `full` a prompt shows: contiguous (readable layout) or in "…"-continued
-    pieces (prefix_cache layout)."""
-    end = _longest_prefix(full, system)
+    """The part of `full` a prompt shows: contiguous (paper layout) or in "…"-continued
+    pieces (cache layout)."""
+    end = len(full[: _longest_prefix(full, system)].rstrip())
     while end < len(full):
         more = _longest_prefix(full[end:], system, "…")
         if not more:
             break
-        end += more
-    return full[:end].rstrip()
+        end = len(full[: end + more].rstrip())  # a piece may end on the space before " …"
+    return full[:end]
 
 
 def coverage(
@@ -99,7 +101,7 @@ def coverage(
         after = calls[i + 1].messages[-1] if i + 1 < len(calls) else None
         own = after["content"] if after and after["role"] == "assistant" else answer
         written = count_tokens(own)
-        system = str(call.messages[0]["content"])
+        system = "\n".join(str(m["content"]) for m in call.messages if m["role"] != "assistant")
         for u, (full, done, _) in enumerate(fulls):
             shown = shown_prefix(full, system) if full else ""
             seen[u] = count_tokens(shown)
@@ -110,3 +112,20 @@ def coverage(
         s / planned if planned else 1.0 for s, (_, _, planned) in zip(seen, fulls, strict=True)
     ]
     return Coverage(min(shares), margin)
+
+
+def flat(messages: list[dict[str, object]]) -> str:
+    """A prompt as the text a prefix cache sees (each turn opened by its role)."""
+    return "".join(f"<{m['role']}>{m['content']}" for m in messages)
+
+
+def reuse(calls: list[ChatRequest]) -> float | None:
+    """Median share of each call's prompt that is a prefix of the call before it (what a
+    prefix cache can reuse between consecutive steps); None with fewer than two calls."""
+    shares = []
+    for before, after in itertools.pairwise(calls):
+        a, b = flat(before.messages), flat(after.messages)
+        common = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                      min(len(a), len(b)))
+        shares.append(common / len(b))
+    return statistics.median(shares) if shares else None

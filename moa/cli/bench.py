@@ -2,7 +2,8 @@
 
 A bench module exposes `add_arguments(parser)` and `run(args)` returning rows, or
 `(rows, notes)`; its own flags follow NAME (`moa bench NAME --help` lists them). Only the
-chosen module is imported, so a missing bench is one clear line, never a traceback.
+chosen module is imported, so a missing bench is one clear line, never a traceback. On a
+terminal, a bench's progress bars (`moa.cli.progress`) are drawn on stderr unless `--json`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from types import ModuleType
 
 from moa.bench import BENCHES, print_rows
+from moa.cli.progress import shown
 from moa.errors import MoaError
 
 
@@ -45,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     module.add_arguments(parser)
     bench_args = parser.parse_args(args.bench_args)
     args.debug = args.debug or bench_args.debug
-    out = module.run(bench_args)
+    with shown(not bench_args.json):
+        out = module.run(bench_args)
     rows, notes = out if isinstance(out, tuple) else (out, [])
     print_rows(args.name, rows, as_json=bench_args.json, notes=notes)
     return 0

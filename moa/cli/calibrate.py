@@ -6,7 +6,8 @@ Runs the mixture of CONFIG (a mixture file whose aggregator has a `strong` tier)
 labelled question twice — the routed aggregation skipped, and strong — then fits the policy so
 that the target share of questions (or the target cost per question) goes to the strong tier
 (RouteLLM-style). `--write` replaces the policy in the file's `[router]` table (its other keys
-stay). Keys are checked before the first call; a failed run names every distinct reason.
+stay). Keys are checked before the first call; a failed run names every distinct reason. On a
+terminal, a progress bar (one step per labelled item) is drawn on stderr (not with `--json`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from moa.cli.progress import Bar, shown
 from moa.errors import ConfigError, MixtureError
 
 
@@ -107,7 +109,9 @@ async def _fit(args: argparse.Namespace) -> Any:
     tasks = load_tasks(args.labelled, args.limit)
     check_model_keys(config.registry(), [ref for _, ref in config.model_refs()])
     try:
-        samples = await collect(config, [(t.question, t.answer) for t in tasks], seed=args.seed)
+        items = [(t.question, t.answer) for t in tasks]
+        bar = Bar("calibrate", len(items))
+        samples = await collect(config, items, seed=args.seed, on_item=bar.advance)
     except MixtureError as err:
         raise MixtureError(f"Calibration stopped: {failure_reason(err)}") from err
     target = {"strong_share": args.strong_share, "target_cost": args.target_cost}
@@ -117,7 +121,8 @@ async def _fit(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    fit, n = asyncio.run(_fit(args))
+    with shown(not args.json):
+        fit, n = asyncio.run(_fit(args))
     if args.write:
         write_router(Path(args.config), fit.router)
     if args.json:

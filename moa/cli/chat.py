@@ -1,25 +1,21 @@
 """`moa chat`: ask a mixture once, or chat with it turn by turn.
 
 `moa chat "question"` answers once; with no question, piped stdin is the question, and on a
-terminal a multi-turn chat opens (`/reset` clears the history, `/exit` or Ctrl-D quits).
+terminal a multi-turn chat opens (`moa.cli.repl`).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import stat
 import sys
-from typing import Any
 
 from moa.cli.options import add_mixture_arguments, check_keys, mixture_from_args
-from moa.cli.session import ChatSession, open_session
+from moa.cli.session import open_session
 from moa.cli.views import JsonView, PlainView, View
 from moa.errors import MoaError
-
-_PROMPT = "you> "
-_HELP = "/reset clears the history, /exit quits"
+from moa.timeline import TimelineView, check_output_path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,17 +29,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     output.add_argument(
         "--json", action="store_true", help="print the result (answer, agents, usage) as JSON"
     )
+    parser.add_argument(
+        "--timeline", metavar="PATH",
+        help="also draw each agent's tokens over time as an SVG (in a chat: the last answer's)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     config = mixture_from_args(args)
     check_keys(config)
+    if args.timeline:
+        check_output_path(args.timeline, "--timeline")
     question = read_question(args.question)
     with open_session(config) as session:
         if question is not None:
             session.ask(question, make_view(args))
             return 0
-        return _repl(session, args)
+        from moa.cli.repl import chat
+
+        return chat(session, args, lambda: make_view(args))
 
 
 def read_question(arg: str | None) -> str | None:
@@ -95,6 +99,14 @@ def _piped_stdin() -> str:
 
 
 def make_view(args: argparse.Namespace) -> View:
+    """The output view, drawing the run's timeline too with `--timeline`."""
+    view = _output_view(args)
+    if getattr(args, "timeline", None):
+        return TimelineView(view, args.timeline, quiet=args.quiet)
+    return view
+
+
+def _output_view(args: argparse.Namespace) -> View:
     """JSON, plain text (pipes, files, `--quiet`) or the rich live view (a terminal)."""
     if args.json:
         return JsonView()
@@ -103,40 +115,3 @@ def make_view(args: argparse.Namespace) -> View:
     from moa.cli.live import LiveView
 
     return LiveView()
-
-
-def _repl(session: ChatSession, args: argparse.Namespace) -> int:
-    """Chat turn by turn; earlier turns are sent as history."""
-    with contextlib.suppress(ImportError):
-        import readline  # noqa: F401  (line editing and history for input())
-    print(f"moa chat — {_HELP}.", file=sys.stderr)
-    history: list[dict[str, Any]] = []
-    while True:
-        try:
-            line = input(_PROMPT).strip()
-        except (EOFError, KeyboardInterrupt):
-            print(file=sys.stderr)
-            return 0
-        if not line:
-            continue
-        if line in ("/exit", "/quit"):
-            return 0
-        if line == "/reset":
-            history.clear()
-            print("(history cleared)", file=sys.stderr)
-            continue
-        if line.startswith("/"):
-            print(f"Unknown command {line!r}: {_HELP}.", file=sys.stderr)
-            continue
-        turn = {"role": "user", "content": line}
-        try:
-            result = session.ask([*history, turn], make_view(args))
-        except KeyboardInterrupt:
-            print("moa: interrupted.", file=sys.stderr)
-            continue
-        except MoaError as err:
-            if args.debug:
-                raise
-            print(f"moa: {err}", file=sys.stderr)
-            continue
-        history += [turn, {"role": "assistant", "content": result.text}]

@@ -6,7 +6,8 @@
 Each `-c` config (preset or file) runs as written, routed stages under its own `[router]`;
 each `-m` model runs alone; each `--policy` runs the routed mixture of `--routing` (default:
 the first `-c` file with a routed stage; or `--cheap M --strong M`) under that policy. Every
-mixture runs through the one executor. One table row per configuration.
+mixture runs through the one executor. One table row per configuration. On a terminal, a
+progress bar per configuration is drawn on stderr (not with `--json`).
 """
 
 from __future__ import annotations
@@ -15,12 +16,16 @@ import argparse
 import asyncio
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moa.cli.options import check_model_keys
+from moa.cli.progress import Bar, shown
 from moa.config import from_dict
 from moa.errors import ConfigError
 from moa.providers.registry import ProviderSpec, Registry, default_registry
+
+if TYPE_CHECKING:
+    from moa.routing.evaluate import Outcome, Runner
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -121,6 +126,18 @@ def _runner(target: Any) -> Any:
     return run
 
 
+def _counted(runner: Runner, bar: Bar) -> Runner:
+    """`runner`, advancing `bar` after each task (done or failed)."""
+
+    async def run(question: str, seed: int) -> Outcome:
+        try:
+            return await runner(question, seed)
+        finally:
+            bar.advance()
+
+    return run
+
+
 async def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
     from moa.mixture import Mixture
     from moa.routing.evaluate import evaluate, load_tasks, single_model
@@ -168,8 +185,9 @@ async def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     try:
         for name, runner in runners:
+            counted = _counted(runner, Bar(name, len(tasks)))
             rows.append(
-                await evaluate(name, runner, tasks, concurrency=args.concurrency, seed=args.seed)
+                await evaluate(name, counted, tasks, concurrency=args.concurrency, seed=args.seed)
             )
     finally:
         await registry.aclose()
@@ -177,7 +195,8 @@ async def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    rows = asyncio.run(_run(args))
+    with shown(not args.json):
+        rows = asyncio.run(_run(args))
     if args.json:
         json.dump({"rows": rows}, sys.stdout)
         sys.stdout.write("\n")

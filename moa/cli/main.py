@@ -3,7 +3,7 @@
 Each subcommand module exposes `add_arguments(parser)` and `run(args) -> int`. Only the
 chosen command's module is imported, so one missing or broken module never breaks the others
 or `moa --help`. Errors a user can hit end with one line on stderr and a non-zero status;
-`--debug` shows the traceback (and debug logs) instead.
+`--debug` (before or after the command) shows the traceback (and debug logs) instead.
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The `moa` parser; only `command`'s module is imported to add its arguments."""
     parser = argparse.ArgumentParser(prog="moa", description="Mixture-of-Agents inference.")
     parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument(
+        "--debug", action="store_true", dest="debug_first", help="show tracebacks and debug logs"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -84,6 +87,7 @@ def run(argv: list[str] | None = None) -> int:
             raise
         return _fail(str(err))
     args = parser.parse_args(argv)
+    args.debug = args.debug or args.debug_first
     if args.debug:
         logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
         logging.getLogger("moa").setLevel(logging.DEBUG)

@@ -4,6 +4,8 @@ Keys are never printed: only the name of the variable and whether it is set. Eac
 its models and an estimated cost per request from the price table (`moa.pricing`) for a typical
 question: a 50-token question and 300-token answers (or each agent's `max_tokens`, if lower),
 every aggregating call reading the previous layer's answers after the aggregation prompt.
+Every prompt token is billed at the input rate: the prefix such calls share (the question) is
+far below the 1,024 tokens OpenAI and Anthropic cache from, so no cached-input rate applies.
 """
 
 from __future__ import annotations

@@ -56,8 +56,10 @@ class ChatSession:
             result = future.result()
         except KeyboardInterrupt:
             future.cancel()
-            finished.wait(_CANCEL_WAIT_S)
-            view.abort()
+            try:
+                finished.wait(_CANCEL_WAIT_S)
+            finally:  # a second Ctrl-C still closes the view
+                view.abort()
             raise
         except BaseException:
             view.abort()

@@ -24,7 +24,8 @@ class View(Protocol):
 
 
 def summary_line(result: MixtureResult) -> str:
-    """Calls, tokens, cost, spend against the budgets, TTFT and total time, on one line."""
+    """Calls, tokens (the cached prompt tokens when there are any), cost, spend against the
+    budgets, TTFT and total time, on one line."""
     usage = result.usage
     unpriced = sorted({o.agent.model for o in result.outputs if o.usage.total_tokens and
                        o.cost_usd is None})
@@ -34,9 +35,11 @@ def summary_line(result: MixtureResult) -> str:
         cost = "cost unknown" if result.cost_usd is None else f"${result.cost_usd:.4f}"
     ttft = "n/a" if result.ttft_s is None else f"{result.ttft_s:.2f} s"
     spend = "".join(f" · {part}" for part in budget_parts(result.budget))
+    cached = f", {usage.cached_tokens:,} cached" if usage.cached_tokens else ""
     return (
         f"{result.calls} calls · {usage.total_tokens:,} tokens "
-        f"({usage.prompt_tokens:,} in / {usage.completion_tokens:,} out) · {cost}{spend} · "
+        f"({usage.prompt_tokens:,} in{cached} / {usage.completion_tokens:,} out) · "
+        f"{cost}{spend} · "
         f"TTFT {ttft} · total {result.latency_s:.2f} s"
     )
 

@@ -7,11 +7,14 @@ JSON shape with its status (docs/openai.md has the table). Requests beyond `max_
 wait in a queue of `max_queue`; beyond that the answer is 429, and a request that waited
 `queue_timeout_s` gets 503 — both with `Retry-After` and, for streams too, before any 200 is
 sent. A client that disconnects cancels its mixture, and with it every upstream call. A stream
-that has nothing to send for `keepalive_s` gets an SSE comment line (`: keep-alive`).
+that has nothing to send for `keepalive_s` gets an SSE comment line (`: keep-alive`). On
+shutdown the server stops accepting, gives open requests `shutdown_grace_s`, then ends each
+(a stream with an error event and its end marker); a second signal exits at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -35,7 +38,16 @@ from moa.config import MixtureConfig
 from moa.errors import ConfigError, MissingKeyError
 from moa.events import Event
 from moa.mixture import Mixture
-from moa.openai.guards import Gate, check_content_type, http_protocol, read_body
+from moa.openai.guards import (
+    SHUTTING_DOWN,
+    Drain,
+    Gate,
+    Slot,
+    check_content_type,
+    http_protocol,
+    read_body,
+)
+from moa.openai.keys import Access, ClientKey, KeyRing
 from moa.openai.responses import ResponseEvents, parse_responses, response_object
 from moa.openai.responses import new_id as new_response_id
 from moa.openai.wire import (
@@ -50,6 +62,7 @@ from moa.openai.wire import (
 )
 from moa.providers.registry import Registry
 from moa.result import MixtureResult
+from moa.state import LocalState, State
 
 if TYPE_CHECKING:
     import uvicorn
@@ -59,6 +72,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("moa.openai.server")
 API_KEY_ENV = "MOA_SERVER_API_KEY"
 KEEPALIVE = ": keep-alive\n\n"
+SHUTDOWN_GRACE_S = 10.0
+"""How long open requests may still run once a shutdown began (`moa serve --shutdown-grace`)."""
 
 
 def _logged(refused: Refused, model: str | None, err: Exception | None = None) -> Refused:
@@ -75,18 +90,19 @@ def _logged(refused: Refused, model: str | None, err: Exception | None = None) -
 
 
 class _SlotStream(StreamingResponse):
-    """A streaming response that gives its gate slot back when it ends, however it ends."""
+    """A streaming response that gives its gate slot back when it ends, however it ends (the
+    producer gives it back sooner: before the client can read the stream's last line)."""
 
-    def __init__(self, content: AsyncIterator[str], gate: Gate) -> None:
+    def __init__(self, content: AsyncIterator[str], slot: Slot) -> None:
         super().__init__(content, media_type="text/event-stream",
                          headers={"cache-control": "no-cache"})
-        self.gate = gate
+        self.slot = slot
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.gate.leave()
+            self.slot.release()
 
 
 class _Lines(Protocol):
@@ -162,27 +178,42 @@ def create_app(
     max_body_bytes: int = 2_000_000,
     keepalive_s: float = 15.0,
     registry: Registry | None = None,
+    state: State | None = None,
+    keys: KeyRing | None = None,
 ) -> Starlette:
     """The Starlette app serving `mixtures` (model name -> config; `moa/NAME` works too).
 
+    `state` (`moa.state`) holds the session budgets (ledger `session:NAME`), the providers'
+    limits and the client keys' spend: with a `RedisState` every replica shares them. `keys`
+    (`moa serve --keys`) replaces the single `api_key` by per-client keys, each with its
+    mixtures, rate and budget (`GET /v1/moa/keys/{name}/usage` reads its spend).
+
     A stream with nothing to send for `keepalive_s` (proposers still working) gets an SSE
     comment line, so proxies and clients with idle timeouts keep the connection. A mixture
-    whose provider keys are missing is listed but answers 503 (see `not_ready`).
+    whose provider keys are missing is listed but answers 503 (see `not_ready`). The app's
+    `state.drain` (a `Drain`) ends open requests when the server's shutdown grace is over.
     """
-    api_key = api_key or os.environ.get(API_KEY_ENV) or None
+    if keys is not None and api_key:
+        raise ConfigError("Use either an API key or a keys file, not both.")
+    api_key = None if keys is not None else api_key or os.environ.get(API_KEY_ENV) or None
+    access = Access(keys, state or LocalState()) if keys is not None else None
     shared = registry or Registry()
     gate = Gate(max_concurrency, max_queue, queue_timeout_s)
-    running = {name: Mixture(config, registry=shared) for name, config in mixtures.items()}
+    drain = Drain()
+    running = {name: _mixture(name, config, shared, state) for name, config in mixtures.items()}
     unready = not_ready(mixtures, shared)
 
-    def authorize(request: Request) -> None:
+    def authorize(request: Request) -> ClientKey | None:
+        if access is not None:
+            return access.authorize(request)
         if not api_key:
-            return
+            return None
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if not (scheme.lower() == "bearer"
                 and hmac.compare_digest(token.encode(), api_key.encode())):
             raise Refused(401, "Invalid or missing API key.", "authentication_error",
                           "invalid_api_key")
+        return None
 
     def named(model: str) -> str:
         for name in (model, model.removeprefix("moa/")):
@@ -219,14 +250,23 @@ def create_app(
         return JSONResponse(card(model_id))
 
     async def answer(request: Request, surface: _Surface) -> Response:
+        """`admit_and_run`, answered 503 when the shutdown's grace ends it first."""
+        with drain.open() as scope:
+            return await admit_and_run(request, surface)
+        assert scope.cancelled_caught
+        return SHUTTING_DOWN.response()
+
+    async def admit_and_run(request: Request, surface: _Surface) -> Response:
         """Admit the request (auth, content type, body, model, a gate slot), run the mixture
         and answer as `surface` writes it: whole, or as a stream that a disconnect cancels."""
         try:
-            authorize(request)
+            client = authorize(request)
             check_content_type(request)
             call = surface.parse(load_json(await read_body(request, max_body_bytes)))
             name = named(call.model)
-            await gate.enter()
+            if access is not None and client is not None:  # charged to the key's ledger too
+                call.overrides["ledgers"] = await access.admit(client, name)
+            slot = await gate.enter()
         except RequestError as err:
             return _logged(Refused(400, str(err), param=err.param), None).response()
         except Refused as err:
@@ -234,7 +274,7 @@ def create_app(
         except ClientDisconnect:  # gone while sending the body; nobody reads an answer
             return Response(status_code=499)
         if call.stream:
-            return _SlotStream(_stream(name, call, surface.lines(call)), gate)
+            return _SlotStream(_stream(name, call, surface.lines(call), slot), slot)
         try:
             result = await _until_disconnect(
                 request, running[name].run(call.messages, **call.overrides)
@@ -242,7 +282,7 @@ def create_app(
         except Exception as err:
             return _logged(failure(name, err), name, err).response()
         finally:
-            gate.leave()
+            slot.release()
         if result is None:  # the client went away; nobody reads this
             return Response(status_code=499)
         return JSONResponse(surface.answer(result, call))
@@ -253,11 +293,11 @@ def create_app(
     async def responses(request: Request) -> Response:
         return await answer(request, RESPONSES)
 
-    async def _stream(name: str, call: ChatCall, lines: _Lines) -> AsyncIterator[str]:
+    async def _stream(name: str, call: ChatCall, lines: _Lines, slot: Slot) -> AsyncIterator[str]:
         """The SSE body, produced by a task that a client disconnect cancels."""
         send, receive = anyio.create_memory_object_stream[str](math.inf)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_produce, name, call, lines, send)
+            tg.start_soon(_produce, name, call, lines, send, slot)
             try:
                 async with receive:
                     async for line in receive:
@@ -266,7 +306,9 @@ def create_app(
                 tg.cancel_scope.cancel()  # the client went away: cancel the mixture
 
     async def _produce(name: str, call: ChatCall, lines: _Lines,
-                       send: MemoryObjectSendStream[str]) -> None:
+                       send: MemoryObjectSendStream[str], slot: Slot) -> None:
+        """Run the mixture into `send`: its events, a failure, or the shutdown's error, then
+        the end; the slot is given back before the end can reach the client."""
         last_sent = anyio.current_time()
 
         def put(text: list[str]) -> None:
@@ -283,32 +325,60 @@ def create_app(
 
         async with send, anyio.create_task_group() as tg:
             tg.start_soon(keep_alive)
-            try:
-                events = running[name].stream(call.messages, **call.overrides)
-                async with contextlib.aclosing(events):
-                    async for event in events:
-                        put(lines.feed(event))
-            except Exception as err:
-                put(lines.fail(_logged(failure(name, err), name, err)))
+            with drain.open() as cut:
+                try:
+                    events = running[name].stream(call.messages, **call.overrides)
+                    async with contextlib.aclosing(events):
+                        async for event in events:
+                            put(lines.feed(event))
+                except Exception as err:
+                    put(lines.fail(_logged(failure(name, err), name, err)))
+            if cut.cancelled_caught:
+                put(lines.fail(SHUTTING_DOWN))
             put(lines.end())
+            slot.release()
             tg.cancel_scope.cancel()
+
+    async def key_usage(request: Request) -> Response:
+        try:
+            if access is None:
+                raise Refused(404, "This server has no client keys (moa serve --keys FILE).",
+                              code="no_keys")
+            client = access.authorize(request)
+            return JSONResponse(await access.usage(client, request.path_params["name"]))
+        except Refused as err:
+            return _logged(err, None).response()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
         await shared.aclose()
+        if state is not None:
+            await state.aclose()
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/health", health),
             Route("/v1/models", models),
             Route("/v1/models/{model_id:path}", model),
             Route("/v1/chat/completions", chat, methods=["POST"]),
             Route("/v1/responses", responses, methods=["POST"]),
+            Route("/v1/moa/keys/{name}/usage", key_usage),
         ],
         exception_handlers={404: _not_found, 405: _not_allowed},
         lifespan=lifespan,
     )
+    app.state.drain = drain
+    return app
+
+
+def _mixture(name: str, config: MixtureConfig, registry: Registry, state: State | None) -> Mixture:
+    """A served mixture; with a state, its session budget is that state's `session:NAME`."""
+    if state is None:
+        return Mixture(config, registry=registry)
+    limit = config.session_budget
+    session = None if limit.unlimited else state.ledger(f"session:{name}", limit)
+    return Mixture(config, registry=registry, state=state, session=session)
 
 
 def not_ready(mixtures: dict[str, MixtureConfig], registry: Registry) -> dict[str, str]:
@@ -362,13 +432,17 @@ async def _until_disconnect(request: Request, work: Any) -> Any:
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A listening socket on host:port, or a `ConfigError` saying in one sentence why not."""
+    """A listening socket on host:port, or a `ConfigError` saying in one sentence why not.
+
+    It listens at once: a client that connects once `moa serve` said it serves waits in the
+    backlog until uvicorn accepts, instead of being refused."""
     sock: socket.socket | None = None
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
+        sock.listen(2048)
     except (OSError, UnicodeError) as err:
         if sock is not None:
             sock.close()
@@ -377,23 +451,65 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _server(app: Starlette, log_level: str = "warning") -> uvicorn.Server:
+def _server(app: Starlette, shutdown_grace_s: float = SHUTDOWN_GRACE_S,
+            log_level: str = "warning") -> uvicorn.Server:
+    """uvicorn's server for `app`, with a bounded shutdown: open requests get
+    `shutdown_grace_s`, then the app's drain ends them; a second signal exits at once."""
     import uvicorn
 
-    return uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on",
-                                         http=http_protocol()))
+    drain: Drain | None = getattr(app.state, "drain", None)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.should_exit:  # the second signal: exit now, without draining
+                os.write(2, b"moa: a second signal: exiting now.\n")
+                os._exit(128 + sig)
+            super().handle_exit(sig, frame)
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            for server in self.servers:  # stop accepting first (uvicorn does it again)
+                server.close()
+            for sock in sockets or []:
+                sock.close()
+            if drain is None:
+                return await super().shutdown(sockets)
+            if drain.open_requests:
+                log.warning("shutting down: %d open request(s) get up to %g s to finish "
+                            "(a second signal exits at once).", drain.open_requests,
+                            shutdown_grace_s)
+            timer = asyncio.get_running_loop().call_later(shutdown_grace_s, _expire,
+                                                          drain, shutdown_grace_s)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                timer.cancel()
+
+    # The drain ends streams in their own shape; uvicorn's own cut (cancelling the tasks) is
+    # only a backstop for a client that stopped reading.
+    config = uvicorn.Config(app, log_level=log_level, lifespan="on", http=http_protocol(),
+                            timeout_graceful_shutdown=shutdown_grace_s + 5)  # type: ignore[arg-type]
+    return Server(config)
 
 
-def serve(app: Starlette, sock: socket.socket) -> None:
-    """Run `app` with uvicorn on the bound `sock` until interrupted."""
-    _server(app).run(sockets=[sock])
+def _expire(drain: Drain, grace_s: float) -> None:
+    if drain.open_requests:
+        log.warning("shutdown grace of %g s passed: ending %d open request(s) with an error.",
+                    grace_s, drain.open_requests)
+    drain.expire()
+
+
+def serve(app: Starlette, sock: socket.socket,
+          shutdown_grace_s: float = SHUTDOWN_GRACE_S) -> None:
+    """Run `app` with uvicorn on the bound `sock` until SIGTERM / SIGINT (then drain)."""
+    _server(app, shutdown_grace_s).run(sockets=[sock])
 
 
 class ServerThread:
     """`app` served by uvicorn on 127.0.0.1 (ephemeral port) in a background thread."""
 
-    def __init__(self, app: Starlette, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.app = app
+    def __init__(self, app: Starlette, host: str = "127.0.0.1", port: int = 0,
+                 shutdown_grace_s: float = SHUTDOWN_GRACE_S) -> None:
+        self.app, self.shutdown_grace_s = app, shutdown_grace_s
         self.sock = bind(host, port)
         self.host, self.port = self.sock.getsockname()[:2]
         self.server: uvicorn.Server | None = None
@@ -404,7 +520,7 @@ class ServerThread:
         return f"http://{self.host}:{self.port}/v1"
 
     def __enter__(self) -> ServerThread:
-        self.server = _server(self.app)
+        self.server = _server(self.app, self.shutdown_grace_s)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        daemon=True)
         self.thread.start()

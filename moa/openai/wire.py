@@ -20,6 +20,8 @@ from moa.errors import (
     DeadlineExceeded,
     MissingKeyError,
     MoaError,
+    QuotaExceeded,
+    StateUnavailable,
     StructuredOutputError,
     UnsupportedRequest,
 )
@@ -52,6 +54,10 @@ REJECTED = ("functions", "function_call", "logit_bias", "audio", "modalities", "
             "web_search_options", "reasoning_effort")
 
 
+QUOTA = "insufficient_quota"
+"""OpenAI's error type and code (status 429) for a spent quota: retrying does not help."""
+
+
 class Refused(Exception):
     """A request answered with an OpenAI-shaped error instead of a completion."""
 
@@ -67,13 +73,13 @@ class Refused(Exception):
                           "code": self.code}}
 
     def response(self) -> JSONResponse:
-        """The JSON answer; 429 and 503 overload carry `Retry-After`, and other 5xx tell the
-        official SDKs not to retry (`x-should-retry: false`): the mixture already retried each
-        upstream call, and a retried mixture repeats every one of them."""
+        """The JSON answer; 429 and 503 overload carry `Retry-After`, and other 5xx (and a
+        spent quota) tell the official SDKs not to retry (`x-should-retry: false`): the mixture
+        already retried each upstream call, and a retried mixture repeats every one of them."""
         headers = {}
         if self.retry_after is not None:
             headers["retry-after"] = str(self.retry_after)
-        elif self.status >= 500:
+        elif self.status >= 500 or self.code == QUOTA:
             headers["x-should-retry"] = "false"
         from starlette.responses import JSONResponse
 
@@ -81,9 +87,14 @@ class Refused(Exception):
 
 
 def failure(model: str, err: Exception) -> Refused:
-    """The error a failed run is answered with: 504 deadline, 503 not ready, 502 upstream."""
+    """The error a failed run is answered with: 504 deadline, 503 not ready or shared state
+    away, 429 a client key's quota spent, 502 upstream."""
     if isinstance(err, DeadlineExceeded):
         return Refused(504, str(err), "server_error", "deadline_exceeded")
+    if isinstance(err, QuotaExceeded):
+        return Refused(429, str(err), QUOTA, QUOTA)
+    if isinstance(err, StateUnavailable):
+        return Refused(503, str(err), "server_error", "state_unavailable", retry_after=1)
     if isinstance(err, BudgetExceeded):
         return Refused(400, str(err), "invalid_request_error", "budget_exceeded")
     if isinstance(err, UnsupportedRequest):
@@ -333,11 +344,13 @@ def new_id() -> str:
     return f"chatcmpl-moa-{uuid.uuid4().hex[:24]}"
 
 
-def usage_dict(result: MixtureResult) -> dict[str, int]:
-    """The whole mixture's usage: every call's tokens, since every call is paid for."""
+def usage_dict(result: MixtureResult) -> dict[str, Any]:
+    """The whole mixture's usage: every call's tokens, since every call is paid for; the
+    prompt tokens read from the backends' prompt caches in `prompt_tokens_details`."""
     usage = result.usage
     return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.total_tokens}
+            "total_tokens": usage.total_tokens,
+            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
 
 
 def trace(result: MixtureResult) -> dict[str, Any]:

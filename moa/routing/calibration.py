@@ -11,7 +11,7 @@ target cost per question, to the strong tier.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,8 +54,10 @@ async def collect(
     *,
     registry: Registry | None = None,
     seed: int = 0,
+    on_item: Callable[[], None] | None = None,
 ) -> list[Sample]:
-    """Run the probe and the strong path on every (question, answer) item.
+    """Run the probe and the strong path on every (question, answer) item (`on_item` is
+    called after each).
 
     The signals are those of the first routed aggregation of the mixture.
     """
@@ -78,6 +80,8 @@ async def collect(
                     strong_cost=max((best.cost_usd or 0.0) - (cheap.cost_usd or 0.0), 0.0),
                 )
             )
+            if on_item is not None:
+                on_item()
     finally:
         await probe.aclose()
         await strong.aclose()

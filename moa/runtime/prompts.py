@@ -4,16 +4,19 @@ An aggregating agent gets the conversation unchanged plus, appended to the syste
 new one when there is none), the instruction and the earlier layer's responses numbered 1..n.
 Only the latest user turn is answered from references; earlier turns stay plain history.
 
-Staircase streaming (docs/staircase.md) feeds the references while they are still being
-written, in one of two layouts: `readable` (each response contiguous, rewritten every step)
-and `prefix_cache` (the chunks that arrived since the previous step are appended as a new
-round, so every earlier step's prompt is a prefix of the next one).
+Two layouts (docs/staircase.md): `paper` puts the instruction and the references in the system
+message before the conversation, each response contiguous (rewritten at every staircase step);
+`cache` sends the conversation exactly as the advisors got it, then the instruction and the
+references as a user turn; under staircase each step appends the references' new chunks as a
+new user turn, and the aggregator's own text so far follows as the assistant turn it continues.
+So the advisors' prompt is a prefix of the aggregator's, and each step's prompt up to its own
+text is a prefix of the next step's (only the own text, at most `max_tokens`, is re-read).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 from moa.errors import ConfigError
 from moa.providers.base import Message
@@ -33,14 +36,16 @@ SMALL_MODEL_INSTRUCTION = (
     "Reply with the correct answer only, in the form the user asked for.\n\nAnswers:"
 )
 """A shorter instruction for small models (`moa bench quality` measures it)."""
+Layout = Literal["paper", "cache"]
 TRUNCATED_LABEL = " [truncated: this model stopped before finishing]"
+FAILED_LABEL = " [this response failed; disregard what it wrote]"
 TRIMMED_LABEL = " [trimmed to fit the context]"
 IN_PROGRESS_LABEL = " …"
 STREAMING_NOTE = (
     "\n\n(Some responses are still being written and more of them will follow. Continue your "
     "answer from what is known so far.)"
 )
-ROUND_HEADER = "\n\n[More of the responses, part {n}]"
+ROUND_HEADER = "[More of the responses, part {n}]"
 
 
 @dataclass(frozen=True)
@@ -132,28 +137,35 @@ def readable_block(refs: list[Reference], instruction: str = AGGREGATE_PROMPT) -
     return block
 
 
-def rounds_block(
-    rounds: list[list[tuple[int, Reference]]], streaming: bool, instruction: str = AGGREGATE_PROMPT
-) -> str:
-    """Instruction plus the chunks fed round by round: round r holds (number, new text) pairs.
-
-    With one round of complete responses this is exactly `readable_block`; later rounds are
-    appended, so each step's block begins with the previous step's (minus the trailing note).
-    """
-    block = instruction
-    for n, entries in enumerate(rounds):
-        if n:
-            block += ROUND_HEADER.format(n=n + 1)
-        block += "".join(entry(number, ref) for number, ref in entries)
-    return block + (STREAMING_NOTE if streaming else "")
+def round_text(instruction: str, lines: list[str], n: int, *, streaming: bool) -> str:
+    """One round of the cache layout: the instruction (first round) or a part header, the
+    numbered lines, and a note while responses are still being written."""
+    head = instruction if n == 1 else ROUND_HEADER.format(n=n)
+    return head + "".join(lines) + (STREAMING_NOTE if streaming else "")
 
 
 def aggregate_messages(
     messages: list[Message], block: str, *, system: str | None = None, own: str = ""
 ) -> list[Message]:
-    """The aggregator's chat: its system prompt, the conversation with `block` appended to the
-    system message, and its own output so far as a final assistant turn to continue."""
+    """The aggregator's chat in the paper layout: its system prompt, the conversation with
+    `block` appended to the system message, and its own output so far as a final assistant
+    turn to continue."""
     out = append_to_system(with_system(messages, system), block)
+    if own:
+        out.append({"role": "assistant", "content": own})
+    return out
+
+
+def cache_messages(
+    messages: list[Message], rounds: list[str], own: str, system: str | None = None
+) -> list[Message]:
+    """The aggregator's chat in the cache layout: the conversation as the advisors got it,
+    each round as a user turn (its own system prompt opens the first), and its own output so
+    far as a final assistant turn to continue."""
+    out = list(messages)
+    for k, text in enumerate(rounds):
+        out.append({"role": "user", "content": f"{system}\n\n{text}" if not k and system
+                    else text})
     if own:
         out.append({"role": "assistant", "content": own})
     return out

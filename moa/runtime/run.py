@@ -7,8 +7,10 @@ A strategy (`moa.strategies.graph.Execution`, the layered / staircase graph, or
   every call, run-level failures (`fatal`, with the result so far as `.partial`), the agents
   still open closed as finished or failed, then `RunFinished` or `RunFailed`;
 - the metered call (`_call`): the worst case reserved in the `BudgetGuard` before anything is
-  sent (`BudgetExceeded` otherwise), the reply streamed into its `Node`, usage summed over
-  the stream, settled into the budget and priced (also for a call that fails mid-stream);
+  sent (`BudgetExceeded` otherwise), then a permit from the state (`moa.state`: the provider's
+  rpm / tpm window and concurrency caps, in process or shared), the reply streamed into its
+  `Node`, usage summed over the stream, settled into the budget and priced (also for a call
+  that fails mid-stream) and the permit given back;
 - routing (`route`): the router's choice for a stage, downgraded or skipped when the strong
   tier does not fit the budget, recorded as a `RouteDecision` event.
 """
@@ -16,6 +18,7 @@ A strategy (`moa.strategies.graph.Execution`, the layered / staircase graph, or
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -28,6 +31,9 @@ from moa.config import AgentConfig, MixtureConfig
 from moa.errors import (
     DeadlineExceeded,
     MixtureError,
+    QuotaExceeded,
+    StateUnavailable,
+    StreamTimeout,
     StructuredOutputError,
     UnsupportedRequest,
 )
@@ -36,7 +42,9 @@ from moa.events import (
     AgentFailed,
     AgentFinished,
     AgentId,
+    AgentRetrying,
     AgentStarted,
+    AgentWaiting,
     Event,
     FinalDelta,
     FinalToolCallDelta,
@@ -56,6 +64,7 @@ from moa.providers.base import (
     Tool,
     ToolCallDelta,
     Usage,
+    Waiting,
     assemble_tool_calls,
 )
 from moa.providers.registry import Registry
@@ -65,6 +74,8 @@ from moa.runtime.acting import Acting, advisor_messages, check_structured
 from moa.runtime.budget import BudgetGuard, Reservation
 from moa.runtime.feed import Board, Feed
 from moa.runtime.prompts import append_to_system
+from moa.state import Permit, State
+from moa.state.local import LOCAL
 from moa.tokens import count_messages, count_tokens, encoding
 
 
@@ -131,6 +142,8 @@ class Node:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     samples: dict[int, Sample] = field(default_factory=dict)
     """The final aggregator's further syntheses (n > 1), by choice index."""
+    retry_reason: str = ""
+    """Why its last attempt failed, when a call is being retried (kept if the run ends)."""
     started_at: float | None = None
 
     def __post_init__(self) -> None:
@@ -178,6 +191,7 @@ class Run:
         guard: BudgetGuard,
         router: Router | None = None,
         overrides: Overrides | None = None,
+        state: State | None = None,
     ) -> None:
         self.config = config
         self.registry = registry
@@ -185,6 +199,9 @@ class Run:
         self.emit_raw = emit
         self.guard = guard
         self.router = router
+        self.state: State = state or LOCAL
+        """Where the providers' rate windows and concurrency caps are held (`moa.state`)."""
+        self._permits: dict[Reservation, Permit] = {}
         self.overrides = ov = overrides or Overrides()
         self.acting = Acting(ov.tools, ov.tool_choice, ov.parallel_tool_calls, ov.response_format)
         """What the final aggregator acts with (tools, format); the other stages advise."""
@@ -227,7 +244,7 @@ class Run:
                 f"The mixture did not finish within its deadline of {deadline:g} s."
             )
         self._close_unfinished()
-        self.guard.release()
+        await self.guard.arelease()
         result = self.result()
         if self.fatal is None:
             self._check_structured(result)
@@ -281,6 +298,7 @@ class Run:
         of the `Node`."""
         provider, model = self.registry.resolve(aid.model)
         node = Node(aid, agent, provider, model, Feed(self.board, chunk_size), **kw)
+        node.stop = node.stop or agent.stop
         self.nodes.append(node)
         return node
 
@@ -408,7 +426,8 @@ class Run:
                 )
             else:
                 why = "the final answer was complete first" if completed else "the run ended"
-                self._failed(node, f"cancelled: {why}")
+                after = f", while retrying after: {node.retry_reason}" if node.retry_reason else ""
+                self._failed(node, f"cancelled: {why}{after}")
 
     def result(self) -> MixtureResult:
         for node in self.nodes:
@@ -465,7 +484,7 @@ class Run:
         acts = node.id.final and visible
         ov = self.overrides
         samples = ov.n if acts else 1
-        reservation = self.guard.reserve(node.id.model, messages, max_tokens, samples)
+        reservation = await self._admit(node, messages, max_tokens, samples)
         router = self.config.router
         asked = acts and ov.logprobs  # check_final: the backend gives them
         logprobs = asked or (
@@ -475,8 +494,15 @@ class Run:
         )
         top = ov.top_logprobs if asked else router.top_logprobs if router else 5
 
-        def retried() -> None:  # `calls` counts attempts; usage and cost stay per success
-            node.output.calls += 1
+        def retried(attempt: int, reason: str) -> None:  # usage and cost stay per success
+            node.output.calls += 1  # `calls` counts attempts
+            node.retry_reason = reason
+            if visible:
+                self.emit(AgentRetrying(self._now(), node.id, attempt, reason))
+
+        def waiting(why: Waiting) -> None:
+            if visible:
+                self.emit(AgentWaiting(self._now(), node.id, why))
 
         act = self.acting if acts else Acting()
         caps = node.provider.capabilities
@@ -496,45 +522,94 @@ class Run:
             logprobs=logprobs,
             top_logprobs=top if logprobs else None,
             on_retry=retried,
+            on_wait=waiting,
         )
         parts: list[str] = []
         finish: str | None = None
         usage: Usage | None = None
         node.output.calls += 1
         node.feed.calls_open += 1
+        # A reference whose stream goes silent for stall_s after its first token has stalled
+        # (a queued engine is busy, not silent); the deadline moves at most every stall_s / 2.
+        stall = None if node.id.final or caps.queued else self.config.staircase.stall_s
         try:
-            async with _closing(node.provider.samples(request)) as deltas:
-                async for delta in deltas:
-                    if delta.usage:
-                        usage = delta.usage if usage is None else usage + delta.usage
-                    if delta.index:
-                        self._sample(node, delta)
-                        continue
-                    if delta.logprobs and visible:
-                        node.logprobs.extend(delta.logprobs)
-                    if delta.text:
-                        parts.append(delta.text)
-                        if visible:
-                            self._delta(node, delta.text, delta.logprobs)
-                    if delta.tool_calls and visible:
-                        self._tool_calls(node, delta.tool_calls)
-                    finish = delta.finish_reason or finish
+            with anyio.CancelScope() as watch:
+                async with _closing(node.provider.samples(request)) as deltas:
+                    async for delta in deltas:
+                        now = anyio.current_time()
+                        if stall is not None and (
+                            watch.deadline == math.inf or watch.deadline - now < stall
+                        ):
+                            watch.deadline = now + 1.5 * stall
+                        self._take(node, delta, parts, visible)
+                        if delta.usage:
+                            usage = delta.usage if usage is None else usage + delta.usage
+                        if not delta.index:
+                            finish = delta.finish_reason or finish
+            if watch.cancelled_caught:
+                raise StreamTimeout(
+                    f"{node.id.model}: stalled, no token for {stall:g} s.",
+                    received="".join(parts),
+                    model=node.id.model,
+                )
         except BaseException:
             # A call stopped after it generated text was billed for that text.
             estimate = Usage(count_messages(messages), count_tokens("".join(parts)))
-            self._settle(node, reservation, estimate if parts else None)
+            await self._settle(node, reservation, estimate if parts else None)
             raise
         finally:
             node.feed.calls_open -= 1
         text = "".join(parts)
         if usage is None:
             usage = Usage(count_messages(messages), count_tokens(text))
-        self._settle(node, reservation, usage)
+        await self._settle(node, reservation, usage)
         return Call(text, finish, usage.completion_tokens or count_tokens(text))
 
-    def _settle(self, node: Node, reservation: Reservation, usage: Usage | None) -> None:
+    def _take(self, node: Node, delta: Delta, parts: list[str], visible: bool) -> None:
+        """One delta of a call into its node (a further sample's into `node.samples`)."""
+        if delta.index:
+            self._sample(node, delta)
+            return
+        if delta.logprobs and visible:
+            node.logprobs.extend(delta.logprobs)
+        if delta.text:
+            parts.append(delta.text)
+            if visible:
+                self._delta(node, delta.text, delta.logprobs)
+        if delta.tool_calls and visible:
+            self._tool_calls(node, delta.tool_calls)
+
+    async def _admit(
+        self, node: Node, messages: list[Message], max_tokens: int, samples: int
+    ) -> Reservation:
+        """Reserve the call's worst case in the budgets (`BudgetExceeded` otherwise), then wait
+        for its provider's rate window and concurrency caps. A client's spent quota or an
+        unreachable shared budget ends the whole run."""
+        model = node.id.model
+        try:
+            reservation = await self.guard.areserve(model, messages, max_tokens, samples)
+        except (QuotaExceeded, StateUnavailable) as err:
+            self._abort(err)
+            raise
+        limits = self.registry.check(model)[0].limits
+        tokens = reservation.tokens
+        if not tokens and limits.tpm is not None:
+            tokens = (count_messages(messages) + max_tokens) * samples
+        requests = 1 if node.provider.capabilities.multi_sample else samples
+        try:
+            self._permits[reservation] = await self.state.acquire(model, limits, tokens, requests)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.guard.asettle(reservation, None)
+            raise
+        return reservation
+
+    async def _settle(self, node: Node, reservation: Reservation, usage: Usage | None) -> None:
         """Replace the call's reservation by its usage; add usage and cost to the agent."""
-        cost = self.guard.settle(reservation, usage)
+        cost = await self.guard.asettle(reservation, usage)
+        permit = self._permits.pop(reservation, None)
+        if permit is not None:
+            await permit.close(usage.total_tokens if usage is not None else None)
         if usage is None:
             return
         out = node.output

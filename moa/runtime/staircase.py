@@ -1,10 +1,11 @@
 """Staircase streaming: what an aggregating agent is shown, when it starts, how far it writes.
 
 `ReferenceView` keeps, per aggregating agent, the numbering of its references (slot order for
-those present at its start, arrival order after), the chunks already fed and, for the
-`prefix_cache` layout, the rounds in which they were fed. `start_wait` is the start rule,
-`settle_wait` the straggler rule (every mode) and `Pacer` the pacing rule. The step loop itself
-lives in `moa.strategies.graph`; docs/staircase.md describes the design.
+those present at its start, arrival order after), the chunks already fed and, for the `cache`
+layout, the rounds in which they were fed (each rendered once, never rewritten).
+`start_wait` is the start rule, `settle_wait` the straggler rule (every mode) and `Pacer` the
+pacing rule. The step loop itself lives in `moa.strategies.graph`; docs/staircase.md
+describes the design.
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ from typing import Literal
 
 from moa.runtime.feed import Feed
 from moa.runtime.prompts import (
+    FAILED_LABEL,
+    Layout,
     Reference,
+    entry,
     mark_duplicates,
     readable_block,
-    rounds_block,
+    round_text,
     same_text,
 )
 from moa.tokens import count_tokens
@@ -28,7 +32,7 @@ Pacing = Literal["lockstep", "eager"]
 
 @dataclass(frozen=True)
 class _Entry:
-    """Text of one reference fed in one round (prefix_cache layout)."""
+    """Text of one reference fed in one round (cache layout)."""
 
     source: int
     text: str
@@ -41,14 +45,17 @@ class _Entry:
 class ReferenceView:
     """One aggregating agent's view of its references, updated between steps."""
 
-    def __init__(self, feeds: list[Feed], layout: Literal["readable", "prefix_cache"]) -> None:
+    def __init__(self, feeds: list[Feed], layout: Layout) -> None:
         self.feeds = feeds
         self.layout = layout
         self.order: list[int] = []
         self._fed: dict[int, int] = {}
         self._roots: dict[int, list[int]] = {}
         self._labelled: set[int] = set()
-        self._rounds: list[list[_Entry]] = []
+        self._number: dict[int, int] = {}
+        """Cache layout: each reference's number, fixed when it is first fed."""
+        self.rounds: list[str] = []
+        """Cache layout: each round's text, as sent (never rewritten)."""
         self._seen: tuple[tuple[int, str], ...] = ()
         self.given_up: frozenset[int] = frozenset()
 
@@ -65,12 +72,17 @@ class ReferenceView:
         return any(not f.resolved for f in self.feeds)
 
     def update(
-        self, *, complete_only: bool = False, given_up: frozenset[int] = frozenset()
+        self,
+        *,
+        complete_only: bool = False,
+        given_up: frozenset[int] = frozenset(),
+        instruction: str = "",
     ) -> None:
         """Take in what arrived: number new references, drop failed ones, add a round.
 
-        `given_up` (readable layout): unfinished references shown with all they wrote so far,
-        labelled as stopped before finishing (stragglers left behind by the last call).
+        `given_up`: unfinished references shown with all they wrote so far, labelled as stopped
+        before finishing (stragglers left behind by the last call). Cache layout: the news is
+        rendered as a new round (the first one opened by `instruction`).
         """
         self._seen = self.signature()
         self.given_up = frozenset(u for u in given_up if self.feeds[u].partial.strip())
@@ -84,10 +96,8 @@ class ReferenceView:
         self.order += [
             u for u, feed in enumerate(self.feeds) if u not in self.order and shown(u, feed)
         ]
-        if self.layout == "prefix_cache":
-            entries = [e for u in self.order if (e := self._new_entry(u)) is not None]
-            if entries:
-                self._rounds.append(entries)
+        if self.layout == "cache":
+            self._add_round(instruction)
 
     def references(self) -> list[Reference]:
         """Every shown reference in full, numbered by position (the readable layout)."""
@@ -100,31 +110,45 @@ class ReferenceView:
         return mark_duplicates(refs)
 
     def block(self, instruction: str) -> str:
-        """The references block of the next step's system message."""
-        if self.layout == "readable":
-            return readable_block(self.references(), instruction)
-        number = {u: i for i, u in enumerate(self.order, 1)}
-        rounds = [
-            [(number[e.source], self._reference(e, number)) for e in entries if e.source in number]
-            for entries in self._rounds
-        ]
-        return rounds_block([r for r in rounds if r], self.streaming, instruction)
+        """The references block of the paper layout (every reference contiguous)."""
+        return readable_block(self.references(), instruction)
 
-    def _reference(self, entry: _Entry, number: dict[int, int]) -> Reference:
-        if entry.same_as is not None and entry.same_as in number:
-            return Reference(text=entry.text, same_as=number[entry.same_as])
-        return Reference(text=entry.text, truncated=entry.truncated, continued=entry.continued)
+    def _add_round(self, instruction: str) -> None:
+        """Cache layout: the chunks fed since the last round (numbers fixed at first feed), a
+        line for each numbered reference that has failed since, as one new round's text."""
+        lines = []
+        for u in self.order:
+            e = self._new_entry(u)
+            if e is None:
+                continue
+            number = self._number.setdefault(u, len(self._number) + 1)
+            same = self._number.get(e.source if e.same_as is None else e.same_as)
+            complete = self.feeds[u].resolved
+            ref = (Reference(text=e.text, same_as=same, complete=complete)
+                   if e.same_as is not None and same
+                   else Reference(text=e.text, complete=complete, truncated=e.truncated,
+                                  continued=e.continued))
+            lines.append(entry(number, ref))
+        for u, number in self._number.items():
+            if u not in self.order and u not in self._labelled:
+                self._labelled.add(u)
+                lines.append(f"\n{number}.{FAILED_LABEL}")
+        if lines:
+            self.rounds.append(
+                round_text(instruction, lines, len(self.rounds) + 1, streaming=self.streaming)
+            )
 
     def _new_entry(self, u: int) -> _Entry | None:
         feed = self.feeds[u]
         start, end = self._fed.get(u, 0), len(feed.chunks)
-        label = feed.truncated and u not in self._labelled
+        given_up = u in self.given_up
+        label = (feed.truncated or given_up) and u not in self._labelled
         if start == end and not label:
             return None
         self._fed[u] = end
         if label:
             self._labelled.add(u)
-        text = "".join(feed.chunks[start:end])
+        text = "".join(feed.chunks[start:end]) + (feed.pending if given_up else "")
         root = self._duplicate_root(u, start, end, text) if start < end else None
         self._roots.setdefault(u, []).extend([u if root is None else root] * (end - start))
         return _Entry(u, text, truncated=label, same_as=root, continued=start > 0)

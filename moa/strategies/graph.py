@@ -34,6 +34,7 @@ from moa.errors import (
     BudgetExceeded,
     ConfigError,
     NotEnoughProposers,
+    ProviderError,
 )
 from moa.events import AgentId, Event, Notice
 from moa.providers.base import Message
@@ -44,12 +45,14 @@ from moa.runtime.prompts import (
     AGGREGATE_PROMPT,
     Reference,
     aggregate_messages,
+    cache_messages,
     fit_references,
     readable_block,
     with_system,
 )
 from moa.runtime.run import Node, Overrides, Run, stage_seed
 from moa.runtime.staircase import Pacer, ReferenceView, settle_wait, start_wait
+from moa.state import State
 from moa.strategies import stages
 from moa.tokens import count_messages, count_tokens
 
@@ -68,8 +71,9 @@ class Execution(Run):
         guard: BudgetGuard,
         router: Router | None = None,
         overrides: Overrides | None = None,
+        state: State | None = None,
     ) -> None:
-        super().__init__(config, registry, messages, emit, guard, router, overrides)
+        super().__init__(config, registry, messages, emit, guard, router, overrides, state)
         self.layers = self._build()
         requested = config.mode
         self.mode, self.fallback = self._choose_mode(requested)
@@ -201,6 +205,7 @@ class Execution(Run):
             stages.route_proposer(self, node, messages)
         self._started(node)
         call = await self._call(node, messages, node.agent.max_tokens)
+        _check_answered(node, call.finish_reason)
         self._finished(node, call.finish_reason)
 
     async def _route_aggregate(self, node: Node) -> bool:
@@ -221,7 +226,7 @@ class Execution(Run):
         sc = self.config.staircase
         feeds = [u.feed for u in node.upstream]
         continuing = self.mode == "staircase" and not node.layered
-        view = ReferenceView(feeds, sc.layout if continuing else "readable")
+        view = ReferenceView(feeds, sc.layout)
         pacer = Pacer(feeds, sc.pacing, sc.stall_s)
         for u in node.upstream:
             u.feed.peers = [n.feed for n in self.nodes if n.provider is u.provider and n is not u]
@@ -235,7 +240,8 @@ class Execution(Run):
             stragglers = frozenset(
                 i for i, f in enumerate(feeds) if settled and sc.keep_truncated and not f.resolved
             )
-            view.update(complete_only=not continuing, given_up=stragglers)
+            view.update(complete_only=not continuing, given_up=stragglers,
+                        instruction=AGGREGATE_PROMPT)
             if free or not continuing:
                 self._check_quorum(node, view)
                 finish = await self._free_call(node, view, budget - used)
@@ -251,6 +257,7 @@ class Execution(Run):
                     break
                 step += 1
             await self._wait_news(node, view, pacer, min(sc.step_size(step), budget - used))
+        _check_answered(node, finish)
         self._finished(node, finish)
 
     # ---- start, steps and quorum -----------------------------------------------------------
@@ -309,18 +316,12 @@ class Execution(Run):
     def _check_possible(self, node: Node) -> None:
         failed = sum(u.feed.state == "failed" for u in node.upstream)
         if len(node.upstream) - failed < node.quorum:
-            raise NotEnoughProposers(
-                f"{failed} of the {len(node.upstream)} agents of layer {node.id.layer} failed, "
-                f"so fewer than min_proposers={node.quorum} can answer. {_why(node.upstream)}"
-            )
+            raise NotEnoughProposers(_shortfall(node, len(node.upstream) - failed, "can answer"))
 
     def _check_quorum(self, node: Node, view: ReferenceView) -> None:
         done = sum(u.feed.state == "done" for u in node.upstream)
         if done < node.quorum or not view.order:
-            raise NotEnoughProposers(
-                f"Only {done} of the {len(node.upstream)} agents of layer {node.id.layer} "
-                f"answered; min_proposers is {node.quorum}. {_why(node.upstream)}"
-            )
+            raise NotEnoughProposers(_shortfall(node, done, "answered"))
 
     # ---- prompts ----------------------------------------------------------------------------
 
@@ -329,13 +330,20 @@ class Execution(Run):
             self.conversation(node), block, system=node.agent.system, own=node.text
         )
 
+    def _laid_out(self, node: Node, view: ReferenceView) -> list[Message]:
+        """The step's prompt in the configured layout (before any trimming)."""
+        if view.layout == "cache":
+            return cache_messages(self.conversation(node), view.rounds, node.text,
+                                  node.agent.system)
+        return self._messages(node, view.block(AGGREGATE_PROMPT))
+
     def _fits(self, messages: list[Message], max_tokens: int) -> bool:
         limit = self.config.aggregator_context_tokens
         return limit is None or count_messages(messages) + max_tokens <= limit
 
     def _prompt(self, node: Node, view: ReferenceView, max_tokens: int) -> list[Message]:
         """The step's prompt in the configured layout, trimmed if it would overflow."""
-        messages = self._messages(node, view.block(AGGREGATE_PROMPT))
+        messages = self._laid_out(node, view)
         if self._fits(messages, max_tokens):
             return messages
         return self._trimmed(node, view.references(), max_tokens)
@@ -376,7 +384,7 @@ class Execution(Run):
 
     async def _free_call(self, node: Node, view: ReferenceView, max_tokens: int) -> str | None:
         """The last call: all references known (or given up on); windows when they overflow."""
-        messages = self._messages(node, view.block(AGGREGATE_PROMPT))
+        messages = self._laid_out(node, view)
         if not self._fits(messages, max_tokens):
             if self.config.long_references == "window" and not node.parts:
                 return await self._windows(node, view.references(), max_tokens)
@@ -406,10 +414,39 @@ class Execution(Run):
             carried = [Reference(call.text)]
 
 
-def _why(nodes: list[Node]) -> str:
-    """The distinct errors of the failed `nodes`, each with the agents that hit it."""
-    by_error: dict[str, list[str]] = {}
+def _check_answered(node: Node, finish: str | None) -> None:
+    """An agent that ends with no text (and no tool call) failed: it says "returned no text"."""
+    if not node.text.strip() and not node.tool_pieces:
+        raise ProviderError(
+            f"{node.id.model}: returned no text (finish reason {finish or 'none'}).",
+            model=node.id.model,
+        )
+
+
+def _shortfall(node: Node, left: int, how: str) -> str:
+    """Why `node`'s layer cannot answer: the causes first, each once with the agents that hit
+    it; the quorum arithmetic only when some agents of the layer did not fail."""
+    upstream = node.upstream
+    why = _causes(upstream)
+    if all(u.output.error for u in upstream):
+        return why
+    count = f"{left} of the {len(upstream)} agents of layer {node.id.layer} {how}"
+    return f"{why} Only {count}; min_proposers is {node.quorum}.".strip()
+
+
+def _causes(nodes: list[Node]) -> str:
+    """The distinct errors of the failed `nodes`, each once, then the agents that hit it (by
+    model), e.g. "HTTP 401: bad key (L1.1, L1.2 on openai/gpt-4o-mini)."."""
+    by_error: dict[str, dict[str, list[str]]] = {}
     for node in nodes:
-        if node.output.error:
-            by_error.setdefault(node.output.error.rstrip("."), []).append(node.id.key)
-    return " ".join(f"{', '.join(keys)}: {error}." for error, keys in by_error.items())
+        error = (node.output.error or "").rstrip(".")
+        if not error:
+            continue
+        model = node.id.model
+        error = error.removeprefix(f"{model}: ")
+        error = error[:1].upper() + error[1:]
+        by_error.setdefault(error, {}).setdefault(model, []).append(node.id.key)
+    return " ".join(
+        f"{error} ({'; '.join(', '.join(keys) + ' on ' + model for model, keys in who.items())})."
+        for error, who in by_error.items()
+    )

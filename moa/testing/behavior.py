@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +19,13 @@ TOKEN_RE = re.compile(r"\s*\S+")
 """A loopback token: one word with its leading whitespace."""
 
 ECHO = "echo"
+
+PROMPT_HISTORY = 64
+"""How many recent prompts per model the simulated prompt cache keeps."""
+
+PromptToken = tuple[int, str, str]
+"""A loopback prompt token with the position and role of its message (-1: Anthropic's
+`system`), so two prompts share a prefix only message by message."""
 
 CallSpec = dict[str, Any]
 """A tool call a loopback model makes: {"name": str, "arguments": dict | str, "id"?: str}."""
@@ -46,6 +53,10 @@ class ModelBehavior:
     """Logprob reported for each token (or a function of the token's index)."""
     prompt_tokens: int | None = None
     """Reported prompt tokens; None counts the words of all messages."""
+    cache_min_tokens: int = 32
+    """Prompt caching as OpenAI reports it: a request's cached tokens are the longest prefix
+    (in prompt tokens, message by message) it shares with one of the last `PROMPT_HISTORY`
+    requests to the model, when that prefix has at least this many tokens (OpenAI: 1024)."""
     completion_tokens: int | None = None
     """Reported completion tokens; None counts the tokens sent."""
     prefill: bool = False
@@ -118,6 +129,10 @@ class ReplyPlan:
     """The stop string that ended the reply, if one did."""
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
+    """Prompt tokens read from the simulated prompt cache (a part of `prompt_tokens`)."""
+    cache_write_tokens: int = 0
+    """Prompt tokens written to it (Anthropic, up to the last `cache_control` breakpoint)."""
     offset: int = 0
     """Tokens of the reply already written in the assistant turn this request continues."""
     tool_calls: list[PlannedCall] = field(default_factory=list)
@@ -147,7 +162,7 @@ def message_text(content: Any) -> str:
     return ""
 
 
-def _prompt_words(message: dict[str, Any]) -> int:
+def _prompt_words(message: dict[str, Any]) -> list[str]:
     """Loopback prompt tokens of a message: its text, tool-call arguments and tool results."""
     parts = [message_text(message.get("content"))]
     for call in message.get("tool_calls") or []:
@@ -158,7 +173,43 @@ def _prompt_words(message: dict[str, Any]) -> int:
             parts.append(json.dumps(block.get("input")))
         elif isinstance(block, dict) and block.get("type") == "tool_result":
             parts.append(message_text(block.get("content")))
-    return sum(len(TOKEN_RE.findall(part)) for part in parts)
+    return [word for part in parts for word in TOKEN_RE.findall(part)]
+
+
+def _marked(content: Any) -> bool:
+    """Whether a content list carries a `cache_control` breakpoint."""
+    return isinstance(content, list) and any(
+        isinstance(block, dict) and "cache_control" in block for block in content
+    )
+
+
+def prompt_sequence(body: dict[str, Any], anthropic: bool) -> tuple[list[PromptToken], int]:
+    """The request's prompt tokens in order (on Anthropic the system prompt first) and how
+    many of them end at its last `cache_control` breakpoint (0 when it has none)."""
+    sequence: list[PromptToken] = []
+    marked = 0
+    if anthropic:
+        system = body.get("system")
+        sequence += [(-1, "system", w) for w in TOKEN_RE.findall(message_text(system))]
+        marked = len(sequence) if _marked(system) else 0
+    for i, message in enumerate(body.get("messages") or []):
+        sequence += [(i, str(message.get("role")), w) for w in _prompt_words(message)]
+        marked = len(sequence) if _marked(message.get("content")) else marked
+    return sequence, marked
+
+
+def cached_prefix(sequence: list[PromptToken], history: Iterable[list[PromptToken]],
+                  minimum: int) -> int:
+    """The longest prefix `sequence` shares with a prompt of `history`; 0 below `minimum`."""
+    best = 0
+    for earlier in history:
+        n = 0
+        for a, b in zip(sequence, earlier, strict=False):
+            if a != b:
+                break
+            n += 1
+        best = max(best, n)
+    return best if best >= max(minimum, 1) else 0
 
 
 def _after_tool_result(body: dict[str, Any], anthropic: bool) -> bool:
@@ -270,9 +321,7 @@ def plan_reply(
                 break
             budget -= len(call.pieces)
     n = 1 if anthropic else int(body.get("n") or 1)
-    prompt = sum(_prompt_words(m) for m in body.get("messages", []))
-    if anthropic:
-        prompt += len(TOKEN_RE.findall(message_text(body.get("system"))))
+    prompt = len(prompt_sequence(body, anthropic)[0])
     produced = len(tokens) + sum(len(c.pieces) for c in calls)
     return ReplyPlan(
         tokens=[list(tokens) for _ in range(n)],

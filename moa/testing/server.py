@@ -11,11 +11,20 @@ import json
 import logging
 import threading
 import time
+from collections import defaultdict, deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .behavior import ModelBehavior, plan_reply
+from .behavior import (
+    PROMPT_HISTORY,
+    ModelBehavior,
+    PromptToken,
+    ReplyPlan,
+    cached_prefix,
+    plan_reply,
+    prompt_sequence,
+)
 from .http11 import BadRequest, Connection, Request
 from .wire import AnthropicFrames, OpenAIFrames
 
@@ -64,6 +73,10 @@ class LoopbackServer:
         self._default = default
         self._api_key = api_key
         self._served: dict[str, int] = {}
+        self._prompts: defaultdict[str, deque[list[PromptToken]]] = defaultdict(
+            lambda: deque(maxlen=PROMPT_HISTORY)
+        )
+        """Each model's recent prompts, for the cached tokens its usage reports."""
         self._serial = 0
         self._active = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -290,14 +303,27 @@ class LoopbackServer:
                 headers=_retry_headers(behavior.retry_after),
             )
             return True
-        plan = plan_reply(behavior, body, anthropic=frames_type is AnthropicFrames,
-                          serial=self._serial)
+        anthropic = frames_type is AnthropicFrames
+        plan = plan_reply(behavior, body, anthropic=anthropic, serial=self._serial)
+        self._count_cache(model, behavior, body, plan, anthropic)
         frames = frames_type(body, behavior, plan, self._serial)
         frames.error_message += echoed
         frames.malformed_call = faulty and behavior.malformed_tool_call
         if body.get("stream"):
             return await self._stream(conn, frames, faulty)
         return await self._document(conn, frames, faulty)
+
+    def _count_cache(self, model: str, behavior: ModelBehavior, body: dict[str, Any],
+                     plan: ReplyPlan, anthropic: bool) -> None:
+        """Fill in the plan's cached tokens (the longest prefix shared with the model's recent
+        prompts) and, on Anthropic, its cache writes (the rest up to the last breakpoint)."""
+        sequence, marked = prompt_sequence(body, anthropic)
+        history = self._prompts[model]
+        cached = cached_prefix(sequence, history, behavior.cache_min_tokens)
+        plan.cached_tokens = min(cached, plan.prompt_tokens)
+        if anthropic and marked >= behavior.cache_min_tokens:
+            plan.cache_write_tokens = max(0, min(marked, plan.prompt_tokens) - plan.cached_tokens)
+        history.append(sequence)
 
     async def _document(self, conn: Connection, frames: OpenAIFrames | AnthropicFrames,
                         faulty: bool) -> bool:

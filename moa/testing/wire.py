@@ -69,9 +69,10 @@ class OpenAIFrames:
             )
         return {"content": content}
 
-    def _usage(self) -> dict[str, int]:
+    def _usage(self) -> dict[str, Any]:
         p, c = self.plan.prompt_tokens, self.plan.completion_tokens
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+                "prompt_tokens_details": {"cached_tokens": self.plan.cached_tokens}}
 
     def _chunk(self, choices: list[dict[str, Any]]) -> bytes:
         chunk: dict[str, Any] = {
@@ -227,8 +228,16 @@ class AnthropicFrames:
             "id": self.id, "type": "message", "role": "assistant", "model": self.model,
             "content": content, "stop_reason": stop,
             "stop_sequence": self.plan.stop_sequence if stop else None,
-            "usage": {"input_tokens": self.plan.prompt_tokens, "output_tokens": out},
+            "usage": self._usage(out),
         }
+
+    def _usage(self, out: int) -> dict[str, int]:
+        """Anthropic's usage: `input_tokens` is the prompt neither read from nor written to
+        the cache."""
+        plan = self.plan
+        fresh = plan.prompt_tokens - plan.cached_tokens - plan.cache_write_tokens
+        return {"input_tokens": fresh, "cache_creation_input_tokens": plan.cache_write_tokens,
+                "cache_read_input_tokens": plan.cached_tokens, "output_tokens": out}
 
     def start(self) -> bytes:
         out = self._event({"type": "message_start", "message": self._message([], None, 1)})
