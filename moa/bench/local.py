@@ -13,7 +13,9 @@ the first token of the answer (the aggregator's, or the single call's).
 `--case long` times a long question (`--long-tokens`, default 3,000) with one answer token,
 side by side: one raw llama-cpp-python prefill of the rendered prompt (no moa), one engine
 call, and the mixture `moa chat -p local/smollm2 -a local/smollm2 --max-tokens 1` runs (a
-proposer, then an aggregator whose prompt holds the question again: two prefills).
+proposer, then an aggregator whose prompt holds the question again) in the paper layout (the
+references before the question: two prefills) and in the cache layout (the question first,
+as the proposer read it: the engine reuses its KV and evaluates only what follows).
 `--case cancel` cancels an engine call `--cancel-after` seconds into the long prefill and
 reports how long the call took to return after the cancel (`cancel_s`).
 `--case first-run` runs the `local` preset as shipped and the same caps without its stop rule
@@ -170,17 +172,18 @@ async def _engine_long(registry: Any, question: str) -> dict[str, Any]:
             "total_s": time.perf_counter() - start}
 
 
-async def _mixture_long(registry: Any, question: str) -> dict[str, Any]:
-    from moa.config import AgentConfig, LayerConfig, MixtureConfig
+async def _mixture_long(registry: Any, question: str, layout: str) -> dict[str, Any]:
+    from moa.config import AgentConfig, LayerConfig, MixtureConfig, StaircaseConfig
     from moa.mixture import Mixture
 
     agent = AgentConfig(model="local/smollm2", max_tokens=1)
     config = MixtureConfig(name="long", mode="layered", layers=[LayerConfig(agents=[agent])],
-                           aggregator=agent.model_copy())
+                           aggregator=agent.model_copy(),
+                           staircase=StaircaseConfig(layout=layout))  # type: ignore[arg-type]
     start = time.perf_counter()
     result = await Mixture(config, registry=registry).run(question)
     return {"calls": result.calls, "prompt_tokens": result.usage.prompt_tokens,
-            "total_s": time.perf_counter() - start}
+            "cached_tokens": result.usage.cached_tokens, "total_s": time.perf_counter() - start}
 
 
 async def _cancel(registry: Any, question: str, after: float) -> dict[str, Any]:
@@ -222,7 +225,8 @@ def _long_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
         cases = [
             ("raw llama-cpp prefill", _raw_prefill),
             ("engine call, 1 token", lambda q: anyio.run(_engine_long, registry, q)),
-            ("moa chat -p -a, 1 token", lambda q: anyio.run(_mixture_long, registry, q)),
+            ("moa chat -p -a, 1 token", lambda q: anyio.run(_mixture_long, registry, q, "paper")),
+            ("same, cache layout", lambda q: anyio.run(_mixture_long, registry, q, "cache")),
         ]
         runs: dict[str, list[dict[str, Any]]] = {dispatch: [] for dispatch, _ in cases}
         for i in range(args.repeats):  # interleaved, so a change of load hits every row
@@ -232,6 +236,7 @@ def _long_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
             got = min(got_all, key=lambda g: g["total_s"])
             rows.append({"workload": label, "dispatch": dispatch, "calls": got["calls"],
                          "prompt_tokens": got["prompt_tokens"],
+                         "cached_tokens": got.get("cached_tokens", 0),
                          "total_s": round(got["total_s"], 3)})
     if args.case in ("cancel", "all"):
         got = anyio.run(_cancel, registry, _long_question(args.long_tokens, "Cancel"),
@@ -257,7 +262,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
         long_rows += _first_run_rows()
     by_dispatch = {r["dispatch"]: r for r in long_rows}
     raw = by_dispatch.get("raw llama-cpp prefill")
-    for dispatch in ("engine call, 1 token", "moa chat -p -a, 1 token"):
+    for dispatch in ("engine call, 1 token", "moa chat -p -a, 1 token", "same, cache layout"):
         if raw and dispatch in by_dispatch:
             ratio = by_dispatch[dispatch]["total_s"] / raw["total_s"]
             notes.append(f"{dispatch}: x{ratio:.2f} the raw prefill's time.")
