@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 import anyio
 from pydantic import ValidationError
 
-from moa import pricing
+from moa import pricing, telemetry
 from moa.config import MAX_SAMPLES, MixtureConfig, Mode, load
 from moa.errors import ConfigError, UnsupportedRequest
 from moa.events import Event, RunFinished
@@ -142,10 +142,11 @@ class Mixture:
         limit = self.config.budget if budget is None else as_budget(budget)
         self._check_prices(limit, ledgers)
         send, receive = anyio.create_memory_object_stream[Event](math.inf)
+        prompt = as_messages(messages)
         execution = strategy(
             self.config,
             self.registry,
-            as_messages(messages),
+            prompt,
             send.send_nowait,
             BudgetGuard(self._price, limit, self.session, ledgers),
             self.router,
@@ -164,6 +165,7 @@ class Mixture:
             ),
             state=self.state,
         )
+        trace = telemetry.subscriber(self.config, prompt, self.router)  # None: OpenTelemetry is off
 
         async def drive() -> None:
             async with send:
@@ -177,8 +179,12 @@ class Mixture:
             tg.start_soon(drive)
             async with receive:
                 async for event in receive:
+                    if trace is not None:
+                        trace.on(event)
                     yield event
         finally:
+            if trace is not None:
+                trace.close()
             tg.cancel_scope.cancel()
             await tg.__aexit__(None, None, None)
         if execution.fatal is not None:

@@ -34,6 +34,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from moa import telemetry
 from moa.config import MixtureConfig
 from moa.errors import ConfigError, MissingKeyError
 from moa.events import Event
@@ -93,9 +94,10 @@ class _SlotStream(StreamingResponse):
     """A streaming response that gives its gate slot back when it ends, however it ends (the
     producer gives it back sooner: before the client can read the stream's last line)."""
 
-    def __init__(self, content: AsyncIterator[str], slot: Slot) -> None:
+    def __init__(self, content: AsyncIterator[str], slot: Slot,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(content, media_type="text/event-stream",
-                         headers={"cache-control": "no-cache"})
+                         headers={"cache-control": "no-cache", **(headers or {})})
         self.slot = slot
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -273,19 +275,28 @@ def create_app(
             return _logged(err, None).response()
         except ClientDisconnect:  # gone while sending the body; nobody reads an answer
             return Response(status_code=499)
+        # The run's spans continue the client's `traceparent` (no-op without OpenTelemetry).
+        served = telemetry.serving(request.method, request.url.path, request.headers)
         if call.stream:
-            return _SlotStream(_stream(name, call, surface.lines(call), slot), slot)
+            lines = surface.lines(call)
+            return _SlotStream(_stream(name, call, lines, slot, served), slot, served.headers)
         try:
-            result = await _until_disconnect(
-                request, running[name].run(call.messages, **call.overrides)
-            )
+            with served.active():
+                result = await _until_disconnect(
+                    request, running[name].run(call.messages, **call.overrides)
+                )
         except Exception as err:
-            return _logged(failure(name, err), name, err).response()
+            refused = _logged(failure(name, err), name, err)
+            served.fail(refused.status, str(refused))
+            answer = refused.response()
+            answer.headers.update(served.headers)
+            return answer
         finally:
             slot.release()
+            served.end()
         if result is None:  # the client went away; nobody reads this
             return Response(status_code=499)
-        return JSONResponse(surface.answer(result, call))
+        return JSONResponse(surface.answer(result, call), headers=served.headers)
 
     async def chat(request: Request) -> Response:
         return await answer(request, CHAT)
@@ -293,20 +304,25 @@ def create_app(
     async def responses(request: Request) -> Response:
         return await answer(request, RESPONSES)
 
-    async def _stream(name: str, call: ChatCall, lines: _Lines, slot: Slot) -> AsyncIterator[str]:
+    async def _stream(name: str, call: ChatCall, lines: _Lines, slot: Slot,
+                      served: telemetry.ServedRequest) -> AsyncIterator[str]:
         """The SSE body, produced by a task that a client disconnect cancels."""
         send, receive = anyio.create_memory_object_stream[str](math.inf)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_produce, name, call, lines, send, slot)
-            try:
-                async with receive:
-                    async for line in receive:
-                        yield line
-            finally:
-                tg.cancel_scope.cancel()  # the client went away: cancel the mixture
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_produce, name, call, lines, send, slot, served)
+                try:
+                    async with receive:
+                        async for line in receive:
+                            yield line
+                finally:
+                    tg.cancel_scope.cancel()  # the client went away: cancel the mixture
+        finally:
+            served.end()
 
     async def _produce(name: str, call: ChatCall, lines: _Lines,
-                       send: MemoryObjectSendStream[str], slot: Slot) -> None:
+                       send: MemoryObjectSendStream[str], slot: Slot,
+                       served: telemetry.ServedRequest) -> None:
         """Run the mixture into `send`: its events, a failure, or the shutdown's error, then
         the end; the slot is given back before the end can reach the client."""
         last_sent = anyio.current_time()
@@ -325,14 +341,16 @@ def create_app(
 
         async with send, anyio.create_task_group() as tg:
             tg.start_soon(keep_alive)
-            with drain.open() as cut:
+            with drain.open() as cut, served.active():
                 try:
                     events = running[name].stream(call.messages, **call.overrides)
                     async with contextlib.aclosing(events):
                         async for event in events:
                             put(lines.feed(event))
                 except Exception as err:
-                    put(lines.fail(_logged(failure(name, err), name, err)))
+                    refused = _logged(failure(name, err), name, err)
+                    served.fail(refused.status, str(refused))
+                    put(lines.fail(refused))
             if cut.cancelled_caught:
                 put(lines.fail(SHUTTING_DOWN))
             put(lines.end())
