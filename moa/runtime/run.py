@@ -67,7 +67,7 @@ from moa.providers.base import (
     Waiting,
     assemble_tool_calls,
 )
-from moa.providers.registry import Registry
+from moa.providers.registry import Registry, split_ref
 from moa.result import AgentOutput, Choice, MixtureResult
 from moa.routing.router import Decision, Router, Stage
 from moa.runtime.acting import Acting, advisor_messages, check_structured
@@ -591,7 +591,7 @@ class Run:
         except (QuotaExceeded, StateUnavailable) as err:
             self._abort(err)
             raise
-        limits = self.registry.check(model)[0].limits
+        limits = self.registry.spec(split_ref(model)[0]).limits  # no file checks per call
         tokens = reservation.tokens
         if not tokens and limits.tpm is not None:
             tokens = (count_messages(messages) + max_tokens) * samples
