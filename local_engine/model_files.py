@@ -45,7 +45,7 @@ def resolve_model_path(name: str) -> Path:
     return path
 
 
-OWN_OPTIONS = frozenset({"parallel", "chat_format"})
+OWN_OPTIONS = frozenset({"parallel", "chat_format", "prompt_cache_bytes"})
 """Engine options moa reads itself; every other key is a `llama_cpp.Llama` argument."""
 
 
@@ -70,5 +70,5 @@ def check_local(name: str, options: dict[str, object]) -> None:
     if unknown:
         raise ConfigError(
             f"Unknown llama.cpp option {unknown[0]!r}; see llama_cpp.Llama's arguments "
-            "(e.g. n_ctx, n_threads, n_gpu_layers) or parallel / chat_format."
+            "(e.g. n_ctx, n_threads, n_gpu_layers) or parallel / chat_format / prompt_cache_bytes."
         )

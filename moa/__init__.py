@@ -17,6 +17,7 @@ _EVENTS = [
     "RunStarted",
     "Notice",
     "AgentStarted",
+    "AgentCall",
     "AgentWaiting",
     "AgentRetrying",
     "AgentDelta",
@@ -25,6 +26,7 @@ _EVENTS = [
     "UsageReport",
     "FinalDelta",
     "RouteDecision",
+    "StaircaseStep",
     "RunFinished",
     "RunFailed",
 ]
@@ -97,6 +99,7 @@ if TYPE_CHECKING:
         UnknownProviderError,
     )
     from moa.events import (
+        AgentCall,
         AgentDelta,
         AgentFailed,
         AgentFinished,
@@ -111,6 +114,7 @@ if TYPE_CHECKING:
         RunFailed,
         RunFinished,
         RunStarted,
+        StaircaseStep,
         UsageReport,
     )
     from moa.mixture import Mixture

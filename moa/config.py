@@ -16,6 +16,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -25,7 +26,7 @@ from moa.pricing import Price
 from moa.providers.registry import ProviderSpec, Registry, default_registry
 from moa.routing.router import RouterConfig
 from moa.runtime.budget import Budget
-from moa.runtime.prompts import Layout
+from moa.runtime.prompts import DEBATE_PROMPT, Layout
 
 Mode = Literal["layered", "staircase", "auto"]
 
@@ -40,6 +41,8 @@ MAX_TOKENS = 131_072
 """Tokens one call may generate."""
 MAX_SAMPLES = 128
 """Most syntheses one request may ask for (`n`, OpenAI's limit)."""
+MAX_ROUNDS = 10
+"""Rounds of one debate."""
 
 
 class AgentConfig(BaseModel):
@@ -159,15 +162,77 @@ class EvolveConfig(BaseModel):
     """Stop early when this share of the population holds the same final answer."""
 
 
+class DebateConfig(BaseModel):
+    """Multi-agent debate settings (`strategy = "debate"`, see `moa.strategies.debate`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    agents: list[AgentConfig] = Field(min_length=1, max_length=MAX_AGENTS)
+    """The debaters (an agent with `n = 3` is three debaters of that model)."""
+    rounds: int = Field(2, ge=1, le=MAX_ROUNDS)
+    """Round 1 is the independent answers; each further round is one revision."""
+    final: Literal["vote", "aggregate"] = "vote"
+    """`vote`: the majority of the last round's extracted answers (a tie or open-ended text
+    goes to the `[aggregator]` when there is one); `aggregate`: the aggregator always writes
+    the answer from the last round."""
+    prompt: str = DEBATE_PROMPT
+    """A revision round's user turn; `{solutions}` becomes the other agents' latest answers."""
+    stop_at_consensus: bool = True
+    """End the debate after a round in which every answering agent gave the same answer."""
+
+    @field_validator("prompt")
+    @classmethod
+    def _has_solutions(cls, value: str) -> str:
+        if "{solutions}" not in value:
+            raise ValueError("the debate prompt must contain {solutions}")
+        return value
+
+    @model_validator(mode="after")
+    def _two_debaters(self) -> DebateConfig:
+        if sum(a.n for a in self.agents) < 2:
+            raise ValueError("a debate needs at least two debaters (agents times n)")
+        return self
+
+    @property
+    def debaters(self) -> int:
+        return sum(a.n for a in self.agents)
+
+
 class MixtureConfig(BaseModel):
-    """A whole mixture: proposer layers, then one final aggregator."""
+    """A whole mixture: proposer layers, then one final aggregator (or, with `strategy =
+    "debate"`, the `[debate]` table and an optional aggregator)."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = "custom"
-    layers: list[LayerConfig] = Field(min_length=1, max_length=MAX_LAYERS)
+    strategy: Literal["graph", "evolve", "debate"] = "graph"
+    """`graph`: the layers, then the aggregator (layered or staircase). `evolve`: Squeeze Evolve,
+    seeded by the one layer's agents, recombined by the aggregator's tiers. `debate`:
+    multi-agent debate over the `[debate]` table's rounds, then a vote or the aggregator."""
+    layers: list[LayerConfig] = Field(
+        default_factory=list, max_length=MAX_LAYERS, validate_default=True
+    )
     """Proposer layers. The final aggregator is one more layer, so layers + 1 in all."""
-    aggregator: AgentConfig
+    aggregator: AgentConfig | None = Field(None, validate_default=True)
+    """The final aggregator (required but for a debate that votes)."""
+
+    @field_validator("layers")
+    @classmethod
+    def _some_layers(cls, value: list[LayerConfig], info: ValidationInfo) -> list[LayerConfig]:
+        strategy = info.data.get("strategy", "graph")
+        if strategy != "debate" and not value:
+            raise ValueError(f"the {strategy} strategy needs at least one layer")
+        if strategy == "debate" and value:
+            raise ValueError("a debate takes its agents from the [debate] table, not from layers")
+        return value
+
+    @field_validator("aggregator")
+    @classmethod
+    def _an_aggregator(cls, value: AgentConfig | None, info: ValidationInfo) -> AgentConfig | None:
+        strategy = info.data.get("strategy", "graph")
+        if strategy != "debate" and value is None:
+            raise ValueError(f"the {strategy} strategy needs an [aggregator]")
+        return value
     mode: Mode = "auto"
     deadline_s: float | None = Field(None, gt=0, description="Whole-request deadline.")
     aggregator_context_tokens: int | None = Field(None, gt=0)
@@ -208,10 +273,8 @@ class MixtureConfig(BaseModel):
     """How routed stages (agents with `strong`) pick a tier; default `marginal`, and for evolve
     the paper's rule: the least confident quarter of the groups go strong (`threshold` on the
     signal `rank` at 0.25)."""
-    strategy: Literal["graph", "evolve"] = "graph"
-    """`graph`: the layers, then the aggregator (layered or staircase). `evolve`: Squeeze Evolve,
-    seeded by the one layer's agents, recombined by the aggregator's tiers."""
     evolve: EvolveConfig | None = None
+    debate: DebateConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -237,6 +300,17 @@ class MixtureConfig(BaseModel):
         return data
 
     @model_validator(mode="after")
+    def _strategy(self) -> MixtureConfig:
+        if self.strategy != "debate":
+            if self.debate is not None:
+                raise ValueError('the [debate] table needs strategy = "debate"')
+        elif self.debate is None:
+            raise ValueError("a debate needs a [debate] table (agents, rounds)")
+        elif self.debate.final == "aggregate" and self.aggregator is None:
+            raise ValueError('debate.final = "aggregate" needs an [aggregator]')
+        return self
+
+    @model_validator(mode="after")
     def _routing(self) -> MixtureConfig:
         routed = any(a.strong for a in self.agents())
         if self.router is not None and not routed:
@@ -244,10 +318,11 @@ class MixtureConfig(BaseModel):
                 "the [router] routes no stage: give an agent a `strong` model (e.g. the "
                 "aggregator's) or remove the table"
             )
-        if self.router is not None and self.router.refine_loops and not self.aggregator.strong:
+        final = self.aggregator
+        if self.router is not None and self.router.refine_loops and not (final and final.strong):
             raise ValueError("refine_loops needs a routed aggregator: set aggregator.strong")
         if self.strategy == "evolve":
-            if len(self.layers) != 1 or not self.aggregator.strong:
+            if len(self.layers) != 1 or not (final and final.strong):
                 raise ValueError(
                     "evolve needs one layer (the seed population) and an aggregator with a "
                     "`strong` tier (the recombiners)"
@@ -259,11 +334,28 @@ class MixtureConfig(BaseModel):
         return self
 
     def agents(self) -> list[AgentConfig]:
-        return [a for layer in self.layers for a in layer.agents] + [self.aggregator]
+        return [agent for _, agent in self.agent_fields()]
 
     @property
     def call_count(self) -> int:
+        """Calls of one request (a debate's at most: every round, and the aggregator's)."""
+        if self.debate is not None:
+            return self.debate.debaters * self.debate.rounds + (self.aggregator is not None)
         return sum(a.n for layer in self.layers for a in layer.agents) + 1
+
+    def call_plan(self) -> list[list[AgentConfig]]:
+        """The agents of each step in order: the layers then the aggregator (a debate's rounds,
+        then its aggregator when it has one)."""
+        steps = [list(layer.agents) for layer in self.layers]
+        if self.debate is not None:
+            steps += [list(self.debate.agents)] * self.debate.rounds
+        return steps + ([[self.aggregator]] if self.aggregator else [])
+
+    @property
+    def final(self) -> AgentConfig:
+        """The final aggregator (graph and evolve always have one)."""
+        assert self.aggregator is not None, "only a voting debate has no aggregator"
+        return self.aggregator
 
     def registry(self, base: Registry | None = None) -> Registry:
         """A registry with this config's providers added to `base` (the default one)."""
@@ -276,7 +368,9 @@ class MixtureConfig(BaseModel):
             for i, layer in enumerate(self.layers)
             for j, agent in enumerate(layer.agents)
         ]
-        return [*fields, ("aggregator", self.aggregator)]
+        if self.debate is not None:
+            fields += [(f"debate.agents.{j}", a) for j, a in enumerate(self.debate.agents)]
+        return [*fields, *([("aggregator", self.aggregator)] if self.aggregator else [])]
 
     def model_refs(self) -> list[tuple[str, str]]:
         """Every model reference with the config path that names it (tiers and judge too)."""
@@ -359,6 +453,30 @@ def _preset(name: str) -> MixtureConfig:
             # its steps cost extra prefills (docs/staircase.md has the figures).
             mode="layered",
         )
+    if name == "debate":
+        return MixtureConfig(
+            name=name,
+            strategy="debate",
+            debate=DebateConfig(agents=_agents(_TOGETHER_PROPOSERS[:3]), rounds=2),
+            aggregator=AgentConfig(model=_TOGETHER_AGGREGATOR),  # ties and open-ended answers
+        )
+    if name == "local-debate":
+        return MixtureConfig(
+            name=name,
+            strategy="debate",
+            debate=DebateConfig(
+                agents=[AgentConfig(model=LOCAL_MODEL, n=3, max_tokens=128, stop=["\n\n"])],
+                rounds=2,
+            ),
+            aggregator=AgentConfig(
+                model=LOCAL_MODEL,
+                max_tokens=192,
+                temperature=0.3,
+                system=LOCAL_AGGREGATOR_SYSTEM,
+                stop=["\n\n"],
+            ),
+            mode="layered",  # one generation at a time on the CPU (as the local preset)
+        )
     raise ConfigError(f"Unknown preset {name!r}; presets: {', '.join(PRESETS)}.")
 
 
@@ -367,12 +485,26 @@ PRESETS: dict[str, str] = {
     "moa-lite": "2 layers: 6 proposers, 1 aggregator on Together (7 calls)",
     "self-moa": "Qwen2.5-72B sampled 6 times, then aggregated by itself (7 calls)",
     "local": "SmolLM2-135M on the CPU sampled 3 times, then aggregated by itself (4 calls)",
+    "debate": "3 agents on Together debate 2 rounds, then vote; Qwen2.5-72B breaks ties "
+    "(7 calls)",
+    "local-debate": "SmolLM2-135M as 3 agents, 2 rounds on the CPU, then vote (7 calls)",
 }
 
 
 def preset(name: str) -> MixtureConfig:
     """The named preset as a fresh `MixtureConfig`."""
     return _preset(name)
+
+
+def with_preset(base: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+    """A preset's fields replaced by a file's own top-level fields; the preset's layers or
+    debate table are dropped when the file picks the other kind of strategy."""
+    data = {**base, **own}
+    debate = data.get("strategy") == "debate"
+    for key, keep in (("layers", not debate), ("debate", debate)):
+        if key not in own and not keep:
+            data.pop(key, None)
+    return data
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
@@ -397,7 +529,7 @@ def from_dict(
                 f"Invalid config {source}: field 'preset': unknown preset {name!r}; "
                 f"presets: {', '.join(PRESETS)}."
             )
-        data = {**preset(name).model_dump(exclude_unset=False), **data}
+        data = with_preset(preset(name).model_dump(exclude_unset=False), data)
     try:
         config = MixtureConfig.model_validate(data)
     except ValidationError as err:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from moa.providers.base import TokenLogprob, ToolCallDelta, Usage, Waiting
+from moa.providers.base import Message, TokenLogprob, ToolCallDelta, Usage, Waiting
 
 if TYPE_CHECKING:
     from moa.result import MixtureResult
@@ -31,10 +31,12 @@ class AgentId:
     strong: str | None = field(default=None, compare=False)
     """A routed stage's strong tier while the router has not decided (then `model` is only
     a candidate); None once decided and for stages that are not routed."""
+    prefix: str = "L"
+    """What `layer` counts in the key: L (a graph's layer) or R (a debate's round)."""
 
     @property
     def key(self) -> str:
-        return "final" if self.final else f"L{self.layer + 1}.{self.index + 1}"
+        return "final" if self.final else f"{self.prefix}{self.layer + 1}.{self.index + 1}"
 
     @property
     def label(self) -> str:
@@ -67,6 +69,19 @@ class Notice(Event):
 @dataclass(frozen=True)
 class AgentStarted(Event):
     agent: AgentId
+
+
+@dataclass(frozen=True)
+class AgentCall(Event):
+    """A provider call of the agent starts (a staircase aggregator makes one per step).
+
+    Emitted only when a subscriber asked for calls (`Run.trace_calls`, set while OpenTelemetry
+    traces the run); `messages` is the prompt the call sends, and is set only when prompts are
+    captured (`Run.trace_prompts`: the GenAI content switch)."""
+
+    agent: AgentId
+    max_tokens: int
+    messages: list[Message] | None = None
 
 
 @dataclass(frozen=True)
@@ -147,6 +162,23 @@ class RouteDecision(Event):
     signals: dict[str, Any] = field(default_factory=dict)
     agent: AgentId | None = None
     """The agent of the stage (None for a stage that is not one agent, e.g. an evolve stop)."""
+
+
+@dataclass(frozen=True)
+class StaircaseStep(Event):
+    """A staircase aggregator takes a step: its `step`-th call (1-based) may write `max_tokens`
+    tokens after the `written` it wrote so far. `shown`: tokens of each reference it is shown
+    (by the reference's key, e.g. "L1.2"); `margin`: how far the slowest live reference is
+    ahead of it (`Pacer.lead`; None when no reference streams any more); `last`: the free call
+    made once the references are done (or left behind)."""
+
+    agent: AgentId
+    step: int
+    max_tokens: int
+    written: int
+    shown: dict[str, int] = field(default_factory=dict)
+    margin: int | None = None
+    last: bool = False
 
 
 @dataclass(frozen=True)

@@ -48,9 +48,9 @@ from moa.routing.router import Router, ThresholdRouter, router_from_config
 from moa.runtime.acting import acting_from
 from moa.runtime.budget import Budget, BudgetGuard, Ledger, SessionBudget
 from moa.runtime.prompts import as_messages
-from moa.runtime.run import Overrides, Run
+from moa.runtime.run import Overrides
 from moa.state import State
-from moa.strategies.graph import Execution
+from moa.strategies import strategy as strategy_of
 
 T = TypeVar("T")
 EVOLVE_STRONG_SHARE = 0.25
@@ -116,6 +116,7 @@ class Mixture:
         logprobs: bool = False,
         top_logprobs: int | None = None,
         ledgers: Sequence[Ledger] = (),
+        coalesce: float = 0.0,
     ) -> AsyncIterator[Event]:
         """Run the mixture and yield its events; the overrides apply to the final aggregator.
 
@@ -123,22 +124,24 @@ class Mixture:
         charged every call too (e.g. a client key's, `State.ledger`). `tools`,
         `tool_choice`, `parallel_tool_calls` and `response_format` go to the acting stage (the
         final aggregator) only; `n`, `logprobs` and `top_logprobs` are its sampling options.
+
+        `coalesce`: for a consumer that does not need every agent token, the seconds over
+        which an agent's consecutive tokens are gathered into one `AgentDelta` (with the first
+        token's time); `math.inf` gathers everything between the agent's other events. The
+        default 0 gives one `AgentDelta` per token. `FinalDelta`s (the answer) are never
+        gathered, and every other event keeps its place.
         """
         acting = acting_from(tools, tool_choice, parallel_tool_calls, response_format)
         if not 1 <= n <= MAX_SAMPLES:
             raise ConfigError(f"n must be from 1 to {MAX_SAMPLES}, not {n}.")
         if top_logprobs is not None and not (logprobs and 0 <= top_logprobs <= 20):
             raise ConfigError("top_logprobs must be from 0 to 20, and needs logprobs=True.")
-        strategy: type[Run] = Execution
-        if self.config.strategy == "evolve":
-            from moa.strategies.evolve import Evolution
-
-            if acting.active or n > 1 or logprobs:
-                raise UnsupportedRequest(
-                    "The evolve strategy cannot act with tools or a response format, sample "
-                    "n > 1 answers or give logprobs; use the graph strategy."
-                )
-            strategy = Evolution
+        if self.config.strategy != "graph" and (acting.active or n > 1 or logprobs):
+            raise UnsupportedRequest(
+                f"The {self.config.strategy} strategy cannot act with tools or a response "
+                "format, sample n > 1 answers or give logprobs; use the graph strategy."
+            )
+        strategy = strategy_of(self.config.strategy)
         limit = self.config.budget if budget is None else as_budget(budget)
         self._check_prices(limit, ledgers)
         send, receive = anyio.create_memory_object_stream[Event](math.inf)
@@ -166,6 +169,9 @@ class Mixture:
             state=self.state,
         )
         trace = telemetry.subscriber(self.config, prompt, self.router)  # None: OpenTelemetry is off
+        if trace is not None:  # each call starts a client span (with its prompt when captured)
+            execution.trace_calls, execution.trace_prompts = True, trace.content
+        execution.coalesce_s = coalesce
 
         async def drive() -> None:
             async with send:
@@ -178,7 +184,18 @@ class Mixture:
         try:
             tg.start_soon(drive)
             async with receive:
-                async for event in receive:
+                while True:
+                    # What is queued is taken without a checkpoint each (`receive()` has one:
+                    # an event-loop turn per token); waiting, when the queue is empty, has one.
+                    try:
+                        event = receive.receive_nowait()
+                    except anyio.WouldBlock:
+                        try:
+                            event = await receive.receive()
+                        except anyio.EndOfStream:
+                            break
+                    except anyio.EndOfStream:
+                        break
                     if trace is not None:
                         trace.on(event)
                     yield event
@@ -239,6 +256,7 @@ class Mixture:
             logprobs=logprobs,
             top_logprobs=top_logprobs,
             ledgers=ledgers,
+            coalesce=math.inf,  # nobody here reads the agents' tokens one by one
         )
         async with aclosing(events):
             async for event in events:

@@ -60,6 +60,8 @@ class MixtureResult:
     """The final answer's finish reason ("stop", "length", "tool_calls", ...)."""
     choices: list[Choice] = field(default_factory=list)
     """Every synthesis, in order; the first is `text`, `tool_calls` and `finish_reason`."""
+    saved_calls: int = 0
+    """Calls the strategy chose not to make (a debate that stopped at consensus)."""
 
     def tiers(self) -> dict[str, int]:
         """Routing choices counted, e.g. {"cheap": 4, "strong": 1, "skip": 0}."""
@@ -102,6 +104,7 @@ class MixtureResult:
             "ttft_s": self.ttft_s,
             "latency_s": self.latency_s,
             "calls": self.calls,
+            "saved_calls": self.saved_calls,
             "usage": {
                 "prompt_tokens": usage.prompt_tokens,
                 "completion_tokens": usage.completion_tokens,

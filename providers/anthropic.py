@@ -34,12 +34,13 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from httpx_sse import ServerSentEvent
 from pydantic import SecretStr
 
 from moa.errors import ProviderError
 
+from ._lean import ServerSentEvent
 from .base import Capabilities, ChatRequest, Delta, Message, Tool, ToolCallDelta, Usage
+from .fastjson import loads
 from .http import HttpProvider
 from .registry import ProviderSpec
 from .secrets import Secrets, excerpt
@@ -148,7 +149,7 @@ class AnthropicEventDecoder:
 
     def feed(self, event: ServerSentEvent) -> list[Delta]:
         try:
-            data = json.loads(event.data) if event.data.strip() else {}
+            data = loads(event.data) if event.data.strip() else {}
         except ValueError:
             data = None
         if not isinstance(data, dict):

@@ -21,12 +21,10 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import anyio.lowlevel
-import httpx
-from httpx_sse import EventSource, ServerSentEvent, SSEError
 from pydantic import SecretStr
 from tenacity import (
     AsyncRetrying,
@@ -36,9 +34,14 @@ from tenacity import (
 
 from moa.errors import ConfigError, ProviderError, ProviderTimeout, StreamInterrupted, StreamTimeout
 
+from ._lean import httpx
 from .base import Delta, Provider
 from .registry import Limits, ProviderSpec
 from .secrets import Secrets, excerpt, mask_url, redact, split_credentials
+from .sse import SSEParser
+
+if TYPE_CHECKING:
+    from httpx_sse import ServerSentEvent
 
 log = logging.getLogger("moa.providers")
 
@@ -133,9 +136,13 @@ class StreamCall:
 @dataclass
 class _OpenStream:
     stack: AsyncExitStack
-    events: AsyncIterator[ServerSentEvent]
+    chunks: AsyncIterator[bytes]
+    """The response body as it arrives (one item per network chunk)."""
+    parser: SSEParser
     decoder: EventDecoder
     first: list[Delta] = field(default_factory=list)
+    backlog: list[ServerSentEvent] = field(default_factory=list)
+    """Events that came in the first delta's chunk after it, not yet decoded."""
 
 
 @functools.cache
@@ -145,6 +152,14 @@ def _ssl_context() -> ssl.SSLContext:
     return httpx.create_ssl_context()
 
 
+@functools.cache
+def _no_ca_context() -> ssl.SSLContext:
+    """The context of a provider reached over plain http (a local server): no CA bundle to
+    load, and it verifies like any other, so a TLS connection through it would fail, not pass
+    unchecked."""
+    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+
+
 class _LoopState:
     """The connection pools and semaphores of one event loop (they cannot cross loops).
 
@@ -152,8 +167,9 @@ class _LoopState:
     an owner closing its connections never cuts a call that is still running.
     """
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: Limits, secure: bool = True) -> None:
         self.limits = limits
+        self.secure = secure
         self.closed = False
         self.pools: list[httpx.AsyncClient] = []
         self.leases: list[int] = []
@@ -171,7 +187,7 @@ class _LoopState:
                 pool=None,
             ),
             limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
-            verify=_ssl_context(),
+            verify=_ssl_context() if self.secure else _no_ca_context(),
         )
 
     @asynccontextmanager
@@ -207,12 +223,17 @@ class _LoopState:
 class HttpTransport:
     """One provider's shared connection pool, concurrency limits, retry policy and deadlines.
 
-    `sleep` is the coroutine used between attempts (tests may inject a recorder).
+    `sleep` is the coroutine used between attempts (tests may inject a recorder). `secure`:
+    False for a base URL that is plain http, whose pools need no CA bundle (~40 ms to load).
     """
 
-    def __init__(self, provider: str, limits: Limits, *, key_variable: str | None = None) -> None:
+    def __init__(
+        self, provider: str, limits: Limits, *, key_variable: str | None = None,
+        secure: bool = True,
+    ) -> None:
         self.provider = provider
         self.limits = limits
+        self.secure = secure
         self.key_variable = key_variable
         self.sleep: Callable[[float], Any] = anyio.sleep
         self._states: dict[object, _LoopState] = {}
@@ -227,7 +248,7 @@ class HttpTransport:
         if state is None:
             for old in [k for k in list(self._states) if getattr(k, "is_closed", bool)()]:
                 self._states.pop(old, None)  # other threads' loops may be here too
-            state = self._states[loop] = _LoopState(self.limits)
+            state = self._states[loop] = _LoopState(self.limits, self.secure)
         return state
 
     @asynccontextmanager
@@ -276,18 +297,28 @@ class HttpTransport:
             deadline = anyio.current_time() + total if total else math.inf
             opened = await self._open(call, client, who, deadline)
             received: dict[int, list[str]] = {}
+            decoder, parser, chunks = opened.decoder, opened.parser, opened.chunks
+            # Until `safe_until` (time.monotonic(): cheaper per chunk than anyio's clock) a
+            # read ends before the deadline can pass (see `_next_chunk`).
+            safe_until = time.monotonic() + (deadline - anyio.current_time())
+            safe_until -= self.limits.read_timeout
             try:
-                pending = list(opened.first)
+                for delta in opened.first:
+                    if delta.text:
+                        received.setdefault(delta.index, []).append(delta.text)
+                    yield delta
+                backlog = opened.backlog
                 while True:
-                    for delta in pending:
-                        if delta.text:
-                            received.setdefault(delta.index, []).append(delta.text)
-                        yield delta
-                    event = await self._next_event(opened.events, who, deadline)
-                    if event is None:
+                    for event in backlog:
+                        for delta in decoder.feed(event):
+                            if delta.text:
+                                received.setdefault(delta.index, []).append(delta.text)
+                            yield delta
+                    chunk = await self._next_chunk(chunks, who, deadline, safe_until)
+                    if chunk is None:
                         break
-                    pending = opened.decoder.feed(event)
-                for delta in opened.decoder.end():
+                    backlog = parser.feed(chunk)
+                for delta in decoder.end():
                     yield delta
                 if not opened.decoder.complete:
                     raise ProviderError(
@@ -353,13 +384,23 @@ class HttpTransport:
                 if response.status_code >= 400:
                     raw = await response.aread()
                     raise self._status_error(response, raw, call)
-                events = EventSource(response).aiter_sse()
-                stack.push_async_callback(events.aclose)
-                decoder = call.decoder()
+                content_type = response.headers.get("content-type", "").partition(";")[0]
+                if "text/event-stream" not in content_type:
+                    raise ProviderError(
+                        f"{who}: the server did not answer with an event stream: Expected "
+                        "response header Content-Type to contain 'text/event-stream', got "
+                        f"{content_type!r}",
+                        provider=self.provider, model=call.model,
+                    )
+                chunks = response.aiter_bytes()
+                stack.push_async_callback(chunks.aclose)
+                parser, decoder = SSEParser(), call.decoder()
                 first: list[Delta] = []
+                backlog: list[ServerSentEvent] = []
                 while not first:
-                    event = await self._next_event(events, who, math.inf)
-                    if event is None:
+                    # This whole phase is under the attempt's deadline scope: no other.
+                    chunk = await self._next_chunk(chunks, who, math.inf, math.inf)
+                    if chunk is None:
                         first = decoder.end()
                         if not first and not decoder.complete:
                             raise ProviderError(
@@ -367,10 +408,12 @@ class HttpTransport:
                                 provider=self.provider, model=call.model, retryable=True,
                             )
                         break
-                    first = decoder.feed(event)
+                    backlog = parser.feed(chunk)
+                    while backlog and not first:
+                        first = decoder.feed(backlog.pop(0))
             if scope.cancelled_caught:
                 raise self._deadline_error(call)
-            return _OpenStream(stack, events, decoder, first)
+            return _OpenStream(stack, chunks, parser, decoder, first, backlog)
         except ProviderError as exc:
             await stack.aclose()
             _scrub(exc, call.secrets)
@@ -395,38 +438,38 @@ class HttpTransport:
                 await stack.aclose()
             raise
 
-    async def _next_event(
-        self,
-        events: AsyncIterator[ServerSentEvent],
-        who: str,
-        deadline: float,
-    ) -> ServerSentEvent | None:
-        """The next event, None at the end; transport failures become `ProviderError`s."""
-        model = who.partition("/")[2]
+    async def _next_chunk(
+        self, chunks: AsyncIterator[bytes], who: str, deadline: float, safe_until: float
+    ) -> bytes | None:
+        """The next piece of the body, None at its end; transport failures become
+        `ProviderError`s, the whole-call `deadline` a `ProviderTimeout`.
+
+        No cancel scope per read while the deadline is further away than the read timeout
+        (before `safe_until`, in `time.monotonic()`): httpx then ends the read (data, end of
+        stream or `ReadTimeout`) before the deadline can pass. Only a read that might outlast
+        the deadline is put under one.
+        """
         try:
+            if time.monotonic() < safe_until:
+                return await chunks.__anext__()
             with anyio.CancelScope(deadline=deadline) as scope:
-                return await events.__anext__()
+                return await chunks.__anext__()
         except StopAsyncIteration:
             return None
         except httpx.TimeoutException as exc:
             raise ProviderTimeout(
                 f"{who}: {_timeout_phase(exc, self.limits)}.",
-                provider=self.provider, model=model,
+                provider=self.provider, model=who.partition("/")[2],
             ) from exc
         except httpx.TransportError as exc:
             raise ProviderError(
                 f"{who}: the connection was lost mid-stream ({type(exc).__name__}).",
-                provider=self.provider, model=model, retryable=True,
-            ) from exc
-        except SSEError as exc:
-            raise ProviderError(
-                f"{who}: the server did not answer with an event stream: {exc}",
-                provider=self.provider, model=model,
+                provider=self.provider, model=who.partition("/")[2], retryable=True,
             ) from exc
         assert scope.cancelled_caught
         raise ProviderTimeout(
             f"{who}: the whole-call deadline of {self.limits.total_timeout:g} s passed.",
-            provider=self.provider, model=model, retryable=False,
+            provider=self.provider, model=who.partition("/")[2], retryable=False,
         )
 
     def _deadline_error(self, call: StreamCall) -> ProviderTimeout:
@@ -523,7 +566,10 @@ class HttpProvider(Provider):
         self._secrets = (api_key, password, *self._extra_headers.values())
         """Scrubbed from every message: the key, a URL password, extra header values."""
         self._api_key = api_key
-        self._transport = HttpTransport(spec.prefix, spec.limits, key_variable=spec.key_variable)
+        self._transport = HttpTransport(
+            spec.prefix, spec.limits, key_variable=spec.key_variable,
+            secure=not self.base_url.lower().startswith("http://"),
+        )
         key_headers = map(str.lower, self.auth_headers("key"))
         if basic and api_key is not None and "authorization" in key_headers:
             _say_which_credentials(spec, self.base_url)

@@ -22,17 +22,19 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from httpx_sse import ServerSentEvent
 from pydantic import SecretStr
 
 from moa.errors import ConfigError, ProviderError
 
+from ._lean import ServerSentEvent
 from .base import Capabilities, ChatRequest, Delta, TokenLogprob, ToolCallDelta, Usage
+from .fastjson import loads
 from .http import HttpProvider, retryable_status
 from .registry import ProviderSpec
 from .secrets import Secrets, excerpt
 
 CONTINUATION_MODES = ("vllm", "prefill")
+_EMPTY: dict[str, Any] = {}
 _RETRYABLE_ERROR_TYPES = frozenset({"server_error", "rate_limit_error", "overloaded_error",
                                     "api_error", "timeout"})
 
@@ -137,39 +139,50 @@ class OpenAIChunkDecoder:
         return [Delta(usage=usage)] if usage else []
 
     def feed(self, event: ServerSentEvent) -> list[Delta]:
-        who = f"{self.provider}/{self.model}"
-        data = event.data.strip()
-        if not data:
+        data = event.data
+        if data == "[DONE]" or data.isspace() or not data:
+            if data == "[DONE]":
+                self.done = True
+                return self._flush_usage()
             return []
-        if data == "[DONE]":
-            self.done = True
-            return self._flush_usage()
         try:
-            chunk = json.loads(data)
+            chunk = loads(data)
         except ValueError:
             chunk = None
         if not isinstance(chunk, dict):
+            if data.strip() == "[DONE]":
+                self.done = True
+                return self._flush_usage()
             raise ProviderError(
-                f"{who}: the server sent malformed stream data (not a JSON object): "
-                f"{excerpt(data, 60, *self.secrets)!r}",
+                f"{self.provider}/{self.model}: the server sent malformed stream data (not a "
+                f"JSON object): {excerpt(data.strip(), 60, *self.secrets)!r}",
                 provider=self.provider, model=self.model,
             )
-        if chunk.get("error") or chunk.get("object") == "error" or event.event == "error":
-            raise stream_error(who, chunk.get("error") or chunk, provider=self.provider,
-                               model=self.model, secrets=self.secrets)
+        get = chunk.get
+        if get("error") or get("object") == "error" or event.event == "error":
+            raise stream_error(f"{self.provider}/{self.model}", get("error") or chunk,
+                               provider=self.provider, model=self.model, secrets=self.secrets)
         deltas = []
-        for choice in chunk.get("choices") or []:
-            delta = choice.get("delta") or {}
-            index = int(choice.get("index") or 0)
+        for choice in get("choices") or ():
+            delta = choice.get("delta") or _EMPTY
             text = delta.get("content") or ""
-            logprobs = parse_logprobs(choice.get("logprobs"))
-            calls = self._tool_calls(index, delta.get("tool_calls"))
             finish = choice.get("finish_reason")
+            logprobs = choice.get("logprobs")
+            calls = delta.get("tool_calls")
+            if not (logprobs or calls):  # a plain token: the common case, no further parsing
+                if finish:
+                    self.finished = True
+                if text or finish:
+                    deltas.append(Delta(text, int(choice.get("index") or 0), finish))
+                continue
+            index = int(choice.get("index") or 0)
+            logprobs = parse_logprobs(logprobs)
+            calls = self._tool_calls(index, calls)
             if finish:
                 self.finished = True
             if text or finish or logprobs or calls:
                 deltas.append(Delta(text, index, finish, None, logprobs, calls))
-        usage = chunk.get("usage") or (chunk.get("x_groq") or {}).get("usage")
+        usage = get("usage") or (get("x_groq") or _EMPTY).get("usage")
         if isinstance(usage, dict):
             self._usage = parse_usage(usage)
         return deltas

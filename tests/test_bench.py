@@ -38,15 +38,27 @@ def test_table_printer(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_overhead_quick(capsys: pytest.CaptureFixture[str]) -> None:
-    out = bench(capsys, "overhead", "--repeats", "1", "--tokens", "4")
-    rows = out["rows"]
-    assert [r["api"] for r in rows] == ["async", "run_sync"]
+    out = bench(capsys, "overhead", "--repeats", "1", "--tokens", "4", "--pairs", "2")
+    rows = [r for r in out["rows"] if "overhead_ms" in r]
+    assert [r["api"] for r in rows] == ["async", "async+otel", "run_sync"]
     for r in rows:
         assert r["calls"] == 13  # 6 proposers, 6 refiners, 1 aggregator
         assert r["overhead_ms"] == pytest.approx(1000 * (r["measured_s"] - r["critical_path_s"]),
                                                  abs=0.2)
         assert r["per_layer_ms"] == pytest.approx(r["overhead_ms"] / 3, abs=0.1)
     assert any(("met" in n) for n in out["notes"])
+    # traced with an in-memory SDK: 1 workflow + 13 agent + 13 client spans a run
+    assert any("(27 spans a run)" in n for n in out["notes"])
+    # Beside the same calls made by hand with httpx: interleaved pairs, then the cold start.
+    pairs = [r for r in out["rows"] if r["api"] == "moa vs httpx"]
+    assert [r["run"] for r in pairs] == [1, 2] and out["rows"][-1]["api"] == "cold start"
+    for r in pairs:
+        assert r["calls"] == 13 and r["moa_ms"] > 0 and r["httpx_ms"] > 0
+        assert r["per_layer_ms"] == pytest.approx((r["moa_ms"] - r["httpx_ms"]) / 3, abs=0.1)
+        assert r["cpu_ratio"] == pytest.approx(r["cpu_moa_ms"] / r["cpu_httpx_ms"], rel=0.01)
+    assert out["rows"][-1]["cold_start_s"] > 0
+    assert any("ms per layer (target <= 2:" in n and "client CPU x" in n for n in out["notes"])
+    assert any("to the first upstream request" in n for n in out["notes"])
 
 
 def test_staircase_quick(capsys: pytest.CaptureFixture[str]) -> None:
@@ -68,12 +80,16 @@ def test_staircase_quick(capsys: pytest.CaptureFixture[str]) -> None:
 def test_serve_quick(capsys: pytest.CaptureFixture[str]) -> None:
     rows = bench(capsys, "serve", "--clients", "1,2", "--rounds", "1")["rows"]
     assert {(r["clients"], r["path"]) for r in rows} == {
-        (n, p) for n in (1, 2) for p in ("direct", "direct-one-pool", "server")
+        (n, p) for n in (1, 2) for p in ("direct", "direct-one-pool", "by hand", "server")
     }
     for r in rows:
         assert r["bad_streams"] == 0 and r["requests_per_s"] > 0
-        assert r["ttft_p50_ms"] <= r["ttft_p99_ms"]
+        assert r["ttft_p50_ms"] <= r["ttft_p95_ms"] <= r["ttft_p99_ms"]
         assert ("overhead_p50_ms" in r) == (r["path"] == "server")
+        if r["path"] == "server":  # against the same three calls made by hand with httpx
+            hand = next(h for h in rows if h["clients"] == r["clients"] and h["path"] == "by hand")
+            assert r["p50_ratio"] == pytest.approx(r["ttft_p50_ms"] / hand["ttft_p50_ms"], abs=1e-3)
+            assert r["p95_ratio"] == pytest.approx(r["ttft_p95_ms"] / hand["ttft_p95_ms"], abs=1e-3)
 
 
 def test_serve_replicas_quick(capsys: pytest.CaptureFixture[str], redis_server) -> None:
@@ -126,5 +142,9 @@ def test_local_quick(capsys: pytest.CaptureFixture[str]) -> None:
     assert raw["calls"] == 1 and raw["prompt_tokens"] >= 100
     # Two prefills: the proposer's prompt and the aggregator's, which holds the question again.
     assert mixture["calls"] == 2 and mixture["prompt_tokens"] > raw["prompt_tokens"]
+    # The aggregator extends the first proposer's prompt, whose KV was saved when the second
+    # proposer's replaced it; without saved states only the template's head is reused.
+    saved = long["2 proposers, 1 with system prompt, cache layout"]
+    assert saved["cached_tokens"] > long["same, prompt_cache_bytes = 0"]["cached_tokens"] + 90
     (cancel,) = bench(capsys, "local", "--case", "cancel", *args)["rows"]
     assert cancel["dispatch"] == "cancel at 0.05 s" and cancel["total_s"] > 0

@@ -190,7 +190,7 @@ def test_config_block_is_valid(
     for name in re.findall(r'"local/([^"/][^"]*\.gguf)"', snippet.code):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)  # the reader's own model:
         (tmp_path / name).write_bytes(b"GGUF" + bytes(28))           # a stand-in GGUF file
-    whole = "layers" in data or "preset" in data
+    whole = bool({"layers", "preset", "debate"} & set(data))
     from_dict(data if whole else {**BASE, **data}, source=snippet.id)
 
 

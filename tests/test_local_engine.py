@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import subprocess
 import sys
 from pathlib import Path
@@ -373,3 +374,77 @@ def test_a_gguf_without_chat_template_needs_a_named_chat_format(tmp_path: Path) 
     out = anyio.run(engine.complete, ChatRequest(model=model, messages=QUESTION, max_tokens=6,
                                                  temperature=0.0))
     assert out[0].text and out[0].usage.prompt_tokens > 5
+
+
+LONG = "Consensus protocols such as Paxos and Raft let machines agree on a value. " * 6
+
+
+def test_a_prompt_reuses_a_saved_prefix_after_other_prompts_ran() -> None:
+    """The instance's KV holds the last prompt only; the one it drops is saved (KV state), so
+    a prompt that extends it after another prompt ran in between (a conversation's next turn,
+    an aggregator extending its advisors' prompt, a staircase step) evaluates only its new
+    tokens, says so in `cached_tokens`, and answers as a fresh evaluation does."""
+    def provider(**options):
+        spec = ProviderSpec(prefix="saved", kind="llamacpp", key_required=False,
+                            options={"n_batch": 64, **options})
+        return Registry([spec]).resolve("saved/smollm2")[0]
+
+    first = [{"role": "user", "content": LONG + "Name one of them."}]
+    other = [{"role": "user", "content": "Name three animals, please, in one short line."}]
+    extended = [*first, {"role": "assistant", "content": "Raft."},
+                {"role": "user", "content": "And the other one?"}]
+    diverged = [{"role": "user", "content": LONG + "Which is older?"}]
+
+    def ask(engine, messages):
+        return anyio.run(engine.complete, request(messages=messages, max_tokens=8))[0]
+
+    engine = provider(prompt_cache_bytes=64 << 20)
+    base = ask(engine, first)
+    ask(engine, other)  # the instance's KV now holds another prompt
+    pool = model_pool(bundled_model_path(), False, {"n_batch": 64,
+                                                    "prompt_cache_bytes": 64 << 20})
+    instance = pool.instances[0]
+    assert pool.states is not None and len(pool.states.entries) == 1  # `first`, saved
+    evaluated: list[int] = []
+    real = instance.llm.eval
+    instance.llm.eval = lambda batch: (evaluated.append(len(batch)), real(batch))[1]
+    try:
+        again = ask(engine, extended)
+    finally:
+        del instance.llm.eval
+    prompt_evaluated = sum(n for n in evaluated if n > 1)  # generation evaluates one at a time
+    usage = again.usage
+    assert prompt_evaluated == usage.prompt_tokens - usage.cached_tokens
+    assert usage.cached_tokens >= base.usage.prompt_tokens - 2, "the saved prompt is reused"
+    assert prompt_evaluated < usage.prompt_tokens / 4
+    assert pool.states.size <= 64 << 20
+
+    ask(engine, other)
+    part = ask(engine, diverged)  # leaves the saved prompts part way: only that part is reused
+    assert base.usage.prompt_tokens / 2 < part.usage.cached_tokens < base.usage.prompt_tokens - 2
+
+    fresh = provider(prompt_cache_bytes=0)  # no saved states: the same prompts evaluated anew
+    ask(fresh, other)
+    cold = ask(fresh, extended)
+    assert cold.usage.cached_tokens < base.usage.prompt_tokens / 4
+    assert cold.text == again.text
+    ask(fresh, other)
+    assert ask(fresh, diverged).text == part.text
+
+
+def test_saved_prompt_states_stay_within_their_byte_limit() -> None:
+    from moa.local_engine.llamacpp import PromptStates
+
+    def state(size: int):
+        return (ctypes.c_uint8 * size)()
+
+    states = PromptStates(250)
+    states.put((1, 2, 3), state(100))
+    states.put((1, 2, 4), state(100))
+    assert states.longest([1, 2, 3, 9]) == ((1, 2, 3), 3)
+    states.get((1, 2, 3))  # now the most recently used
+    states.put((5,), state(100))
+    assert list(states.entries) == [(1, 2, 3), (5,)] and states.size == 200
+    states.put((6,), state(300))  # larger than the limit: not kept
+    assert (6,) not in states.entries and states.size <= 250
+    assert states.covers([1, 2]) and not states.covers([1, 2, 3, 4])

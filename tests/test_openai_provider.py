@@ -336,6 +336,21 @@ async def test_whole_call_deadline(loopback: LoopbackServer) -> None:
     await provider.aclose()
 
 
+async def test_whole_call_deadline_longer_than_the_read_timeout(
+    loopback: LoopbackServer,
+) -> None:
+    """Reads far from the deadline run without a cancel scope of their own (the read timeout
+    ends them first); the deadline still cuts a stream that never stalls."""
+    slow = " ".join(f"w{i}" for i in range(200))  # 10 s at 20 tokens/s
+    loopback.set_behavior("m", ModelBehavior(reply=slow, tokens_per_s=20))
+    provider = make(loopback, total_timeout=1.5, read_timeout=1.0)
+    with pytest.raises(StreamTimeout, match=r"whole-call deadline of 1\.5 s") as info:
+        await provider.complete(ChatRequest(model="m", messages=HI))
+    assert slow.startswith(info.value.received) and info.value.received.startswith("w0 w1")
+    assert len(loopback.requests) == 1
+    await provider.aclose()
+
+
 async def test_error_object_inside_the_stream(loopback: LoopbackServer) -> None:
     loopback.set_behavior("m", ModelBehavior(reply=REPLY, error_after=2))
     provider = make(loopback)
@@ -491,3 +506,13 @@ def test_tool_call_pieces_assemble_in_index_order_and_usage_sums_cache_fields() 
     total = Usage(10, 2, cached_tokens=6) + Usage(5, 1, cached_tokens=1, cache_write_tokens=4)
     assert (total.prompt_tokens, total.cached_tokens, total.cache_write_tokens) == (15, 7, 4)
     assert total.uncached_prompt_tokens == 8
+
+
+def test_plain_http_providers_skip_the_ca_bundle() -> None:
+    """A local server over http needs no CA bundle (its load is ~40 ms of a cold start); an
+    https provider verifies with the system's."""
+    plain = OpenAICompatProvider(ProviderSpec(prefix="loop", base_url="http://127.0.0.1:1/v1",
+                                              key_required=False), None)
+    tls = OpenAICompatProvider(ProviderSpec(prefix="loop", base_url="HTTPS://api.example/v1",
+                                            key_required=False), None)
+    assert not plain.transport.secure and tls.transport.secure

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from moa.config import MixtureConfig
+from moa.config import PRESETS, MixtureConfig
 from moa.openai.server import ServerThread, create_app
 from moa.testing import LoopbackServer, ModelBehavior
 
@@ -214,7 +214,7 @@ def test_moa_serve_command_serves_the_options_mixture_and_presets(
     with serve_process(*options) as url:
         client = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
         models = [m.id for m in client.models.list().data]
-        assert models == ["mixture", "moa", "moa-lite", "self-moa", "local"]
+        assert models == ["mixture", *PRESETS]
         for name in ("mixture", "moa/mixture"):
             reply = client.chat.completions.create(model=name, messages=HI)  # type: ignore[arg-type]
             assert reply.choices[0].message.content == AGG
@@ -231,7 +231,7 @@ def test_bench_serve_runs_three_processes_and_checks_every_stream() -> None:
 
     rows, _ = serve.run(argparse.Namespace(clients="3", rounds=1))
     assert [(r["clients"], r["path"]) for r in rows] == [
-        (3, "direct"), (3, "direct-one-pool"), (3, "server")
+        (3, "direct"), (3, "direct-one-pool"), (3, "by hand"), (3, "server")
     ]
     assert all(r["bad_streams"] == 0 and r["ttft_p50_ms"] > 0 for r in rows)
     assert "overhead_p50_ms" in rows[-1]

@@ -674,13 +674,13 @@ def test_an_embedded_engine_without_a_key_needs_a_flag_off_loopback(
     refused = moa_serve("--host", "0.0.0.0", "--port", port)
     assert refused.returncode == 1 and "serving" not in refused.stderr
     assert refused.stderr.strip().splitlines() == [
-        "moa: Serving the embedded engine of 'mixture', 'local' on 0.0.0.0 without an API key "
-        "would let "
+        "moa: Serving the embedded engine of 'mixture', 'local', 'local-debate' on 0.0.0.0 "
+        "without an API key would let "
         "anyone who reaches it run the engine: set --api-key (or MOA_SERVER_API_KEY), or pass "
         "--allow-unauthenticated."]
     with Served("--allow-unauthenticated", host="0.0.0.0") as served:
         served.expect("moa: no API key: anyone who can reach it can run the embedded engine of "
-                      "'mixture', 'local'.")
+                      "'mixture', 'local', 'local-debate'.")
         assert httpx.get(served.base_url + "/models", timeout=60).status_code == 200
         served.signal()
         assert served.proc.wait(60) is not None

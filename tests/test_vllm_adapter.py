@@ -546,10 +546,12 @@ def fake_vllm(monkeypatch, *, device_type: str = "cuda", load_error: BaseExcepti
         def __init__(self, model: str, enable_prefix_caching: bool, disable_log_stats: bool,
                      gpu_memory_utilization: float = 0.9) -> None:
             self.model = model
+            self.enable_prefix_caching = enable_prefix_caching
 
     class AsyncLLM:
         @classmethod
         def from_engine_args(cls, args: AsyncEngineArgs) -> AsyncLLM:
+            ENGINE_ARGS.append(args)
             if load_error is not None:
                 raise load_error
             raise AssertionError("not reached in these tests")
@@ -565,6 +567,10 @@ def fake_vllm(monkeypatch, *, device_type: str = "cuda", load_error: BaseExcepti
         module = types.ModuleType(name)
         module.__dict__.update(attrs)
         monkeypatch.setitem(sys.modules, name, module)
+
+
+ENGINE_ARGS: list[Any] = []
+"""The AsyncEngineArgs each fake engine start was given."""
 
 
 def load_error_of(**options: Any) -> str:
@@ -584,6 +590,14 @@ def test_without_a_gpu_the_error_says_one_is_needed_and_local_runs_on_the_cpu(
     message = load_error_of()
     assert "vLLM needs a CUDA GPU" in message and "`local/` models run on the CPU" in message
     assert "Device string" not in message
+
+
+def test_prefix_caching_is_on_by_default_and_an_option_turns_it_off(monkeypatch) -> None:
+    fake_vllm(monkeypatch, load_error=RuntimeError("stop after the engine arguments"))
+    ENGINE_ARGS.clear()
+    load_error_of()
+    load_error_of(enable_prefix_caching=False)
+    assert [a.enable_prefix_caching for a in ENGINE_ARGS] == [True, False]
 
 
 def test_an_unknown_engine_option_is_named(monkeypatch) -> None:
@@ -656,8 +670,8 @@ def _gpu_model() -> tuple[str | None, str]:
 
 @pytest.mark.gpu
 def test_real_vllm_engine_on_a_gpu() -> None:
-    """A small model end to end: streaming, n>1, logprobs, continuation, a forced tool call,
-    a tool result turn, a JSON response format, abort.
+    """A small model end to end: streaming, prefix-cache hits in the usage, n>1, logprobs,
+    continuation, a forced tool call, a tool result turn, a JSON response format, abort.
 
     The model is `MOA_VLLM_TEST_MODEL` (a local model folder or a Hugging Face id), by default
     HuggingFaceTB/SmolLM2-135M-Instruct when it is in the Hugging Face cache (the safetensors
@@ -680,6 +694,10 @@ def test_real_vllm_engine_on_a_gpu() -> None:
         deltas = [d async for d in engine.stream(ask(temperature=0.0))]
         texts = [d.text for d in deltas if d.text]
         assert len(texts) >= 2 and next(d.usage for d in deltas if d.usage).completion_tokens > 0
+        long = [{"role": "user", "content": "Summarise: " + "Prefix caching reuses KV. " * 40}]
+        await engine.complete(ask(messages=long, max_tokens=2))
+        again = await engine.complete(ask(messages=long, max_tokens=2))
+        assert again[0].usage.cached_tokens >= 16, "the prefix cache's hits are reported"
         samples = await engine.complete(ask(n=3, temperature=0.9, seed=1, logprobs=True))
         assert len(samples) == 3 and all(s.text and s.logprobs for s in samples)
         head = "".join(texts)[:8]

@@ -17,6 +17,7 @@ BENCHES: dict[str, str] = {
     "serve": "concurrent streaming clients through `moa serve`",
     "routing": "cost and accuracy of routing policies on a simulated two-tier task",
     "quality": "accuracy of one model alone vs mixtures of it on the shipped task set",
+    "debate": "multi-agent debate layered vs staircase, and the consensus stop (loopback)",
 }
 
 

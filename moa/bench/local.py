@@ -16,6 +16,11 @@ call, and the mixture `moa chat -p local/smollm2 -a local/smollm2 --max-tokens 1
 proposer, then an aggregator whose prompt holds the question again) in the paper layout (the
 references before the question: two prefills) and in the cache layout (the question first,
 as the proposer read it: the engine reuses its KV and evaluates only what follows).
+`2 proposers, 1 with system prompt, cache layout`: the aggregator's prompt extends
+the first proposer's, but the second proposer's prompt (its system prompt, then the question)
+ran in between; the engine saved the first one's KV when the second replaced it and loads it
+back for the aggregator. The `prompt_cache_bytes = 0` row is the same without saved states
+(only the last prompt's KV is reused).
 `--case cancel` cancels an engine call `--cancel-after` seconds into the long prefill and
 reports how long the call took to return after the cancel (`cancel_s`).
 `--case first-run` runs the `local` preset as shipped and the same caps without its stop rule
@@ -33,6 +38,7 @@ QUESTION = "Give three short tips for writing clear code."
 
 
 CASES = ("mixture", "long", "cancel", "first-run")
+PERSONA = "2 proposers, 1 with system prompt, cache layout"
 FIRST_RUN_QUESTIONS = (
     "Why is the sky blue?", "What causes the seasons on Earth?",
     "How does a refrigerator keep food cold?", "Why do we dream?", "What is photosynthesis?",
@@ -172,16 +178,34 @@ async def _engine_long(registry: Any, question: str) -> dict[str, Any]:
             "total_s": time.perf_counter() - start}
 
 
-async def _mixture_long(registry: Any, question: str, layout: str) -> dict[str, Any]:
+def _long_config(layout: str, *, persona: bool = False) -> Any:
+    """One proposer and an aggregator, one token each; with `persona`, a second proposer
+    with a system prompt of its own."""
     from moa.config import AgentConfig, LayerConfig, MixtureConfig, StaircaseConfig
-    from moa.mixture import Mixture
 
     agent = AgentConfig(model="local/smollm2", max_tokens=1)
-    config = MixtureConfig(name="long", mode="layered", layers=[LayerConfig(agents=[agent])],
-                           aggregator=agent.model_copy(),
-                           staircase=StaircaseConfig(layout=layout))  # type: ignore[arg-type]
+    agents = [agent]
+    if persona:
+        agents.append(agent.model_copy(update={"system": "You are a careful fact checker."}))
+    return MixtureConfig(name="long", mode="layered", layers=[LayerConfig(agents=agents)],
+                         aggregator=agent.model_copy(),
+                         staircase=StaircaseConfig(layout=layout))  # type: ignore[arg-type]
+
+
+async def _mixture_long(registry: Any, question: str, layout: str) -> dict[str, Any]:
+    from moa.mixture import Mixture
+
     start = time.perf_counter()
-    result = await Mixture(config, registry=registry).run(question)
+    result = await Mixture(_long_config(layout), registry=registry).run(question)
+    return {"calls": result.calls, "prompt_tokens": result.usage.prompt_tokens,
+            "cached_tokens": result.usage.cached_tokens, "total_s": time.perf_counter() - start}
+
+
+async def _persona(registry: Any, question: str) -> dict[str, Any]:
+    from moa.mixture import Mixture
+
+    start = time.perf_counter()
+    result = await Mixture(_long_config("cache", persona=True), registry=registry).run(question)
     return {"calls": result.calls, "prompt_tokens": result.usage.prompt_tokens,
             "cached_tokens": result.usage.cached_tokens, "total_s": time.perf_counter() - start}
 
@@ -222,11 +246,15 @@ def _long_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     label = f"long prompt (~{args.long_tokens} tok)"
     rows: list[dict[str, Any]] = []
     if args.case in ("long", "all"):
+        unsaved = _registry({"prompt_cache_bytes": 0})
+        anyio.run(_alone, unsaved, 1)
         cases = [
             ("raw llama-cpp prefill", _raw_prefill),
             ("engine call, 1 token", lambda q: anyio.run(_engine_long, registry, q)),
             ("moa chat -p -a, 1 token", lambda q: anyio.run(_mixture_long, registry, q, "paper")),
             ("same, cache layout", lambda q: anyio.run(_mixture_long, registry, q, "cache")),
+            (PERSONA, lambda q: anyio.run(_persona, registry, q)),
+            ("same, prompt_cache_bytes = 0", lambda q: anyio.run(_persona, unsaved, q)),
         ]
         runs: dict[str, list[dict[str, Any]]] = {dispatch: [] for dispatch, _ in cases}
         for i in range(args.repeats):  # interleaved, so a change of load hits every row
@@ -262,7 +290,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
         long_rows += _first_run_rows()
     by_dispatch = {r["dispatch"]: r for r in long_rows}
     raw = by_dispatch.get("raw llama-cpp prefill")
-    for dispatch in ("engine call, 1 token", "moa chat -p -a, 1 token", "same, cache layout"):
+    for dispatch in ("engine call, 1 token", "moa chat -p -a, 1 token", "same, cache layout",
+                     PERSONA, "same, prompt_cache_bytes = 0"):
         if raw and dispatch in by_dispatch:
             ratio = by_dispatch[dispatch]["total_s"] / raw["total_s"]
             notes.append(f"{dispatch}: x{ratio:.2f} the raw prefill's time.")
@@ -316,7 +345,7 @@ def _first_run_rows() -> list[dict[str, Any]]:
 
     shipped = preset("local")
     bare = shipped.model_copy(deep=True)
-    for agent in [*bare.layers[0].agents, bare.aggregator]:
+    for agent in [*bare.layers[0].agents, bare.final]:
         agent.stop, agent.system = None, None
     variants = {"local preset": Mixture(shipped), "caps only": Mixture(bare)}
     variants["local preset"].run_sync("Hi", max_tokens=4)  # load the model

@@ -15,6 +15,11 @@ pays for it once in compute but counts it in its own calls, tokens and latency:
   question first, then the instruction and the replies as a user turn);
 - `skip-on-agreement`: the preset, but its proposers' answer when they all agree (what a router
   that skips aggregation on agreement does);
+- `debate local`: the `local-debate` preset (3 debaters x 2 rounds, then the vote; a tie or
+  open-ended answers go to its aggregator; the debate stops when round 1 agrees) run by the
+  real strategy (`moa.Mixture`), its calls through the shared ones (`CallsProvider`) with
+  request seed 0 — so its round 1 is the `preset local` row's proposers; `debate local 3
+  rounds`: the same with a third round;
 - variants on greedy + 2 sampled replies: `greedy+2 greedy aggregator` (paper prompt,
   temperature 0), `short instruction` (`SMALL_MODEL_INSTRUCTION` in place of the paper's
   prompt) and `extracted answers` (the aggregator reads only each reply's extracted answer).
@@ -37,14 +42,17 @@ import json
 import math
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 from moa.cli.progress import Bar
 from moa.errors import ConfigError, MoaError
-from moa.providers.base import ChatRequest, Message
+from moa.providers.base import Capabilities, ChatRequest, Delta, Message, Provider, Usage
+from moa.providers.registry import Registry
 from moa.routing.evaluate import Outcome, Task, failure_reason, outcome_of
 from moa.routing.signals import agreement, extract_answer, is_correct
 from moa.runtime.prompts import (
@@ -154,6 +162,11 @@ class Composer:
     calls: Calls
     temperature: float
     preset: Any  # MixtureConfig of the `local` preset, with `model` in every slot
+    debates: dict[str, Any] = field(default_factory=dict)
+    """Debate rows' `MixtureConfig`s by row name (the `local-debate` preset, `model` in every
+    slot), run by `debate_answer`."""
+    _mixtures: dict[str, Any] = field(default_factory=dict)
+    _provider: CallsProvider | None = None
 
     def user(self, question: str) -> list[Message]:
         return [{"role": "user", "content": question}]
@@ -187,7 +200,7 @@ class Composer:
     ) -> Answer:
         """The preset's graph: its proposer slots, then its aggregator (in `layout`) — or,
         with `skip_on_agreement`, the proposers' common answer when they all agree."""
-        layer, agg = self.preset.layers[0], self.preset.aggregator
+        layer, agg = self.preset.layers[0], self.preset.final
         props: list[Call] = []
         sampled = 0
         for agent in layer.agents:
@@ -205,6 +218,65 @@ class Composer:
                                      agg.system, agg.temperature, agg.max_tokens,
                                      layout=layout, stop=agg.stop)
         return Answer(final.text, [*props, final])
+
+
+    async def debate_answer(self, name: str, question: str) -> Answer:
+        """The debate `name` run by the real strategy (`moa.Mixture`), every call of it through
+        the shared calls (`CallsProvider`): round 1 with seeds 0, 1, 2 is the `preset local`
+        row's proposers, so the two rows differ only in what follows them."""
+        from moa.mixture import Mixture
+
+        if self._provider is None:
+            self._provider = CallsProvider(self.calls)
+        if name not in self._mixtures:
+            registry = _CallsRegistry(self.calls.registry, self.calls.ref, self._provider)
+            self._mixtures[name] = Mixture(self.debates[name], registry=registry)
+        trace = self._provider.trace = []
+        result = await self._mixtures[name].run(question, seed=0)
+        return Answer(result.text, trace)
+
+    async def aclose(self) -> None:
+        for mixture in self._mixtures.values():
+            await mixture.aclose()
+
+
+class CallsProvider(Provider):
+    """The model under test as a provider whose every call goes through `Calls` (memoised,
+    kept in `--cache`, timed), one call at a time — what the CPU engine does anyway, so each
+    call's time is its own; `trace` collects the calls a run made."""
+
+    name = "bench"
+    capabilities = Capabilities(queued=True)
+
+    def __init__(self, calls: Calls) -> None:
+        self.calls = calls
+        self.trace: list[Call] = []
+        self._lock: anyio.Lock | None = None
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[Delta]:  # type: ignore[override]
+        if self._lock is None:
+            self._lock = anyio.Lock()
+        cap = min(request.max_tokens or self.calls.cap, self.calls.cap)
+        async with self._lock:
+            call = await self.calls.get(request.messages, request.temperature or 0.0, cap,
+                                        request.seed or 0, request.stop)
+        self.trace.append(call)
+        yield Delta(text=call.text)
+        yield Delta(finish_reason="length" if call.completion_tokens >= cap else "stop",
+                    usage=Usage(call.prompt_tokens, call.completion_tokens))
+
+
+class _CallsRegistry(Registry):
+    """`base`, with the model under test resolved to a `CallsProvider`."""
+
+    def __init__(self, base: Registry, ref: str, provider: CallsProvider) -> None:
+        super().__init__(base.specs())
+        self.ref, self.provider = ref, provider
+
+    def resolve(self, ref: str) -> tuple[Provider, str]:
+        if ref == self.ref:
+            return self.provider, ref.partition("/")[2]
+        return super().resolve(ref)
 
 
 def _vote(props: list[Call]) -> Answer:
@@ -242,6 +314,14 @@ async def _skip_on_agreement(c: Composer, q: str) -> Answer:
     return await c.preset_answer(q, skip_on_agreement=True)
 
 
+async def _debate(c: Composer, q: str) -> Answer:
+    return await c.debate_answer("debate local", q)
+
+
+async def _debate_3(c: Composer, q: str) -> Answer:
+    return await c.debate_answer("debate local 3 rounds", q)
+
+
 async def _greedy_aggregator(c: Composer, q: str) -> Answer:
     props = await c.proposals(q, greedy=True)
     final = await c.aggregate(q, [p.text for p in props], AGGREGATE_PROMPT, None, 0.0, 192)
@@ -269,6 +349,8 @@ ROWS: dict[str, Row] = {
     "preset local": _preset,
     "preset local (cache layout)": _preset_cache,
     "skip-on-agreement": _skip_on_agreement,
+    "debate local": _debate,
+    "debate local 3 rounds": _debate_3,
     "greedy+2 greedy aggregator": _greedy_aggregator,
     "short instruction": _short_instruction,
     "extracted answers": _extracted,
@@ -379,6 +461,22 @@ def _preset_for(model: str) -> Any:
     return config
 
 
+def _debates_for(model: str) -> dict[str, Any]:
+    """The debate rows' configs: the `local-debate` preset with `model` in every slot (3
+    debaters x 2 rounds, then the vote; a tie or open-ended answers go to its aggregator), and
+    the same with a third round."""
+    from moa.config import LOCAL_MODEL, preset
+
+    config = preset("local-debate")
+    for agent in config.agents():
+        if agent.model == LOCAL_MODEL:
+            agent.model = model
+    three = config.model_copy(deep=True)
+    assert three.debate is not None
+    three.debate.rounds = 3
+    return {"debate local": config, "debate local 3 rounds": three}
+
+
 def _rows(names: str | None) -> dict[str, Row]:
     if not names:
         return ROWS
@@ -401,7 +499,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
     registry.check(args.model)
     calls = Calls(registry, args.model, args.max_tokens,
                   Path(args.cache) if args.cache else None)
-    composer = Composer(calls, args.temperature, _preset_for(args.model))
+    composer = Composer(calls, args.temperature, _preset_for(args.model),
+                        _debates_for(args.model))
     rows: list[dict[str, Any]] = []
     failures: dict[str, Failures] = {}
 
@@ -419,6 +518,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
                         results = await _mixture(mixture, tasks, name, bar, failed)
                     rows.append(score(split, name, tasks, results))
         finally:
+            await composer.aclose()
             await registry.aclose()
 
     anyio.run(main)

@@ -89,7 +89,7 @@ async def evaluate(
     data = {**config.model_dump(exclude_none=True), **overrides}
     router = {**router, "top_logprobs": (config.router.top_logprobs if config.router else 5)}
     cfg = from_dict({**data, "router": router}, registry=registry)
-    strong_model = cfg.aggregator.strong
+    strong_model = cfg.final.strong
     mixture = Mixture(cfg, registry=registry)
     limiter = anyio.CapacityLimiter(CONCURRENCY)
     correct = calls = strong = 0

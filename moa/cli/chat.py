@@ -33,6 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--timeline", metavar="PATH",
         help="also draw each agent's tokens over time as an SVG (in a chat: the last answer's)",
     )
+    parser.add_argument(
+        "--otel", action="store_true",
+        help="export OpenTelemetry traces and metrics of the run (OTLP as the OTEL_* variables "
+             "say, default http://localhost:4318; needs the otel extra); set OTEL_* variables "
+             "export too",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,13 +47,20 @@ def run(args: argparse.Namespace) -> int:
     if args.timeline:
         check_output_path(args.timeline, "--timeline")
     question = read_question(args.question)
-    with open_session(config) as session:
-        if question is not None:
-            session.ask(question, make_view(args))
-            return 0
-        from moa.cli.repl import chat
+    from moa import telemetry
 
-        return chat(session, args, lambda: make_view(args))
+    exporting = telemetry.configure_cli(force=args.otel)
+    try:
+        with open_session(config) as session:
+            if question is not None:
+                session.ask(question, make_view(args))
+                return 0
+            from moa.cli.repl import chat
+
+            return chat(session, args, lambda: make_view(args))
+    finally:
+        if exporting is not None:
+            exporting.shutdown()  # the run's spans and metrics are sent before exiting
 
 
 def read_question(arg: str | None) -> str | None:

@@ -113,6 +113,8 @@ def _routed(data: dict[str, Any]) -> bool:
     """The raw config has an agent with a `strong` tier."""
     layers = data.get("layers") if isinstance(data.get("layers"), list) else []
     agents = [a for layer in layers if isinstance(layer, dict) for a in layer.get("agents") or []]
+    debate = data.get("debate") if isinstance(data.get("debate"), dict) else {}
+    agents += debate.get("agents") if isinstance(debate.get("agents"), list) else []
     return any(isinstance(a, dict) and a.get("strong") for a in [*agents, data.get("aggregator")])
 
 
@@ -158,8 +160,8 @@ async def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
     runners: list[tuple[str, Any]] = []
     refs: list[str] = [*args.model]
     for source in args.config:
-        if source in files and "layers" not in files[source]:
-            continue
+        if source in files and not {"layers", "debate", "preset"} & set(files[source]):
+            continue  # a routing file only, scored under --policy
         mixture = Mixture(source, registry=registry)
         refs += [ref for _, ref in mixture.config.model_refs()]
         runners.append((f"mixture {mixture.config.name}", _runner(mixture)))

@@ -6,7 +6,9 @@ and why a waiting agent waits: queued for the engine, evaluating the prompt, or 
 the attempt number), the time, tokens and cost so far, and the answer as it arrives. The frame
 always fits the terminal: when space runs short the proposer panels fold to one line each,
 then away, and the answer shows its latest lines. "cut" means an agent stopped at its
-max_tokens. Afterwards the status table, the answer as Markdown (with a truncation mark when
+max_tokens; "stopped" means a debate ended before that agent's round (its debaters agreed).
+A debate's agents are its rounds' debaters (R1.1, R2.1, …): the panels show the round running.
+Afterwards the status table, the answer as Markdown (with a truncation mark when
 it was cut) and a summary line stay on screen; after Ctrl-C, what was written so far stays.
 """
 
@@ -47,7 +49,8 @@ if TYPE_CHECKING:
 
     from moa.result import MixtureResult
 
-_STYLE = {"waiting": "dim", "streaming": "cyan", "done": "green", "cut": "yellow", "failed": "red"}
+_STYLE = {"waiting": "dim", "streaming": "cyan", "done": "green", "cut": "yellow", "failed": "red",
+          "stopped": "dim"}
 _WHY = {"queued": "queued for the engine", "prompt": "evaluating the prompt"}
 _PANEL_LINES = 6
 _PANELS_PER_ROW = 3
@@ -313,4 +316,5 @@ def _note(state: _AgentState) -> str:
 
 
 def _finished(finish_reason: str | None) -> str:
-    return "cut" if finish_reason == "length" else "done"
+    """"cut" at max_tokens, "stopped" when a debate ended before its round, else "done"."""
+    return {"length": "cut", "consensus": "stopped"}.get(finish_reason or "", "done")

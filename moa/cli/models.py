@@ -97,10 +97,8 @@ def _preset_row(name: str, description: str) -> dict[str, Any]:
 def _model_counts(config: MixtureConfig) -> dict[str, int]:
     """Model reference -> calls per request, proposers first, the aggregator last."""
     counts: dict[str, int] = {}
-    for layer in config.layers:
-        for agent in layer.agents:
-            counts[agent.model] = counts.get(agent.model, 0) + agent.n
-    counts[config.aggregator.model] = counts.get(config.aggregator.model, 0) + 1
+    for agent in (a for step in config.call_plan() for a in step):
+        counts[agent.model] = counts.get(agent.model, 0) + agent.n
     return counts
 
 
@@ -112,7 +110,7 @@ def estimate_usd(config: MixtureConfig) -> float | None:
     instructions = count_tokens(AGGREGATE_PROMPT)
     table = with_overrides(config.prices)
     total, references = 0.0, 0
-    for agents in [*(layer.agents for layer in config.layers), [config.aggregator]]:
+    for agents in config.call_plan():
         prompt = QUESTION_TOKENS + (instructions + references if references else 0)
         references = 0
         for agent in agents:

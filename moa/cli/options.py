@@ -11,7 +11,15 @@ import argparse
 import os
 from typing import Any
 
-from moa.config import MAX_LAYERS, MAX_TOKENS, MixtureConfig, from_dict, preset, read_file
+from moa.config import (
+    MAX_LAYERS,
+    MAX_TOKENS,
+    MixtureConfig,
+    from_dict,
+    preset,
+    read_file,
+    with_preset,
+)
 from moa.errors import ConfigError, MissingKeyError
 from moa.providers.registry import Registry, split_ref
 
@@ -77,10 +85,10 @@ def mixture_from_args(args: argparse.Namespace) -> MixtureConfig:
         split_ref(ref)
 
     preset_name = args.preset or file_preset
-    if preset_name is None and not proposers and "layers" not in file_data:
+    if preset_name is None and not proposers and not {"layers", "debate"} & set(file_data):
         preset_name = os.environ.get(PRESET_ENV) or DEFAULT_PRESET
-    data: dict[str, Any] = preset(preset_name).model_dump() if preset_name else {}
-    data.update(file_data)
+    base = preset(preset_name).model_dump() if preset_name else {}
+    data = with_preset(base, file_data)
 
     if proposers:
         data["layers"] = [_layer(proposers, layer) for layer in _dicts(data.get("layers")) or [{}]]
@@ -93,7 +101,9 @@ def mixture_from_args(args: argparse.Namespace) -> MixtureConfig:
     _set_on_agents(data, "temperature", args.temperature)
     if args.max_tokens is not None and args.max_tokens > MAX_TOKENS:
         raise ConfigError(f"--max-tokens must be at most {MAX_TOKENS}.")
-    if args.max_tokens is not None:
+    if args.max_tokens is not None and data.get("strategy") == "debate":
+        _set_on_agents(data, "max_tokens", args.max_tokens)  # any debater may write the answer
+    elif args.max_tokens is not None:
         data["aggregator"] = {**_agent_table(data.get("aggregator")), "max_tokens": args.max_tokens}
     if args.mode:
         data["mode"] = args.mode
@@ -155,6 +165,10 @@ def _set_on_agents(data: dict[str, Any], field: str, value: Any) -> None:
         for agent in layer["agents"]:
             agent[field] = value
     data["layers"] = layers
+    if isinstance(data.get("debate"), dict):
+        debate = data["debate"]
+        data["debate"] = {**debate, "agents": [{**a, field: value}
+                                               for a in _dicts(debate.get("agents"))]}
     if isinstance(data.get("aggregator"), dict):
         data["aggregator"] = {**data["aggregator"], field: value}
 

@@ -7,19 +7,26 @@ embedded engine (a model run in this process) is served without an API key only 
 loopback address or with `--allow-unauthenticated`. SIGTERM / SIGINT drain open requests for
 `--shutdown-grace` seconds; a second signal exits at once. `--redis URL` (or $MOA_REDIS_URL)
 shares budgets, limits and client keys' spend with every replica on that Redis; `--keys FILE`
-gives each client its own key, mixtures, rate and budget (docs/deploy.md).
+gives each client its own key, mixtures, rate and budget (docs/deploy.md). With the `otel` extra,
+the standard OTEL_* variables export traces and metrics over OTLP (docs/observability.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+import anyio
 
 if TYPE_CHECKING:
+    from starlette.applications import Starlette
+
     from moa.config import MixtureConfig
     from moa.openai.keys import KeyRing
     from moa.providers.registry import Registry
@@ -61,8 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--api-key", help="require this bearer token (default: $MOA_SERVER_API_KEY, else none)"
     )
-    parser.add_argument("--max-concurrency", type=_bounded(int, 1, 4096), default=16,
-                        metavar="N", help="mixtures run at once (default 16)")
+    parser.add_argument("--max-concurrency", type=_bounded(int, 1, 4096), default=64,
+                        metavar="N", help="mixtures run at once (default 64)")
     parser.add_argument("--max-queue", type=_bounded(int, 0, 100_000), default=64, metavar="N",
                         help="requests that may wait for a slot; beyond it 429 (default 64)")
     parser.add_argument("--keepalive", type=_bounded(float, 0.1, 3600), default=15.0,
@@ -168,6 +175,9 @@ def run(args: argparse.Namespace) -> int:
         )
     if not args.debug:
         logging.basicConfig(level=logging.WARNING, format="moa serve: %(message)s")
+    from moa import telemetry
+
+    exporting = telemetry.configure_cli()  # OTLP export when the OTEL_* variables ask for it
     app = create_app(mixtures, api_key=api_key, max_concurrency=args.max_concurrency,
                      max_queue=args.max_queue, keepalive_s=args.keepalive, registry=registry,
                      state=state, keys=keys)
@@ -180,5 +190,23 @@ def run(args: argparse.Namespace) -> int:
         who = "any process on this machine" if local_only else "anyone who can reach it"
         print(f"moa: no API key: {who} can run the embedded engine of "
               f"{', '.join(map(repr, engines))}.", file=sys.stderr)
+    if exporting is not None:
+        _flush_at_shutdown(app, exporting.shutdown)
     serve(app, sock, shutdown_grace_s=args.shutdown_grace)
     return 0
+
+
+def _flush_at_shutdown(app: Starlette, flush: Callable[[], None]) -> None:
+    """Run `flush` (in a thread) at the end of the app's shutdown, once the open requests are
+    done: uvicorn then re-raises the signal that stopped it, which ends the process at once."""
+    inner = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[Any]:
+        try:
+            async with inner(app) as state:
+                yield state
+        finally:
+            await anyio.to_thread.run_sync(flush)
+
+    app.router.lifespan_context = lifespan

@@ -174,7 +174,7 @@ def create_app(
     mixtures: dict[str, MixtureConfig],
     *,
     api_key: str | None = None,
-    max_concurrency: int = 16,
+    max_concurrency: int = 64,  # by measurement: 16 slots queued 64 streams, p95 x3.9
     max_queue: int = 64,
     queue_timeout_s: float = 30.0,
     max_body_bytes: int = 2_000_000,
@@ -343,7 +343,9 @@ def create_app(
             tg.start_soon(keep_alive)
             with drain.open() as cut, served.active():
                 try:
-                    events = running[name].stream(call.messages, **call.overrides)
+                    # The wire carries the answer only: agents' tokens are gathered.
+                    events = running[name].stream(call.messages, coalesce=math.inf,
+                                                  **call.overrides)
                     async with contextlib.aclosing(events):
                         async for event in events:
                             put(lines.feed(event))

@@ -61,7 +61,7 @@ async def collect(
 
     The signals are those of the first routed aggregation of the mixture.
     """
-    if not any(d for d in (config.aggregator.strong, *(a.strong for a in config.agents()))):
+    if not any(a.strong for a in config.agents()):
         raise ConfigError("Calibration needs a routed stage: give the aggregator a `strong` model.")
     probe = Mixture(config, router=_SkipProbe(), registry=registry)
     strong = Mixture(config, router=ThresholdRouter("agreement", math.inf), registry=registry)

@@ -36,6 +36,15 @@ SMALL_MODEL_INSTRUCTION = (
     "Reply with the correct answer only, in the form the user asked for.\n\nAnswers:"
 )
 """A shorter instruction for small models (`moa bench quality` measures it)."""
+DEBATE_PROMPT = (
+    "These are the solutions to the problem from other agents:\n\n{solutions}\n\nUsing the "
+    "solutions from other agents as additional information, can you provide your answer to the "
+    "problem? Examine your solution and those of the other agents step by step, and end with "
+    "your final answer."
+)
+"""A debate round's prompt (Du et al., 2023, adapted from its math and MMLU prompts);
+`{solutions}` becomes the other agents' latest answers, one `DEBATE_SOLUTION` each."""
+DEBATE_SOLUTION = "One agent solution: ```{text}```"
 Layout = Literal["paper", "cache"]
 TRUNCATED_LABEL = " [truncated: this model stopped before finishing]"
 FAILED_LABEL = " [this response failed; disregard what it wrote]"

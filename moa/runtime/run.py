@@ -17,7 +17,6 @@ A strategy (`moa.strategies.graph.Execution`, the layered / staircase graph, or
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import AsyncIterator, Callable
@@ -38,6 +37,7 @@ from moa.errors import (
     UnsupportedRequest,
 )
 from moa.events import (
+    AgentCall,
     AgentDelta,
     AgentFailed,
     AgentFinished,
@@ -76,7 +76,7 @@ from moa.runtime.feed import Board, Feed
 from moa.runtime.prompts import append_to_system
 from moa.state import Permit, State
 from moa.state.local import LOCAL
-from moa.tokens import count_messages, count_tokens, encoding
+from moa.tokens import count_messages, count_tokens, preload
 
 
 @dataclass
@@ -181,6 +181,10 @@ class Run:
     """One run of a mixture under some strategy; subclasses implement `body()`."""
 
     mode = "layered"
+    trace_calls = False
+    """Emit an `AgentCall` as each provider call starts (set while OpenTelemetry traces the
+    run); `trace_prompts` adds the prompt it sends (the GenAI content switch)."""
+    trace_prompts = False
 
     def __init__(
         self,
@@ -202,18 +206,26 @@ class Run:
         self.state: State = state or LOCAL
         """Where the providers' rate windows and concurrency caps are held (`moa.state`)."""
         self._permits: dict[Reservation, Permit] = {}
+        self.coalesce_s = 0.0
+        """Gather each agent's tokens over this many seconds into one `AgentDelta` (0: one per
+        token; inf: one per stretch between the agent's other events); see `emit`."""
+        self._unsent: dict[Node, tuple[float, list[str]]] = {}
+        """Per agent: the time of its first gathered token and the tokens not yet emitted."""
         self.overrides = ov = overrides or Overrides()
         self.acting = Acting(ov.tools, ov.tool_choice, ov.parallel_tool_calls, ov.response_format)
         """What the final aggregator acts with (tools, format); the other stages advise."""
         self.advice = advisor_messages(messages, self.acting, config.tool_result_chars)
         """The conversation as advisors see it (tool turns as short text, the acting note)."""
-        encoding()  # load the tokenizer now, not on the first delta inside the event loop
         self.board = Board()
         self.nodes: list[Node] = []
         self.notices: list[str] = []
         self.decisions: list[RouteDecision] = []
         self.answer: str | None = None
         """The answer when the strategy sets it directly; else the final agent's text."""
+        self.answer_finish: str | None = None
+        """The finish reason of `answer` when the strategy sets it directly."""
+        self.saved_calls = 0
+        """Calls the strategy chose not to make (a debate stopped at consensus)."""
         self.fatal: MixtureError | None = None
         self.ttft: float | None = None
         self._scope = anyio.CancelScope()
@@ -277,8 +289,23 @@ class Run:
         return time.monotonic() - self.t0
 
     def emit(self, event: Event) -> None:
-        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+        """Send `event`; gathered agent deltas go first, so every event but a `FinalDelta`
+        keeps its place among the deltas (only consecutive deltas are merged)."""
+        if self._unsent and not isinstance(event, FinalDelta | FinalToolCallDelta):
+            for node in list(self._unsent):
+                self._flush(node)
+        self._send(event)
+
+    def _flush(self, node: Node) -> None:
+        t, parts = self._unsent.pop(node)
+        self._send(AgentDelta(t, node.id, "".join(parts)))
+
+    def _send(self, event: Event) -> None:
+        # Not contextlib.suppress: a context manager per token costs more than the send.
+        try:  # noqa: SIM105
             self.emit_raw(event)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            pass
 
     def notice(self, message: str, kind: str = "info") -> None:
         self.notices.append(message)
@@ -370,9 +397,17 @@ class Run:
     ) -> None:
         if not node.parts:
             node.output.ttft_s = time.monotonic() - (node.started_at or self.t0)
+            preload()  # the tokenizer loads on a thread once a reply streams, off the requests
         node.parts.append(text)
         node.feed.push(text)
-        self.emit(AgentDelta(self._now(), node.id, text))
+        if not self.coalesce_s:
+            self._send(AgentDelta(self._now(), node.id, text))
+        elif (held := self._unsent.get(node)) is None:
+            self._unsent[node] = (self._now(), [text])
+        else:
+            held[1].append(text)
+            if self.coalesce_s != math.inf and self._now() - held[0] >= self.coalesce_s:
+                self._flush(node)
         if node.id.final:
             self._final_delta(text, 0, logprobs if self.overrides.logprobs else None)
 
@@ -437,7 +472,7 @@ class Run:
         first = Choice(
             0,
             text,
-            final.output.finish_reason if final else None,
+            final.output.finish_reason if final else self.answer_finish,
             assemble_tool_calls(final.tool_pieces) if final else [],
             final.logprobs if final and self.overrides.logprobs else None,
         )
@@ -464,6 +499,7 @@ class Run:
             tool_calls=first.tool_calls,
             finish_reason=first.finish_reason,
             choices=[first, *more],
+            saved_calls=self.saved_calls,
         )
 
     # ---- the metered call ------------------------------------------------------------------
@@ -527,20 +563,25 @@ class Run:
         parts: list[str] = []
         finish: str | None = None
         usage: Usage | None = None
+        if self.trace_calls:
+            prompt = list(messages) if self.trace_prompts else None
+            self.emit(AgentCall(self._now(), node.id, max_tokens, prompt))
         node.output.calls += 1
         node.feed.calls_open += 1
         # A reference whose stream goes silent for stall_s after its first token has stalled
         # (a queued engine is busy, not silent); the deadline moves at most every stall_s / 2.
         stall = None if node.id.final or caps.queued else self.config.staircase.stall_s
+        # anyio's clock read as time.monotonic() + offset: anyio.current_time() looks the
+        # backend up on every call, and this runs per delta.
+        offset = anyio.current_time() - time.monotonic()
         try:
             with anyio.CancelScope() as watch:
                 async with _closing(node.provider.samples(request)) as deltas:
                     async for delta in deltas:
-                        now = anyio.current_time()
-                        if stall is not None and (
-                            watch.deadline == math.inf or watch.deadline - now < stall
-                        ):
-                            watch.deadline = now + 1.5 * stall
+                        if stall is not None:
+                            now = time.monotonic() + offset
+                            if watch.deadline == math.inf or watch.deadline - now < stall:
+                                watch.deadline = now + 1.5 * stall
                         self._take(node, delta, parts, visible)
                         if delta.usage:
                             usage = delta.usage if usage is None else usage + delta.usage

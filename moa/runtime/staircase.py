@@ -246,11 +246,13 @@ class Pacer:
         self._counted: dict[int, tuple[int, int]] = {}
 
     def shown(self, u: int) -> int:
-        """Tokens of reference `u` an aggregator can see (its released chunks)."""
+        """Tokens of reference `u` an aggregator can see (its released chunks). Trailing
+        whitespace is no token of content: a chunk that ends "blue " counts as "blue" (the
+        space goes with the next word's token, " sky"), or the lead would be one too many."""
         feed = self.feeds[u]
         n, tokens = self._counted.get(u, (0, 0))
         if n != len(feed.chunks):
-            tokens = count_tokens(feed.text)
+            tokens = count_tokens(feed.text.rstrip())
             self._counted[u] = (len(feed.chunks), tokens)
         return tokens
 

@@ -104,7 +104,7 @@ class Evolution(Run):
         groups = [self.rng.sample(range(len(population)), k) for _ in population]
         group_scores = [sum(scores[i] for i in g) / k for g in groups]
         order = sorted(range(len(groups)), key=lambda g: (group_scores[g], g))
-        agent = self.config.aggregator
+        agent = self.config.final
         children: list[Node] = []
         prompts: dict[int, list[Message]] = {}
         for g, members in enumerate(groups):

@@ -36,7 +36,7 @@ from moa.errors import (
     NotEnoughProposers,
     ProviderError,
 )
-from moa.events import AgentId, Event, Notice
+from moa.events import AgentId, Event, Notice, StaircaseStep
 from moa.providers.base import Message
 from moa.providers.registry import Registry
 from moa.routing.router import Router
@@ -102,7 +102,7 @@ class Execution(Run):
 
     def _build(self) -> list[list[Node]]:
         ov, config = self.overrides, self.config
-        final = config.aggregator.model_copy(
+        final = config.final.model_copy(
             update={
                 k: v
                 for k, v in (("temperature", ov.temperature), ("max_tokens", ov.max_tokens))
@@ -111,7 +111,7 @@ class Execution(Run):
         )
         loops = config.router.refine_loops if config.router else 0
         shapes = [(layer.agents, layer.min_proposers) for layer in config.layers]
-        shapes += [([config.aggregator], 1)] * loops + [([final], 1)]
+        shapes += [([config.final], 1)] * loops + [([final], 1)]
         proposers = len(config.layers)
         layers: list[list[Node]] = []
         for li, (agents, _) in enumerate(shapes):
@@ -244,10 +244,14 @@ class Execution(Run):
                         instruction=AGGREGATE_PROMPT)
             if free or not continuing:
                 self._check_quorum(node, view)
+                if continuing:
+                    self._step(node, pacer, step, budget - used, count_tokens(node.text), True)
                 finish = await self._free_call(node, view, budget - used)
                 break
-            limit = pacer.limit(min(sc.step_size(step), budget - used), count_tokens(node.text))
+            written = count_tokens(node.text)
+            limit = pacer.limit(min(sc.step_size(step), budget - used), written)
             if limit > 0:
+                self._step(node, pacer, step, limit, written)
                 call = await self._call(
                     node, self._prompt(node, view, limit), limit, continue_final=bool(node.parts)
                 )
@@ -261,6 +265,13 @@ class Execution(Run):
         self._finished(node, finish)
 
     # ---- start, steps and quorum -----------------------------------------------------------
+
+    def _step(self, node: Node, pacer: Pacer, step: int, limit: int, written: int,
+              last: bool = False) -> None:
+        """Emit the `StaircaseStep` of the call `node` makes next (after `step` full steps)."""
+        shown = {u.id.key: pacer.shown(i) for i, u in enumerate(node.upstream)}
+        self.emit(StaircaseStep(self._now(), node.id, step + 1, limit, written, shown,
+                                pacer.lead(written), last))
 
     async def _wait_start(self, node: Node, continuing: bool) -> None:
         feeds = [u.feed for u in node.upstream]
