@@ -410,6 +410,17 @@ LOCAL_AGGREGATOR_SYSTEM = (
 )
 
 
+def _local_sampler() -> AgentConfig:
+    """The bundled model sampled 3 times, one paragraph each (a stop at the first blank line)."""
+    return AgentConfig(model=LOCAL_MODEL, n=3, max_tokens=128, stop=["\n\n"])
+
+
+def _local_aggregator() -> AgentConfig:
+    """The bundled model told to answer directly in one paragraph."""
+    return AgentConfig(model=LOCAL_MODEL, max_tokens=192, temperature=0.3,
+                       system=LOCAL_AGGREGATOR_SYSTEM, stop=["\n\n"])
+
+
 def _preset(name: str) -> MixtureConfig:
     if name == "moa":
         layer = LayerConfig(agents=_agents(_TOGETHER_PROPOSERS))
@@ -437,18 +448,8 @@ def _preset(name: str) -> MixtureConfig:
             # model beat it, and it stays within the interval of the model alone.
             # One paragraph each (a stop at the first blank line), told to answer directly: at
             # these caps the answers end by themselves (docs/local.md has the measurement).
-            layers=[
-                LayerConfig(
-                    agents=[AgentConfig(model=LOCAL_MODEL, n=3, max_tokens=128, stop=["\n\n"])]
-                )
-            ],
-            aggregator=AgentConfig(
-                model=LOCAL_MODEL,
-                max_tokens=192,
-                temperature=0.3,
-                system=LOCAL_AGGREGATOR_SYSTEM,
-                stop=["\n\n"],
-            ),
+            layers=[LayerConfig(agents=[_local_sampler()])],
+            aggregator=_local_aggregator(),
             # One generation at a time on the CPU: staircase cannot overlap the proposers and
             # its steps cost extra prefills (docs/staircase.md has the figures).
             mode="layered",
@@ -464,17 +465,8 @@ def _preset(name: str) -> MixtureConfig:
         return MixtureConfig(
             name=name,
             strategy="debate",
-            debate=DebateConfig(
-                agents=[AgentConfig(model=LOCAL_MODEL, n=3, max_tokens=128, stop=["\n\n"])],
-                rounds=2,
-            ),
-            aggregator=AgentConfig(
-                model=LOCAL_MODEL,
-                max_tokens=192,
-                temperature=0.3,
-                system=LOCAL_AGGREGATOR_SYSTEM,
-                stop=["\n\n"],
-            ),
+            debate=DebateConfig(agents=[_local_sampler()], rounds=2),
+            aggregator=_local_aggregator(),
             mode="layered",  # one generation at a time on the CPU (as the local preset)
         )
     raise ConfigError(f"Unknown preset {name!r}; presets: {', '.join(PRESETS)}.")

@@ -165,12 +165,7 @@ async def run_stepped(
     with anyio.fail_after(20):
         async with anyio.create_task_group() as tg:
             tg.start_soon(go)
-            for n, tokens in enumerate(opens, 1):
-                for gate in gates:
-                    gate.open(tokens)
-                await anyio.to_thread.run_sync(srv.wait_requests, "agg", n)
-            for gate in gates:
-                gate.open()
+            await srv.open_in_steps(gates, opens, "agg")
     return out[0]
 
 

@@ -494,12 +494,7 @@ def stream_all(mixture: moa.Mixture, question: Any = ASK, *,
                 tg.start_soon(go)
                 if steps is not None:
                     srv, gates, opens = steps
-                    for n, tokens in enumerate(opens, 1):
-                        for gate in gates:
-                            gate.open(tokens)
-                        await anyio.to_thread.run_sync(srv.wait_requests, "agg", n)
-                    for gate in gates:
-                        gate.open()
+                    await srv.open_in_steps(gates, opens, "agg")
 
     anyio.run(main)
     return events

@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import anyio
+
 from .behavior import (
     PROMPT_HISTORY,
     ModelBehavior,
@@ -30,6 +32,8 @@ from .wire import AnthropicFrames, OpenAIFrames
 
 if TYPE_CHECKING:
     from moa.providers.registry import Limits, Registry
+
+    from .gate import Gate
 
 log = logging.getLogger("moa.testing")
 
@@ -123,6 +127,17 @@ class LoopbackServer:
             if not self._recorded.wait_for(lambda: len(seen()) >= count, timeout):
                 raise TimeoutError(f"{len(seen())} of {count} requests for {model!r} arrived.")
         return seen()
+
+    async def open_in_steps(self, gates: list[Gate], opens: list[int], model: str) -> None:
+        """Open `gates` to each count of `opens` in turn, the next only once `model` has been
+        sent one more request, then fully: a staircase aggregator's steps paced by explicit
+        gates, never by sleeping."""
+        for n, tokens in enumerate(opens, 1):
+            for gate in gates:
+                gate.open(tokens)
+            await anyio.to_thread.run_sync(self.wait_requests, model, n)
+        for gate in gates:
+            gate.open()
 
     def set_behavior(self, model: str, behavior: ModelBehavior) -> None:
         """Set a model's behaviour; its fault counter starts again."""
