@@ -93,7 +93,7 @@ def solutions(turn: str) -> list[str]:
     return re.findall(r"One agent solution: ```(.*?)```", turn, re.DOTALL)
 
 
-def text_of(srv: LoopbackServer, model: str, round_: int, answer: object) -> str:
+def text_of(model: str, round_: int, answer: object) -> str:
     return f"{model} round {round_} {' '.join(WORDS)} The answer is {answer}."
 
 
@@ -118,16 +118,16 @@ async def test_each_round_shows_every_peer_previous_answer_and_extends_the_histo
             prompt, earlier = rounds[r], rounds[r - 1]
             # append-only: the previous round's prompt, its own answer, then the others' answers
             assert prompt[: len(earlier)] == earlier and len(prompt) == len(earlier) + 2
-            mine = text_of(srv, model, r, answers[model](r))
+            mine = text_of(model, r, answers[model](r))
             assert prompt[-2] == {"role": "assistant", "content": mine}
             turn = prompt[-1]["content"]
             assert turn.startswith(DEBATE_PROMPT.split("{solutions}")[0])
             others = [m for m in answers if m != model]
-            assert solutions(turn) == [text_of(srv, o, r, answers[o](r)) for o in others]
+            assert solutions(turn) == [text_of(o, r, answers[o](r)) for o in others]
     judge = requests(srv, "judge")[0]
     assert AGGREGATE_PROMPT in judge[0]["content"]
     for model, answer in answers.items():
-        assert text_of(srv, model, 3, answer(3)) in judge[0]["content"]
+        assert text_of(model, 3, answer(3)) in judge[0]["content"]
     notices = [e.message for e in events if isinstance(e, Notice)]
     assert any("tie (1, 2, 3)" in n for n in notices)
 
@@ -135,7 +135,7 @@ async def test_each_round_shows_every_peer_previous_answer_and_extends_the_histo
 async def test_the_debate_stops_when_the_debaters_agree(srv: LoopbackServer) -> None:
     debaters(srv, {"a": lambda n: 7, "b": lambda n: 8 if n == 1 else 7, "c": lambda n: 7})
     _, result = await run(Mixture(config(rounds=4), registry=srv.registry(limits=LIMITS)))
-    assert result.text == text_of(srv, "a", 2, 7), "the first supporter's answer of round 2"
+    assert result.text == text_of("a", 2, 7), "the first supporter's answer of round 2"
     assert result.finish_reason == "stop" and result.saved_calls == 6
     assert [len(requests(srv, m)) for m in "abc"] == [2, 2, 2] and not requests(srv, "judge")
     stopped = [o for o in result.outputs if o.finish_reason == "consensus"]
@@ -152,7 +152,7 @@ async def test_under_staircase_one_round_at_most_runs_ahead_of_a_consensus(
     cfg = config(rounds=3, mode="staircase",
                  staircase={"chunk_tokens": [3], "step_tokens": [3], "stall_s": 30})
     _, result = await run(Mixture(cfg, registry=srv.registry(limits=LIMITS)))
-    assert result.text == text_of(srv, "a", 1, 7) and result.saved_calls == 3
+    assert result.text == text_of("a", 1, 7) and result.saved_calls == 3
     rounds = [sum(m["role"] == "user" for m in body) for x in "abc" for body in requests(srv, x)]
     assert set(rounds) <= {1, 2}, "round 3 never started: round 1 agreed before it could"
     assert "3 calls saved" in result.notices[0]
@@ -163,7 +163,7 @@ async def test_without_the_consensus_stop_every_round_runs(srv: LoopbackServer) 
     cfg = config(rounds=3, debate={"stop_at_consensus": False})
     _, result = await run(Mixture(cfg, registry=srv.registry(limits=LIMITS)))
     assert [len(requests(srv, m)) for m in "abc"] == [3, 3, 3] and result.saved_calls == 0
-    assert result.text == text_of(srv, "a", 3, 7)
+    assert result.text == text_of("a", 3, 7)
 
 
 @pytest.mark.parametrize(
@@ -189,7 +189,7 @@ async def test_the_vote_and_its_ties(
     if expect is None:
         assert result.text == JUDGE and len(requests(srv, "judge")) == 1
     else:
-        assert result.text == text_of(srv, expect[0], 1, expect[1])
+        assert result.text == text_of(expect[0], 1, expect[1])
         assert not requests(srv, "judge")
     assert any(said in n for n in result.notices), result.notices
 
@@ -207,13 +207,23 @@ async def test_open_ended_answers_take_the_reply_closest_to_the_others(
     assert "open-ended" in result.notices[-1]
 
 
+async def test_a_custom_round_prompt_may_hold_braces(srv: LoopbackServer) -> None:
+    debaters(srv, {"a": lambda n: 1, "b": lambda n: 2})
+    prompt = 'Peers said:\n{solutions}\nAnswer as JSON {"answer": ...}.'
+    cfg = config("ab", rounds=2, debate={"prompt": prompt})
+    await run(Mixture(cfg, registry=srv.registry(limits=LIMITS)))
+    turn = requests(srv, "a")[1][-1]["content"]
+    solution = f"One agent solution: ```{text_of('b', 1, 2)}```"
+    assert turn == prompt.replace("{solutions}", solution)
+
+
 async def test_final_aggregate_always_asks_the_aggregator(srv: LoopbackServer) -> None:
     debaters(srv, {m: (lambda n: 7) for m in "abc"})
     cfg = config(rounds=2, debate={"final": "aggregate"})
     _, result = await run(Mixture(cfg, registry=srv.registry(limits=LIMITS)))
     assert result.text == JUDGE
     (judge,) = requests(srv, "judge")
-    assert text_of(srv, "b", 1, 7) in judge[0]["content"], "consensus after round 1"
+    assert text_of("b", 1, 7) in judge[0]["content"], "consensus after round 1"
 
 
 # ---- faults, budgets, deadline ----------------------------------------------------------------
@@ -229,7 +239,7 @@ async def test_a_failed_debater_leaves_and_the_rest_go_on(srv: LoopbackServer) -
     assert out["R2.2"].calls == 0 and len(requests(srv, "b")) == 1
     for model, other in (("a", "c"), ("c", "a")):
         turn = requests(srv, model)[1][-1]["content"]
-        assert solutions(turn) == [text_of(srv, other, 1, 1 if other == "a" else 3)]
+        assert solutions(turn) == [text_of(other, 1, 1 if other == "a" else 3)]
     assert result.text == JUDGE
 
 
@@ -315,7 +325,7 @@ async def test_staircase_rounds_start_on_partial_answers_and_stay_paced(
     )
     _, result = await run(Mixture(cfg, registry=srv.registry(limits=LIMITS)))
     assert result.mode == "staircase" and result.text == JUDGE
-    full = {m: text_of(srv, m, 1, "123"["abc".index(m)]) for m in "abc"}
+    full = {m: text_of(m, 1, "123"["abc".index(m)]) for m in "abc"}
     bodies = [r.body for r in srv.requests if r.body and r.model in "abc"]
     steps = [b for b in bodies if sum(m["role"] == "user" for m in b["messages"]) == 2]
     assert len(steps) > 3, "round 2 was taken in steps"
@@ -350,7 +360,7 @@ async def test_staircase_round_two_starts_before_round_one_ends(srv: LoopbackSer
             gate.open()
     assert first_round_two[1]["role"] == "assistant"
     (shown,) = solutions(first_round_two[2]["content"])
-    assert text_of(srv, "b", 1, 2).startswith(shown) and len(shown) < len(text_of(srv, "b", 1, 2))
+    assert text_of("b", 1, 2).startswith(shown) and len(shown) < len(text_of("b", 1, 2))
     assert f"```{shown}```{IN_PROGRESS_LABEL}" in first_round_two[2]["content"]
     assert out[0][1].text == JUDGE
 
@@ -371,7 +381,7 @@ async def test_a_debater_that_cannot_continue_runs_layered_with_a_notice(
     assert "plain/b cannot" in notice.message and "layered" in notice.message
     (_, b2) = requests(srv, "b")
     assert b2[-1]["role"] == "user", "its round 2 was one call on complete answers"
-    assert solutions(b2[-1]["content"]) == [text_of(srv, "a", 1, 1)]
+    assert solutions(b2[-1]["content"]) == [text_of("a", 1, 1)]
     assert result.text == JUDGE
 
 
@@ -490,7 +500,7 @@ def test_debate_through_moa_serve_and_the_wrapper(srv: LoopbackServer) -> None:
             )
             if c.choices
         )
-    assert reply.choices[0].message.content == text_of(srv, "a", 1, 7) == streamed
+    assert reply.choices[0].message.content == text_of("a", 1, 7) == streamed
     assert reply.choices[0].finish_reason == "stop"
     wrapped_cfg = MixtureConfig.model_validate({
         **config().model_dump(),
@@ -502,7 +512,7 @@ def test_debate_through_moa_serve_and_the_wrapper(srv: LoopbackServer) -> None:
     answer = wrapped.chat.completions.create(
         model="debate", messages=[{"role": "user", "content": QUESTION}]
     )
-    assert answer.choices[0].message.content == text_of(srv, "a", 1, 7)
+    assert answer.choices[0].message.content == text_of("a", 1, 7)
 
 
 async def test_the_event_stream_of_a_debate(srv: LoopbackServer) -> None:

@@ -292,7 +292,7 @@ class Debate(Execution):
                 else "" if feed.state == "done" else IN_PROGRESS_LABEL
             )
             lines.append(DEBATE_SOLUTION.format(text=feed.text) + label)
-        return self.debate.prompt.format(solutions="\n\n".join(lines))
+        return self.debate.prompt.replace("{solutions}", "\n\n".join(lines))
 
 
 class _Left(Exception):
