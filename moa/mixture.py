@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import math
 import queue
+import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import aclosing
@@ -37,7 +38,7 @@ from typing import Any, TypeVar
 import anyio
 from pydantic import ValidationError
 
-from moa import pricing, telemetry
+from moa import pricing
 from moa.config import MAX_SAMPLES, MixtureConfig, Mode, load
 from moa.errors import ConfigError, UnsupportedRequest
 from moa.events import Event, RunFinished
@@ -53,6 +54,18 @@ from moa.state import State
 from moa.strategies import strategy as strategy_of
 
 T = TypeVar("T")
+_OTEL_MODULES = ("moa.telemetry", "opentelemetry.trace", "opentelemetry.metrics")
+
+
+def _subscriber(config: MixtureConfig, prompt: list[Message], router: Router | None) -> Any:
+    """`moa.telemetry.subscriber`, without importing `moa.telemetry` while nothing could have
+    configured OpenTelemetry: neither its API nor `telemetry.using()` was imported yet."""
+    if not any(name in sys.modules for name in _OTEL_MODULES):
+        return None
+    from moa import telemetry
+
+    return telemetry.subscriber(config, prompt, router)
+
 EVOLVE_STRONG_SHARE = 0.25
 """Squeeze Evolve's default: groups in the least confident quarter of a loop go strong."""
 
@@ -168,7 +181,7 @@ class Mixture:
             ),
             state=self.state,
         )
-        trace = telemetry.subscriber(self.config, prompt, self.router)  # None: OpenTelemetry is off
+        trace = _subscriber(self.config, prompt, self.router)  # None: OpenTelemetry is off
         if trace is not None:  # each call starts a client span (with its prompt when captured)
             execution.trace_calls, execution.trace_prompts = True, trace.content
         execution.coalesce_s = coalesce

@@ -338,7 +338,22 @@ class HttpTransport:
     async def _open(
         self, call: StreamCall, client: httpx.AsyncClient, who: str, deadline: float
     ) -> _OpenStream:
-        """Send the request and read up to its first delta, retrying what may succeed."""
+        """Send the request and read up to its first delta, retrying what may succeed.
+
+        The first attempt runs bare (most calls need no other: tenacity's wrapper would be
+        most of a call's own CPU); its retryable failure hands over to tenacity, which sees
+        it as its own first attempt and goes on by the same rules."""
+        try:
+            return await self._attempt(call, client, who, deadline)
+        except ProviderError as exc:
+            if not exc.retryable:
+                raise
+            failed: list[ProviderError] = [exc]
+
+        async def attempt() -> _OpenStream:
+            if failed:
+                raise failed.pop()
+            return await self._attempt(call, client, who, deadline)
 
         def give_up(state: RetryCallState) -> bool:
             wait = state.upcoming_sleep
@@ -366,7 +381,7 @@ class HttpTransport:
             before_sleep=before_sleep,
             reraise=True,
         )
-        return await retrying(self._attempt, call, client, who, deadline)
+        return await retrying(attempt)
 
     async def _attempt(
         self, call: StreamCall, client: httpx.AsyncClient, who: str, deadline: float

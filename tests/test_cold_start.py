@@ -53,3 +53,28 @@ def test_first_request_goes_out_before_the_tokenizer_loads_and_without_httpx_cli
     assert len(got["seen"]) == 1 and got["seen"][0] >= 1  # loaded once, after a request
     # httpx's CLI stays unloaded until someone imports it; then it is the real module.
     assert got["cli_modules"] == [] and got["real_cli"] and got["main"]
+
+
+UNNEEDED = textwrap.dedent("""
+    import json, sys
+    from moa import Mixture
+    from moa.testing import LoopbackServer, ModelBehavior
+
+    with LoopbackServer(default=ModelBehavior(reply="one two")) as srv:
+        mixture = Mixture({"name": "cold", "layers": [{"agents": [{"model": "loop/a"}]}],
+                           "aggregator": {"model": "loop/agg"}}, registry=srv.registry())
+        text = mixture.run_sync("Cold?").text
+    unneeded = ("moa.telemetry", "opentelemetry", "moa.routing.signals",
+                "moa.bench", "moa.openai", "moa.state.redis", "redis", "rich")
+    print(json.dumps({"text": text, "loaded": [m for m in unneeded if m in sys.modules]}))
+""")
+
+
+def test_a_plain_run_imports_no_tracing_or_routing_signals() -> None:
+    """Telemetry loads only once OpenTelemetry (or `telemetry.using`) is imported, and routing
+    signals load for routed stages only."""
+    out = subprocess.run([sys.executable, "-c", UNNEEDED], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {"text": "one two", "loaded": []}

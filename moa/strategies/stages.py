@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 from moa.events import AgentId
 from moa.providers.base import Message
 from moa.routing.router import Decision, Stage
-from moa.routing.signals import agreement, confidence, group_signals
 from moa.routing.verifier import judge_messages, verdict
 from moa.runtime.prompts import AGGREGATE_PROMPT, Reference, aggregate_messages, readable_block
 
@@ -42,6 +41,8 @@ def route_proposer(run: Run, node: Node, messages: list[Message]) -> None:
 
 def best_supporter(nodes: list[Node]) -> Node | None:
     """The most confident node holding the majority answer (the first one without logprobs)."""
+    from moa.routing.signals import agreement, confidence  # routed stages only: not at start
+
     votes = agreement([n.text for n in nodes])
     if votes.majority is None:
         return None
@@ -56,6 +57,8 @@ def best_supporter(nodes: list[Node]) -> Node | None:
 
 def _agreement_with(text: str, others: list[Node]) -> float:
     """Share of `others` whose final answer equals the answer of `text`."""
+    from moa.routing.signals import agreement
+
     votes = agreement([text, *(n.text for n in others)])
     mine = votes.answers[0]
     if mine is None:
@@ -65,6 +68,8 @@ def _agreement_with(text: str, others: list[Node]) -> float:
 
 async def route_aggregator(run: Run, node: Node) -> str:
     """Decide a routed aggregating stage now; apply the tier, or fill in the skip's answer."""
+    from moa.routing.signals import group_signals
+
     refs = [u for u in node.upstream if u.parts]
     done = [u for u in node.upstream if u.feed.state == "done"]
     complete = all(u.feed.resolved for u in node.upstream)
@@ -166,6 +171,8 @@ async def verify(
 
 def rival_of(candidate: str, replies: list[Node]) -> str | None:
     """The most confident reply whose final answer (or, without one, text) differs."""
+    from moa.routing.signals import agreement, confidence
+
     mine = agreement([candidate]).answers[0]
 
     def differs(text: str) -> bool:
