@@ -77,6 +77,15 @@ def test_staircase_quick(capsys: pytest.CaptureFixture[str]) -> None:
             assert 0 < r["ttft_s"] <= r["total_s"] and r["answer_tokens"] > 0
 
 
+def test_staircase_steps_sets_the_schedule(capsys: pytest.CaptureFixture[str]) -> None:
+    out = bench(capsys, "staircase", "--quick", "--tokens", "8", "--layout", "cache",
+                "--pacing", "lockstep", "--steps", "4,8")
+    assert "staircase schedule: chunk_tokens = step_tokens = [4, 8]." in out["notes"]
+    stair = [r for r in out["rows"] if r["mode"] == "staircase"]
+    assert stair and all(r["layout"] == "cache" for r in stair)
+    assert all(r["margin"] is None or r["margin"] >= 0 for r in stair)
+
+
 def test_serve_quick(capsys: pytest.CaptureFixture[str]) -> None:
     rows = bench(capsys, "serve", "--clients", "1,2", "--rounds", "1")["rows"]
     assert {(r["clients"], r["path"]) for r in rows} == {

@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 import pytest
 
+from moa.bench.staircase_coverage import shown_prefix
 from moa.config import MixtureConfig
 from moa.events import (
     AgentDelta,
@@ -34,8 +35,11 @@ from moa.runtime.prompts import (
     IN_PROGRESS_LABEL,
     STREAMING_NOTE,
     TRUNCATED_LABEL,
+    Reference,
+    cache_messages,
+    readable_block,
 )
-from moa.runtime.staircase import Pacer, settle_wait, start_wait
+from moa.runtime.staircase import Pacer, ReferenceView, settle_wait, start_wait
 from moa.testing import Gate, LoopbackServer, ModelBehavior
 from moa.tokens import count_tokens
 
@@ -521,6 +525,36 @@ def test_a_chunk_that_ends_on_a_space_does_not_count_the_space_as_a_token() -> N
     assert pacer.limit(8, written=1) == 3 and pacer.limit(8, written=4) == 0
     trailing.finish()
     assert Pacer([trailing], "lockstep", stall_s=2.0).limit(8, written=4) == 8  # not live
+
+
+def test_coverage_counts_only_a_references_own_pieces() -> None:
+    """`moa bench staircase` finds in each prompt what it showed of every reference. In the
+    cache layout another response's continued piece ("2. … three four") may begin with the
+    words this one says next: they used to count as shown, and once only the space before
+    the next word matched ("… "), the search never ended (the bench hung at 512 tokens)."""
+    board = Board()
+    first, second = Feed(board, lambda i: 2), Feed(board, lambda i: 2)
+    view = ReferenceView([first, second], "cache")
+    for word in ("one", "two"):
+        first.push(f" {word}")
+    for word in ("red", "blue"):
+        second.push(f" {word}")
+    view.update(instruction=AGGREGATE_PROMPT)
+    for word in ("three", "four"):
+        second.push(f" {word}")  # what the first says next, but it has not said it yet
+    view.update()
+    messages = cache_messages([{"role": "user", "content": "Q"}], view.rounds, own=" x")
+    prompt = "\n".join(str(m["content"]) for m in messages if m["role"] != "assistant")
+    assert "\n2. … three four" in prompt
+    assert shown_prefix(" one two three", prompt) == " one two"
+    assert shown_prefix(" one two three nine", prompt) == " one two"  # used to hang
+    assert shown_prefix(" red blue three four five", prompt) == " red blue three four"
+    # A duplicate's tail (paper layout) is a piece of the response it extends.
+    block = readable_block(
+        [Reference(" one two", complete=False),
+         Reference(" one two three", complete=False, same_as=1, tail=" three")]
+    )
+    assert shown_prefix(" one two three four", block) == " one two three"
 
 
 def test_start_and_settle_rules() -> None:

@@ -4,15 +4,17 @@ Loopback backend (default): paper-like settings — 6 proposers writing 512 toke
 TTFT spread over 0.3–1.5 s and rates over 30–80 tokens/s — for MoA-Lite (2 layers) and the
 3-layer MoA. The loopback aggregator's reply has a fixed length (512 tokens) whenever it is asked:
 a continued request goes on where the previous one stopped, within `max_tokens`. Every request
-pays its TTFT again, continued staircase steps included (the loopback server has no prefix
-cache). Reply words are single tiktoken tokens, so loopback and tiktoken counts agree.
+pays its TTFT again, continued staircase steps included (the loopback server's prompt cache
+only counts cached tokens, the way OpenAI reports them; it saves no time, and every run starts
+with it empty). Reply words are single tiktoken tokens, so loopback and tiktoken counts agree.
 `--backend local` runs the same comparison on the embedded CPU engine (`local/smollm2`).
 
 Columns: `coverage` is the least share of a reference's tokens shown to the final aggregator
 when it wrote its last token; `margin` the least (reference tokens shown − answer tokens written)
 over its calls and the references still unfinished in them (negative: it wrote ahead of what it
 had read; empty: every reference was complete); `agg_calls` and `agg_prompt_tokens` sum over
-every aggregating agent (the cost of the steps). `--plot PATH` also draws every run's
+every aggregating agent (the cost of the steps). `--steps 16,32,64,128` runs another
+schedule (chunk_tokens and step_tokens alike). `--plot PATH` also draws every run's
 timeline (each agent's tokens over time, `moa.timeline`) as one SVG.
 """
 
@@ -22,6 +24,7 @@ import argparse
 import contextlib
 import random
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -50,11 +53,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="both",
         help="staircase pacing rule(s) to run beside layered (default: both)",
     )
+    parser.add_argument(
+        "--steps", metavar="N,N,...", type=_schedule,
+        help="staircase schedule, both chunk_tokens and step_tokens (default: StaircaseConfig's)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
         "--plot", metavar="PATH",
         help="also draw every run's tokens over time as an SVG (one panel per run, stacked)",
     )
+
+
+def _schedule(text: str) -> list[int]:
+    try:
+        steps = [int(n) for n in text.split(",")]
+    except ValueError:
+        steps = []
+    if not steps or min(steps) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 16,32,64, not {text!r}")
+    return steps
 
 
 def _spread(n: int, low: float, high: float) -> list[float]:
@@ -170,8 +187,11 @@ def _run_all(
     prefix: str,
     question: str,
     planned: int,
+    cold: Callable[[], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every mixture in every mode; with `--plot`, draw the runs' timelines."""
+    """Run every mixture in every mode; with `--plot`, draw the runs' timelines. `cold`
+    empties the backend's prompt cache before each run, so no run is billed as cached for
+    the prompts of the runs before it."""
     import anyio
 
     from moa.cli.progress import Bar
@@ -187,8 +207,12 @@ def _run_all(
             for layout in layouts:
                 for label, how in _modes(args):
                     staircase = {"layout": layout, "pacing": how.get("pacing", "lockstep")}
+                    if getattr(args, "steps", None):
+                        staircase |= {"chunk_tokens": args.steps, "step_tokens": args.steps}
                     config = {**shape, "name": name, "mode": how["mode"], "staircase": staircase}
                     timeline = Timeline(f"{name} · {layout} · {label}")
+                    if cold is not None:
+                        cold()
                     row = await _measure(config, base, prefix, question, planned, timeline)
                     rows.append({"mixture": name, "layout": layout, "mode": label, **row})
                     timelines.append(timeline)
@@ -207,6 +231,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
 
         check_output_path(args.plot, "--plot")
     rows = _run_local(args, notes) if args.backend == "local" else _run_loopback(args, notes)
+    if getattr(args, "steps", None):
+        notes.append(f"staircase schedule: chunk_tokens = step_tokens = {args.steps}.")
     if args.plot:
         notes.append(f"plot: {args.plot} (each agent's tokens over time, one panel per run).")
     return rows, notes
@@ -223,12 +249,13 @@ def _run_loopback(args: argparse.Namespace, notes: list[str]) -> list[dict[str, 
     )
     with LoopbackServer(_loopback_models(tokens, scale)) as srv:
         question = "Explain staircase streaming."
-        rows = _run_all(args, shapes, srv.registry(), "loop", question, tokens)
+        rows = _run_all(args, shapes, srv.registry(), "loop", question, tokens,
+                        srv.forget_prompts)
     notes.append(
         f"loopback: 6 proposers x {tokens} tokens, TTFT {0.3 * scale:g}-{1.5 * scale:g} s, "
         f"{30 / scale:g}-{80 / scale:g} tokens/s across agents; aggregator {tokens} tokens, "
         f"TTFT {0.3 * scale:g} s, {60 / scale:g} tokens/s; every step "
-        "request pays its TTFT again."
+        "request pays its TTFT again; every run starts with an empty prompt cache."
     )
     return _with_ratios(rows, notes)
 

@@ -8,6 +8,7 @@ what the model was really given. Token counts use `moa.tokens` (tiktoken).
 from __future__ import annotations
 
 import itertools
+import re
 import statistics
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -63,27 +64,49 @@ class Coverage:
     every call and every reference not yet complete in it; None when all were complete."""
 
 
-def _longest_prefix(text: str, haystack: str, lead: str = "") -> int:
-    """Length of the longest prefix p of `text` with `lead + p` in `haystack`."""
-    low, high = 0, len(text)
-    while low < high:
-        mid = (low + high + 1) // 2
-        if lead + text[:mid] in haystack:
-            low = mid
-        else:
-            high = mid - 1
-    return low
+_ENTRY = re.compile(r"\n\d+\. ")
+"""Where a response's first piece begins (a numbered line, both layouts)."""
+_CONTINUED = re.compile("…")
+"""Where a later piece begins: `N. …` (cache layout), `then …` (a duplicate's tail)."""
+_PIECE_END = re.compile(r"[ \t]*(?:…|\[|\n|\Z)")
+"""What follows a piece: the in-progress mark, a label, the next line, the prompt's end."""
+
+
+def _common(a: str, b: str, at: int) -> int:
+    """Length of the common prefix of `a` and `b[at:]`."""
+    n = 0
+    for x, y in zip(a, b[at : at + len(a)], strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _piece(text: str, haystack: str, starts: re.Pattern[str]) -> int:
+    """Length of the longest prefix of `text` that a piece of `haystack` shows: one that
+    starts where `starts` matches and runs to the end of that piece. A match that stops
+    inside other text (another response saying the same words) is no piece."""
+    best = 0
+    for m in starts.finditer(haystack):
+        n = _common(text, haystack, m.end())
+        for k in (n, len(text[:n].rstrip())):  # the piece may end on the space before " …"
+            if k > best and _PIECE_END.match(haystack, m.end() + k):
+                best = k
+                break
+    return best
 
 
 def shown_prefix(full: str, system: str) -> str:
     """The part of `full` a prompt shows: contiguous (paper layout) or in "…"-continued
-    pieces (cache layout)."""
-    end = len(full[: _longest_prefix(full, system)].rstrip())
-    while end < len(full):
-        more = _longest_prefix(full[end:], system, "…")
-        if not more:
+    pieces (cache layout), each taken without trailing whitespace (a piece may end on the
+    space before " …"). Only whole pieces count, so another response's words are never
+    mistaken for this one's, and the search ends when a piece adds nothing."""
+    end = len(full[: _piece(full, system, _ENTRY)].rstrip())
+    while end and end < len(full):
+        grown = len(full[: end + _piece(full[end:], system, _CONTINUED)].rstrip())
+        if grown <= end:
             break
-        end = len(full[: end + more].rstrip())  # a piece may end on the space before " …"
+        end = grown
     return full[:end]
 
 

@@ -147,6 +147,11 @@ class LoopbackServer:
     def behavior(self, model: str) -> ModelBehavior | None:
         return self._models.get(model, self._default)
 
+    def forget_prompts(self) -> None:
+        """Empty the simulated prompt cache (every model's recent prompts): the next requests
+        are counted cold, as in a benchmark whose runs must not share a cache."""
+        self._prompts.clear()
+
     def registry(
         self,
         prefix: str = "loop",
