@@ -51,7 +51,16 @@ def test_debate_quick_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert stop["layered"]["calls"] == 3 and stop["layered"]["saved_calls"] == 6
     assert stop["layered"]["calls"] < full["layered"]["calls"]
     assert stop["staircase"]["saved_calls"] <= 6
-    assert len(out["notes"]) == 3 and all("pacing kept" in n for n in out["notes"][1:])
+    assert len(out["notes"]) == 4 and all("pacing kept" in n for n in out["notes"][2:])
+    assert out["notes"][1] == "staircase schedule: chunk_tokens = step_tokens = [16, 128, 512]."
+
+
+def test_debate_steps_sets_the_schedule(capsys: pytest.CaptureFixture[str]) -> None:
+    assert moa(["bench", "debate", "--quick", "--steps", "8,16", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["notes"][1] == "staircase schedule: chunk_tokens = step_tokens = [8, 16]."
+    assert all(r["margin"] is None or r["margin"] >= 0 for r in out["rows"] if "margin" in r)
+    assert any(r.get("margin") is not None for r in out["rows"]), "steps ran on partial answers"
 
 
 def _body(mine: str, peers: list[str], own: str, max_tokens: int) -> dict[str, Any]:

@@ -32,6 +32,9 @@ import re
 import time
 from typing import Any
 
+from moa.bench.staircase import schedule
+from moa.config import StaircaseConfig
+
 DEBATERS = (("d0", 0.3, 80.0), ("d1", 0.6, 50.0), ("d2", 0.9, 30.0))
 """(model, TTFT s, tokens/s) of each debater: different speeds, as a real panel has."""
 QUESTION = (
@@ -50,6 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="small numbers for a smoke test")
     parser.add_argument("--tokens", type=int,
                         help="words (tokens) per answer (default 300; quick 40)")
+    parser.add_argument(
+        "--steps", metavar="N,N,...", type=schedule,
+        help="staircase schedule, both chunk_tokens and step_tokens (default: StaircaseConfig's)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -97,8 +104,11 @@ class Panel:
         return {self.text(i, r) for i in range(len(DEBATERS)) for r in range(1, rounds + 1)}
 
 
-def _config(mode: str, rounds: int, tokens: int, stop: bool) -> dict[str, Any]:
+def _config(
+    mode: str, rounds: int, tokens: int, stop: bool, steps: list[int] | None = None
+) -> dict[str, Any]:
     return {
+        **({"staircase": {"chunk_tokens": steps, "step_tokens": steps}} if steps else {}),
         "name": f"debate-{len(DEBATERS)}x{rounds}",
         "strategy": "debate",
         "mode": mode,
@@ -137,8 +147,8 @@ def margin(bodies: list[dict[str, Any]], fulls: set[str]) -> int | None:
     return least
 
 
-async def measure(mode: str, rounds: int, tokens: int, scale: float, agree: bool
-                  ) -> dict[str, Any]:
+async def measure(mode: str, rounds: int, tokens: int, scale: float, agree: bool,
+                  steps: list[int] | None = None) -> dict[str, Any]:
     """One debate on a fresh loopback server (an empty prompt cache)."""
     import anyio
 
@@ -148,7 +158,8 @@ async def measure(mode: str, rounds: int, tokens: int, scale: float, agree: bool
     panel = Panel(tokens, agree)
     judge = ModelBehavior(reply=_words(99, tokens), ttft_s=0.3 * scale, tokens_per_s=60 / scale)
     with LoopbackServer({**panel.behaviors(scale), "judge": judge}) as srv:
-        mixture = Mixture(_config(mode, rounds, tokens, stop=agree), registry=srv.registry())
+        mixture = Mixture(_config(mode, rounds, tokens, stop=agree, steps=steps),
+                          registry=srv.registry())
         start = time.perf_counter()
         async with mixture:
             result = await mixture.run(QUESTION)
@@ -198,7 +209,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
     async def main() -> None:
         for label, rounds, agree in plan:
             for mode in ("layered", "staircase"):
-                row = await measure(mode, rounds, tokens, scale, agree)
+                row = await measure(mode, rounds, tokens, scale, agree, args.steps)
                 rows.append({"debate": label, "mode": mode, **row})
                 bar.advance()
 
@@ -210,7 +221,9 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
         "(a continued staircase step too) pays its TTFT again, however long its prompt; "
         "max_tokens and continuation honoured (every answer checked whole, never restarted); "
         "cached = longest prefix shared with an earlier request of the same model; "
-        "the answer is the vote of the last round (final TTFT = when the last round ends)."
+        "the answer is the vote of the last round (final TTFT = when the last round ends).",
+        f"staircase schedule: chunk_tokens = step_tokens = "
+        f"{args.steps or StaircaseConfig().step_tokens}.",
     ]
     return _with_ratios(rows, notes), notes
 

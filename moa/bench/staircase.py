@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="staircase pacing rule(s) to run beside layered (default: both)",
     )
     parser.add_argument(
-        "--steps", metavar="N,N,...", type=_schedule,
+        "--steps", metavar="N,N,...", type=schedule,
         help="staircase schedule, both chunk_tokens and step_tokens (default: StaircaseConfig's)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -64,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _schedule(text: str) -> list[int]:
+def schedule(text: str) -> list[int]:
+    """A `--steps` value: positive integers like 16,32,64."""
     try:
         steps = [int(n) for n in text.split(",")]
     except ValueError:
