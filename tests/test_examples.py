@@ -18,7 +18,7 @@ def test_example_runs(path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in KEYS}
     env["MOA_EXAMPLE_LOOPBACK"] = "1"
     proc = subprocess.run([sys.executable, str(path)], capture_output=True, text=True,
-                          timeout=120, env=env, cwd=path.parent)
+                          timeout=300, env=env, cwd=path.parent)  # real-model ones, loaded
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip()
     assert "Traceback" not in proc.stderr
