@@ -451,8 +451,8 @@ def _preset(name: str) -> MixtureConfig:
             # these caps the answers end by themselves (docs/local.md has the measurement).
             layers=[LayerConfig(agents=[_local_sampler()])],
             aggregator=_local_aggregator(),
-            # One generation at a time on the CPU: staircase cannot overlap the proposers and
-            # its steps cost extra prefills (docs/staircase.md has the figures).
+            # Layered, in the paper layout: staircase pays on the CPU only in the cache layout,
+            # whose accuracy on this model is worse (docs/staircase.md, docs/quality.md).
             mode="layered",
         )
     if name == "debate":
