@@ -140,17 +140,14 @@ class OpenAIChunkDecoder:
 
     def feed(self, event: ServerSentEvent) -> list[Delta]:
         data = event.data
-        if data == "[DONE]" or data.isspace() or not data:
-            if data == "[DONE]":
-                self.done = True
-                return self._flush_usage()
+        if not data or data.isspace():
             return []
         try:
             chunk = loads(data)
         except ValueError:
             chunk = None
         if not isinstance(chunk, dict):
-            if data.strip() == "[DONE]":
+            if data.strip() == "[DONE]":  # once per stream: not worth a check before parsing
                 self.done = True
                 return self._flush_usage()
             raise ProviderError(

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from moa.errors import ConfigError
@@ -185,15 +186,19 @@ def test_a_request_that_keeps_coming_back_does_not_starve_the_queue() -> None:
     pool = ModelPool(Path("unused.gguf"), False, {}, 1,
                      instances=[SimpleNamespace(busy=threading.Lock())])  # type: ignore[list-item]
     order: list[str] = []
+    holding = anyio.Event()
 
     async def stepper() -> None:
-        for _ in range(4):
+        for step in range(4):
             async with pool.claim():
                 order.append("step")
-                await anyio.sleep(0.05)
+                if not step:  # hold the model until the proposer has queued for it
+                    holding.set()
+                    while not pool.queue:
+                        await anyio.lowlevel.checkpoint()
 
     async def proposer() -> None:
-        await anyio.sleep(0.02)  # arrives while the first step holds the model
+        await holding.wait()  # arrives while the first step holds the model
         async with pool.claim():
             order.append("proposer")
 

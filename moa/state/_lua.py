@@ -12,29 +12,35 @@ _NOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local function int(x) return string.format('%d', x) end
+-- Remove the members of zset `zkey` scored up to `upto` and their "a b" entries in hash
+-- `hkey`; return how many, and the sums of their a and b.
+local function drop(zkey, hkey, upto)
+  local n, sa, sb = 0, 0, 0
+  while true do
+    local ids = redis.call('ZRANGEBYSCORE', zkey, '-inf', upto, 'LIMIT', 0, 200)
+    if #ids == 0 then return n, sa, sb end
+    for _, e in ipairs(redis.call('HMGET', hkey, unpack(ids))) do
+      if e then
+        local sp = string.find(e, ' ')
+        sa = sa + tonumber(string.sub(e, 1, sp - 1))
+        sb = sb + tonumber(string.sub(e, sp + 1))
+      end
+    end
+    redis.call('ZREM', zkey, unpack(ids))
+    redis.call('HDEL', hkey, unpack(ids))
+    n = n + #ids
+  end
+end
 """
 
 # KEYS: ledger hash, reservations zset (id -> expiry), amounts hash (id -> "nusd tokens")
 _LEDGER = _NOW + """
 local function purge()
-  while true do
-    local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 200)
-    if #ids == 0 then return end
-    local amounts = redis.call('HMGET', KEYS[3], unpack(ids))
-    local usd, tokens = 0, 0
-    for _, a in ipairs(amounts) do
-      if a then
-        local sp = string.find(a, ' ')
-        usd = usd + tonumber(string.sub(a, 1, sp - 1))
-        tokens = tokens + tonumber(string.sub(a, sp + 1))
-      end
-    end
-    redis.call('ZREM', KEYS[2], unpack(ids))
-    redis.call('HDEL', KEYS[3], unpack(ids))
-    redis.call('HINCRBY', KEYS[1], 'reserved_nusd', int(-usd))
-    redis.call('HINCRBY', KEYS[1], 'reserved_tokens', int(-tokens))
-    redis.call('HINCRBY', KEYS[1], 'expired', #ids)
-  end
+  local n, usd, tokens = drop(KEYS[2], KEYS[3], now)
+  if n == 0 then return end
+  redis.call('HINCRBY', KEYS[1], 'reserved_nusd', int(-usd))
+  redis.call('HINCRBY', KEYS[1], 'reserved_tokens', int(-tokens))
+  redis.call('HINCRBY', KEYS[1], 'expired', n)
 end
 local function keep(ms)
   if tonumber(ms) > 0 then
@@ -106,22 +112,10 @@ ADMIT = _NOW + """
 local window, rpm, tpm = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local caps = {tonumber(ARGV[7]), tonumber(ARGV[8])}
 if rpm > 0 or tpm > 0 then
-  while true do
-    local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - window, 'LIMIT', 0, 200)
-    if #ids == 0 then break end
-    local w = redis.call('HMGET', KEYS[2], unpack(ids))
-    local r, k = 0, 0
-    for _, a in ipairs(w) do
-      if a then
-        local sp = string.find(a, ' ')
-        r = r + tonumber(string.sub(a, 1, sp - 1))
-        k = k + tonumber(string.sub(a, sp + 1))
-      end
-    end
-    redis.call('ZREM', KEYS[1], unpack(ids))
-    redis.call('HDEL', KEYS[2], unpack(ids))
-    redis.call('HINCRBY', KEYS[2], '#r', int(-r))
-    redis.call('HINCRBY', KEYS[2], '#t', int(-k))
+  local n, dr, dk = drop(KEYS[1], KEYS[2], now - window)
+  if n > 0 then
+    redis.call('HINCRBY', KEYS[2], '#r', int(-dr))
+    redis.call('HINCRBY', KEYS[2], '#t', int(-dk))
   end
   local sums = redis.call('HMGET', KEYS[2], '#r', '#t')
   local r, k = tonumber(sums[1] or 0) or 0, tonumber(sums[2] or 0) or 0
