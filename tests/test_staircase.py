@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 import pytest
 
-from moa.bench.staircase_coverage import shown_prefix
+from moa.bench.staircase_coverage import coverage, shown_prefix
 from moa.config import MixtureConfig
 from moa.events import (
     AgentDelta,
@@ -27,8 +27,10 @@ from moa.events import (
     FinalDelta,
     Notice,
     RunFinished,
+    StaircaseStep,
 )
 from moa.mixture import Mixture
+from moa.providers.base import ChatRequest
 from moa.runtime.feed import Board, Feed
 from moa.runtime.prompts import (
     AGGREGATE_PROMPT,
@@ -171,6 +173,22 @@ async def run_stepped(
             tg.start_soon(go)
             await srv.open_in_steps(gates, opens, "agg")
     return out[0]
+
+
+async def test_references_far_ahead_get_one_large_step(srv: LoopbackServer) -> None:
+    """Step 2 is due once the references are 4 tokens ahead, but their second chunk (8
+    tokens) puts them 8 ahead at once: one step writes all 8 (one prompt), where a fixed
+    step size would have sent two (4 and 4)."""
+    gates = [gated(srv, "p1", P1), gated(srv, "p2", P2)]
+    cfg = config(["loop/p1", "loop/p2"], chunk_tokens=[2, 8], step_tokens=[2, 4])
+    m = Mixture(cfg, registry=srv.registry())
+    events, result = await run_stepped(m, srv, gates, [2, 10])
+    assert result.text == AGG
+    steps = bodies(srv)
+    assert [b["max_tokens"] for b in steps] == [2, 8, 64 - 10]
+    for body in steps:
+        assert_paced(body)
+    assert [e.max_tokens for e in events if isinstance(e, StaircaseStep)] == [2, 8, 64 - 10]
 
 
 async def test_each_step_prompt_in_the_readable_layout(srv: LoopbackServer) -> None:
@@ -496,16 +514,29 @@ def test_pacer_bounds_a_step_by_the_slowest_live_reference() -> None:
     board = Board()
     fast, slow = _feed(board, 10), _feed(board, 4)
     pacer = Pacer([fast, slow], "lockstep", stall_s=2.0)
-    assert pacer.limit(8, written=2) == 2 and pacer.wait(8, written=2) > 0
-    assert pacer.limit(8, written=4) == 0
+    assert pacer.limit(8, written=2, room=64) == 2 and pacer.wait(8, written=2) > 0
+    assert pacer.limit(8, written=4, room=64) == 0
     later = time.monotonic() + 5  # the slow one has been silent for longer than stall_s
     assert pacer.lead(4, now=later) is None, "every reference silent: nothing bounds it"
     slow.hold(True)
     assert pacer.lead(4, now=later) == 0, "waiting for its own references is not silence"
     slow.hold(False)
     slow.finish()
-    assert pacer.limit(8, written=4) == 6 and pacer.wait(6, written=4) == 0
-    assert Pacer([fast, slow], "eager", stall_s=2.0).limit(8, written=10) == 8
+    assert pacer.limit(8, written=4, room=64) == 6 and pacer.wait(6, written=4) == 0
+    assert Pacer([fast, slow], "eager", stall_s=2.0).limit(8, written=10, room=64) == 8
+
+
+def test_a_lockstep_step_is_as_large_as_the_references_are_ahead() -> None:
+    """The schedule says when a step is worth taking; the step then writes the whole lead:
+    references far ahead get one large step (one prompt) instead of several small ones."""
+    board = Board()
+    fast, slow = _feed(board, 10), _feed(board, 8)
+    pacer = Pacer([fast, slow], "lockstep", stall_s=2.0)
+    assert pacer.wait(2, written=0) == 0
+    assert pacer.limit(2, written=0, room=64) == 8, "the slowest live reference shows 8"
+    assert pacer.limit(2, written=0, room=5) == 5, "never past the token budget"
+    assert pacer.limit(2, written=7, room=64) == 1, "close: only what it has read"
+    assert Pacer([fast, slow], "eager", stall_s=2.0).limit(2, written=0, room=64) == 2
 
 
 def test_a_chunk_that_ends_on_a_space_does_not_count_the_space_as_a_token() -> None:
@@ -517,14 +548,14 @@ def test_a_chunk_that_ends_on_a_space_does_not_count_the_space_as_a_token() -> N
     trailing.push("one ")
     assert trailing.chunks == ["one "] and count_tokens("one ") == 2  # "one", " "
     pacer = Pacer([trailing], "lockstep", stall_s=2.0)
-    assert pacer.shown(0) == 1 and pacer.limit(8, written=0) == 1  # the first step
+    assert pacer.shown(0) == 1 and pacer.limit(8, written=0, room=64) == 1  # the first step
     for word in WORDS[1:4]:
         trailing.push(f"{word} ")
     assert trailing.text == "one two three four "
     assert pacer.shown(0) == count_tokens("one two three four") == 4
-    assert pacer.limit(8, written=1) == 3 and pacer.limit(8, written=4) == 0
+    assert pacer.limit(8, written=1, room=64) == 3 and pacer.limit(8, written=4, room=64) == 0
     trailing.finish()
-    assert Pacer([trailing], "lockstep", stall_s=2.0).limit(8, written=4) == 8  # not live
+    assert Pacer([trailing], "lockstep", stall_s=2.0).limit(8, written=4, room=64) == 8  # not live
 
 
 def test_coverage_counts_only_a_references_own_pieces() -> None:
@@ -555,6 +586,29 @@ def test_coverage_counts_only_a_references_own_pieces() -> None:
          Reference(" one two three", complete=False, same_as=1, tail=" three")]
     )
     assert shown_prefix(" one two three four", block) == " one two three"
+
+
+def test_margin_binds_references_once_shown_and_unread_counts_the_others() -> None:
+    """The start rule may let an aggregator begin before a reference spoke (on the embedded
+    engine the third proposer waits its turn behind the other two): pacing binds a reference
+    once it has shown a chunk, so the margin counts the ones shown and `unread` the rest (it
+    was reported as margin -16 in `moa bench staircase --backend local`)."""
+    question = {"role": "user", "content": "Q"}
+
+    def call(block: str, own: str | None = None) -> ChatRequest:
+        messages = [{"role": "system", "content": block}, question]
+        return ChatRequest("m", messages + ([{"role": "assistant", "content": own}] if own
+                                            else []))
+
+    first = readable_block([Reference(" a b c d", complete=False)])
+    last = readable_block([Reference(" a b c d e f", complete=True),
+                           Reference(" p q r", complete=True)])
+    cover = coverage([call(first), call(last, own=" x y")],
+                     [(" a b c d e f", True, 6), (" p q r", True, 3)], " x y z")
+    assert (cover.margin, cover.unread, cover.share) == (2, 1, 1.0)
+    behind = coverage([call(first), call(last, own=" x y z w v")],
+                      [(" a b c d e f", True, 6), (" p q r", True, 3)], " x y z w v u")
+    assert behind.margin == -1, "writing past what a shown reference showed still counts"
 
 
 def test_start_and_settle_rules() -> None:

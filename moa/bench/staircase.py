@@ -11,11 +11,13 @@ with it empty). Reply words are single tiktoken tokens, so loopback and tiktoken
 
 Columns: `coverage` is the least share of a reference's tokens shown to the final aggregator
 when it wrote its last token; `margin` the least (reference tokens shown − answer tokens written)
-over its calls and the references still unfinished in them (negative: it wrote ahead of what it
-had read; empty: every reference was complete); `agg_calls` and `agg_prompt_tokens` sum over
-every aggregating agent (the cost of the steps). `--steps 16,32,64,128` runs another
-schedule (chunk_tokens and step_tokens alike). `--plot PATH` also draws every run's
-timeline (each agent's tokens over time, `moa.timeline`) as one SVG.
+over its calls and the unfinished references they show (negative: it wrote ahead of what it
+had read; empty: every reference was complete); `unread` the most unfinished references a call
+showed nothing of (the start rule's grace let it begin without them); `agg_calls` and
+`agg_prompt_tokens` sum over every aggregating agent (the cost of the steps).
+`--steps 16,32,64,128` runs another schedule (chunk_tokens and step_tokens alike).
+`--plot PATH` also draws every run's timeline (each agent's tokens over time, `moa.timeline`)
+as one SVG.
 """
 
 from __future__ import annotations
@@ -166,6 +168,7 @@ async def _measure(
         "total_s": round(total, 3),
         "coverage": f"{100 * cover.share:.0f} %",
         "margin": cover.margin,
+        "unread": cover.unread,
         "agg_calls": sum(o.calls for o in aggregators),
         "agg_prompt_tokens": sum(o.usage.prompt_tokens for o in aggregators),
         "prompt_tokens": usage.prompt_tokens,
@@ -310,5 +313,8 @@ def _with_ratios(rows: list[dict[str, Any]], notes: list[str]) -> list[dict[str,
             f"pacing {'kept' if paced else 'violated'} (target: >= {100 * TARGET_TTFT_CUT:g} % "
             f"lower, no slower, pacing kept) -> {'met' if met else 'not met'}; staircase ran as "
             f"{stair['mode_run']}."
+            + (f" Its first steps began without {stair['unread']} of the references (the "
+               "start rule: start_k arrived and grace_s passed); pacing binds a reference "
+               "once it has shown a chunk." if stair.get("unread") else "")
         )
     return out

@@ -61,7 +61,11 @@ class Coverage:
     """Least share (0-1) of a reference's tokens shown to the call that wrote the last token."""
     margin: int | None
     """Least (reference tokens shown - answer tokens written by the end of that call) over
-    every call and every reference not yet complete in it; None when all were complete."""
+    every call and every reference it shows unfinished; None when all were complete. As in
+    the pacing rule, a reference binds the aggregator once it has shown a chunk."""
+    unread: int = 0
+    """Most references a call showed nothing of, unfinished (the start rule let it begin
+    without them: `start_k` arrived and `grace_s` passed)."""
 
 
 _ENTRY = re.compile(r"\n\d+\. ")
@@ -119,22 +123,29 @@ def coverage(
         for text, done, planned in references
     ]
     margin: int | None = None
+    unread = 0
     seen: list[int] = [0] * len(fulls)
     for i, call in enumerate(calls):
         after = calls[i + 1].messages[-1] if i + 1 < len(calls) else None
         own = after["content"] if after and after["role"] == "assistant" else answer
         written = count_tokens(own)
         system = "\n".join(str(m["content"]) for m in call.messages if m["role"] != "assistant")
+        missing = 0
         for u, (full, done, _) in enumerate(fulls):
             shown = shown_prefix(full, system) if full else ""
             seen[u] = count_tokens(shown)
-            if not (done and shown == full):
-                lead = seen[u] - written
-                margin = lead if margin is None else min(margin, lead)
+            if done and shown == full:
+                continue
+            if not shown:
+                missing += 1
+                continue
+            lead = seen[u] - written
+            margin = lead if margin is None else min(margin, lead)
+        unread = max(unread, missing)
     shares = [
         s / planned if planned else 1.0 for s, (_, _, planned) in zip(seen, fulls, strict=True)
     ]
-    return Coverage(min(shares), margin)
+    return Coverage(min(shares), margin, unread)
 
 
 def flat(messages: list[dict[str, object]]) -> str:

@@ -229,9 +229,9 @@ class Pacer:
     """The pacing rule: how many tokens an aggregator may write in its next step.
 
     `lockstep` (default): the aggregator's n-th token comes after every live reference has
-    shown at least n tokens (counted with tiktoken) or finished, so a step writes at most as
-    many tokens as the slowest live reference is ahead, and it is taken once that lead covers
-    the step (with the default schedules: once each has delivered its next chunk).
+    shown at least n tokens (counted with tiktoken) or finished, so a step writes as many
+    tokens as the slowest live reference is ahead, and it is taken once that lead covers the
+    schedule's next step (with the default schedules: once each has delivered its next chunk).
     `eager`: a step is taken on any news and writes its full `step_tokens`, however far the
     aggregator is ahead of what it has read (lower latency, less read before writing).
     A reference counts as live once it has shown a chunk, until it finishes, fails or has been
@@ -266,12 +266,13 @@ class Pacer:
         ]
         return min(leads) if leads else None
 
-    def limit(self, want: int, written: int) -> int:
-        """Tokens the next step may write, `want` at most."""
-        if self.pacing == "eager":
-            return want
-        lead = self.lead(written)
-        return want if lead is None else max(0, min(want, lead))
+    def limit(self, want: int, written: int, room: int) -> int:
+        """Tokens the next step may write, `room` at most. Eager: `want` (the schedule's
+        step). Lockstep: the whole lead, so a step is as large as the references are ahead —
+        the schedule's size where they are close, one large step (one prompt sent instead of
+        several) where they are far ahead; `want` when no live reference bounds it."""
+        lead = None if self.pacing == "eager" else self.lead(written)
+        return min(want if lead is None else max(0, lead), room)
 
     def wait(self, want: int, written: int, *, now: float | None = None) -> float | None:
         """Seconds until the next step of `want` tokens may be taken (0: now; None: at the

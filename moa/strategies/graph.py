@@ -249,7 +249,7 @@ class Execution(Run):
                 finish = await self._free_call(node, view, budget - used)
                 break
             written = count_tokens(node.text)
-            limit = pacer.limit(min(sc.step_size(step), budget - used), written)
+            limit = pacer.limit(sc.step_size(step), written, budget - used)
             if limit > 0:
                 self._step(node, pacer, step, limit, written)
                 call = await self._call(
