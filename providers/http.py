@@ -36,6 +36,7 @@ from moa.errors import ConfigError, ProviderError, ProviderTimeout, StreamInterr
 
 from ._lean import httpx
 from .base import Delta, Provider
+from .http1 import ByteChunks, body_chunks, lean_transport
 from .registry import Limits, ProviderSpec
 from .secrets import Secrets, excerpt, mask_url, redact, split_credentials
 from .sse import SSEParser
@@ -136,7 +137,7 @@ class StreamCall:
 @dataclass
 class _OpenStream:
     stack: AsyncExitStack
-    chunks: AsyncIterator[bytes]
+    chunks: ByteChunks
     """The response body as it arrives (one item per network chunk)."""
     parser: SSEParser
     decoder: EventDecoder
@@ -177,8 +178,11 @@ class _LoopState:
         self.model_slots: dict[str, anyio.Semaphore] = {}
 
     def _new_pool(self) -> httpx.AsyncClient:
+        """An httpx client on the lean HTTP/1.1 transport (`http1`) where it can serve, else
+        on httpx's own (trio, a proxy in the environment)."""
         limits = self.limits
         size = min(limits.pool_size, limits.max_concurrency)
+        verify = _ssl_context() if self.secure else _no_ca_context()
         return httpx.AsyncClient(
             timeout=httpx.Timeout(
                 connect=limits.connect_timeout,
@@ -187,16 +191,18 @@ class _LoopState:
                 pool=None,
             ),
             limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
-            verify=_ssl_context() if self.secure else _no_ca_context(),
+            verify=verify,
+            transport=lean_transport(verify, size),
         )
 
     @asynccontextmanager
     async def lease(self) -> AsyncIterator[httpx.AsyncClient]:
         """The least busy pool (a new one when every pool is full) for one call.
 
-        httpcore's pool bookkeeping costs O(connections²) per request, so a provider with many
-        open calls spreads them over several small pools. A call that waited for its slot
-        while the state was closed gets a fresh pool, closed when it ends.
+        httpcore's pool bookkeeping (httpx's own transport: trio, a proxy) costs O(connections²)
+        per request, so a provider with many open calls spreads them over several small pools.
+        A call that waited for its slot while the state was closed gets a fresh pool, closed
+        when it ends.
         """
         usable = [i for i, pool in enumerate(self.pools) if not pool.is_closed]
         index = min(usable, key=self.leases.__getitem__, default=-1)
@@ -407,7 +413,7 @@ class HttpTransport:
                         f"{content_type!r}",
                         provider=self.provider, model=call.model,
                     )
-                chunks = response.aiter_bytes()
+                chunks = body_chunks(response)
                 stack.push_async_callback(chunks.aclose)
                 parser, decoder = SSEParser(), call.decoder()
                 first: list[Delta] = []
@@ -454,7 +460,7 @@ class HttpTransport:
             raise
 
     async def _next_chunk(
-        self, chunks: AsyncIterator[bytes], who: str, deadline: float, safe_until: float
+        self, chunks: ByteChunks, who: str, deadline: float, safe_until: float
     ) -> bytes | None:
         """The next piece of the body, None at its end; transport failures become
         `ProviderError`s, the whole-call `deadline` a `ProviderTimeout`.

@@ -53,7 +53,8 @@ class Limits(BaseModel):
     )
     pool_size: int = Field(
         16, ge=1, description="Connections per connection pool; more open calls use more pools "
-        "(httpcore's pool bookkeeping grows with the square of its size)."
+        "(httpx's own pool, used under trio or a proxy, does bookkeeping that grows with the "
+        "square of its size)."
     )
 
 
