@@ -37,12 +37,13 @@ from __future__ import annotations
 import copy
 import ctypes
 import inspect
+import itertools
 import logging
 import math
 import os
 import re
 import threading
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -260,9 +261,11 @@ class ModelPool:
     """Saved prompt states shared by the instances (None: `prompt_cache_bytes = 0`)."""
     instances: list[LoadedModel] = field(default_factory=list)
     grow: threading.Lock = field(default_factory=threading.Lock)
-    queue: deque[object] = field(default_factory=deque)
-    """Tickets of the requests waiting for an instance, oldest first."""
+    queue: list[tuple[bool, int, int]] = field(default_factory=list)
+    """Tickets of the requests waiting for an instance, the least served first:
+    (continues an answer, -priority, arrival number)."""
     queue_lock: threading.Lock = field(default_factory=threading.Lock)
+    arrivals: Iterator[int] = field(default_factory=itertools.count)
 
     def _idle(self) -> LoadedModel | None:
         """An idle instance, now claimed (never blocks)."""
@@ -281,18 +284,27 @@ class ModelPool:
 
     @asynccontextmanager
     async def claim(
-        self, on_wait: Callable[[Waiting], None] | None = None
+        self,
+        on_wait: Callable[[Waiting], None] | None = None,
+        priority: int = 0,
+        continues: bool = False,
     ) -> AsyncIterator[LoadedModel]:
-        """Wait for an instance, first come first served: a request that keeps coming back
-        (a staircase aggregator's steps) never starves the ones queued before it. `on_wait`
-        hears "queued" once if the request has to wait."""
-        ticket = object()
+        """Wait for an instance. A request that starts an answer goes before one that
+        `continues` an answer (a staircase step), so every agent gets to speak — an agent not
+        started yet binds no aggregator, which would otherwise write its whole answer without
+        it; among continuations the highest `priority` (a mixture's deeper stage) goes first,
+        so the final answer's steps wait behind no earlier stage's; then first come first
+        served, so a request that keeps coming back never starves the ones of its rank queued
+        before it. `on_wait` hears "queued" once if the request has to wait."""
         with self.queue_lock:
+            ticket = (continues, -priority if continues else 0, next(self.arrivals))
             self.queue.append(ticket)
         try:
             while True:
                 model = None
-                if self.queue[0] is ticket:
+                with self.queue_lock:
+                    first = min(self.queue) == ticket
+                if first:
                     model = self._idle()
                     if model is None and len(self.instances) < self.size:
                         model = await anyio.to_thread.run_sync(self._grow)
@@ -550,7 +562,8 @@ class LlamaCppEngine(Provider):
         plan = tool_plan(request)
         grammar = reply_grammar(plan, request.response_format)
         pool = model_pool(resolve_model_path(request.model), request.logprobs, self.options)
-        async with pool.claim(request.on_wait) as model:
+        claim = pool.claim(request.on_wait, request.priority, request.continue_final)
+        async with claim as model:
             if request.on_wait is not None:
                 request.on_wait("prompt")
             async for delta in self._stream_on(model, request, plan, grammar):

@@ -50,6 +50,11 @@ class ChatRequest:
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
     """OpenAI `response_format`: {"type": "json_object"} or {"type": "json_schema", ...}."""
+    priority: int = 0
+    """A mixture gives each call its stage's depth. Where a backend queues requests (the
+    embedded llama.cpp engine), a continuation of higher priority is served first, so the
+    final answer's staircase steps do not wait behind an earlier stage's. Not sent to remote
+    APIs."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Provider-specific body fields passed through unchanged."""
     on_retry: Callable[[int, str], None] | None = field(default=None, repr=False, compare=False)

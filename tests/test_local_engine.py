@@ -212,6 +212,71 @@ def test_a_request_that_keeps_coming_back_does_not_starve_the_queue() -> None:
     assert not pool.queue
 
 
+def test_the_queue_starts_every_agent_then_serves_the_deepest_steps_first() -> None:
+    """Requests that start an answer go first, in arrival order (an agent that has not spoken
+    binds no aggregator, so it must not be overtaken by steps that could finish without it);
+    then continuations, the deepest stage first (the final answer's steps wait behind no
+    refiner's), in arrival order within a stage."""
+    import threading
+    from types import SimpleNamespace
+
+    pool = ModelPool(Path("unused.gguf"), False, {}, 1,
+                     instances=[SimpleNamespace(busy=threading.Lock())])  # type: ignore[list-item]
+    order: list[str] = []
+    holding, queued = anyio.Event(), anyio.Event()
+    arrivals = [("refiner A step", 1, True), ("final step", 2, True), ("proposer", 0, False),
+                ("refiner B step", 1, True), ("final start", 2, False)]
+
+    async def holder() -> None:
+        async with pool.claim():
+            holding.set()
+            await queued.wait()  # every other request is in the queue
+            order.append("holder")
+
+    async def claim(name: str, priority: int, continues: bool, before: int) -> None:
+        await holding.wait()
+        while len(pool.queue) < before:  # join the queue in the order given
+            await anyio.lowlevel.checkpoint()
+        async with pool.claim(priority=priority, continues=continues):
+            order.append(name)
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(holder)
+            for i, arrival in enumerate(arrivals):
+                tg.start_soon(claim, *arrival, i)
+            while len(pool.queue) < len(arrivals):
+                await anyio.lowlevel.checkpoint()
+            queued.set()
+
+    anyio.run(main)
+    assert order == ["holder", "proposer", "final start", "final step", "refiner A step",
+                     "refiner B step"]
+    assert not pool.queue
+
+
+def test_a_mixture_gives_each_call_its_stage_depth() -> None:
+    """Each stage's requests carry its depth as their priority (the engine's queue order)."""
+    from moa.bench.staircase_coverage import Recorder
+    from moa.mixture import Mixture
+    from moa.testing import LoopbackServer, ModelBehavior
+
+    calls: list[ChatRequest] = []
+
+    class Recording(Registry):
+        def resolve(self, ref: str):  # type: ignore[no-untyped-def]
+            provider, model = super().resolve(ref)
+            return Recorder(provider, calls), model
+
+    models = {m: ModelBehavior(reply=f"{m} says hi") for m in ("p", "r", "a")}
+    with LoopbackServer(models) as srv:
+        config = {"layers": [{"agents": [{"model": "loop/p"}]}, {"agents": [{"model": "loop/r"}]}],
+                  "aggregator": {"model": "loop/a"}, "mode": "layered"}
+        Mixture(config, registry=Recording(srv.registry().specs())).run_sync("Q")
+    assert sorted((c.model, c.priority) for c in calls) == [("a", 2), ("p", 0), ("r", 1)]
+    assert all("priority" not in r.body for r in srv.requests if r.body), "never sent"
+
+
 def test_n_samples_get_their_own_indexes(engine) -> None:
     async def main():
         return [d async for d in engine.stream(request(n=2, max_tokens=6, temperature=0.9,

@@ -555,6 +555,7 @@ class Run:
             seed=node.seed,
             continue_final=continue_final,
             n=samples,
+            priority=node.id.layer,
             logprobs=logprobs,
             top_logprobs=top if logprobs else None,
             on_retry=retried,
